@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from router.errors import InvalidRequest, NotFound, SpilloverError, to_response
+
+log = logging.getLogger("spillover.api")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def spillover_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SpilloverError)
+        return to_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            err: SpilloverError = NotFound(f"no route for {request.method} {request.url.path}")
+        else:
+            err = SpilloverError(str(exc.detail), status=exc.status_code)
+            err.type = "invalid_request_error"
+        return to_response(err, exc.headers)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+        return to_response(InvalidRequest(f"{loc}: {first.get('msg', 'invalid')}",
+                                          param=loc or None))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # The detail goes to the log; the caller gets the shape, never the traceback.
+        log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
+        return to_response(SpilloverError("internal error in the gateway", status=500))
+
+    app.add_exception_handler(SpilloverError, spillover_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)

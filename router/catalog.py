@@ -1,0 +1,98 @@
+"""Alias -> its backends in preference order: local deployments, then hosted offerings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from router.config import Config, Endpoint, License, Price, Saturation, Timeouts
+
+Route = Literal["local", "hosted"]
+Flavour = Literal["vllm", "mistral", "openai"]
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One place a request for an alias can be served, with everything routing reads."""
+
+    name: str  # unique: the deployment name, or "provider:model"
+    label: str  # x-spillover-backend: deployment or provider name from models.yaml
+    route: Route
+    alias: str
+    model_id: str
+    base_url: str
+    flavour: Flavour
+    api_key_env: str | None
+    endpoints: frozenset[Endpoint]
+    timeouts: Timeouts
+    license_id: str | None = None
+    license: License | None = None
+    price: Price | None = None
+    context_length: int | None = None
+    saturation: Saturation | None = None
+
+
+class Catalog:
+    def __init__(self, config: Config) -> None:
+        self._by_alias: dict[str, tuple[Backend, ...]] = {}
+        self._by_name: dict[str, Backend] = {}
+        for alias_name, alias in config.aliases.items():
+            backends: list[Backend] = []
+            for dep in alias.local:
+                backends.append(
+                    Backend(
+                        name=dep.name,
+                        label=dep.name,
+                        route="local",
+                        alias=alias_name,
+                        model_id=dep.model_id(alias_name),
+                        base_url=dep.url,
+                        flavour="vllm",
+                        api_key_env=None,
+                        endpoints=frozenset(dep.endpoints),
+                        timeouts=dep.timeouts,
+                        license_id=dep.license,
+                        license=config.licenses[dep.license],
+                        context_length=dep.max_model_len,
+                        saturation=dep.saturation,
+                    )
+                )
+            for off in alias.hosted:
+                prov = config.providers[off.provider]
+                backends.append(
+                    Backend(
+                        name=f"{off.provider}:{off.model}",
+                        label=off.provider,
+                        route="hosted",
+                        alias=alias_name,
+                        model_id=off.model,
+                        base_url=prov.base_url.rstrip("/"),
+                        flavour=prov.kind,
+                        api_key_env=prov.api_key_env,
+                        endpoints=frozenset(off.endpoints),
+                        timeouts=prov.timeouts,
+                        price=off.price,
+                        context_length=off.context_length,
+                    )
+                )
+            self._by_alias[alias_name] = tuple(backends)
+            for b in backends:
+                self._by_name[b.name] = b
+
+    @property
+    def aliases(self) -> Mapping[str, tuple[Backend, ...]]:
+        return self._by_alias
+
+    def backends(self, alias: str) -> tuple[Backend, ...] | None:
+        return self._by_alias.get(alias)
+
+    def all(self) -> list[Backend]:
+        return list(self._by_name.values())
+
+    def hosted_price(self, alias: str) -> Price | None:
+        """The price the alias would have cost hosted: its first hosted offering's."""
+        for b in self._by_alias.get(alias, ()):
+            if b.price is not None:
+                return b.price
+        return None

@@ -1,0 +1,277 @@
+"""models.yaml as pydantic models: every problem is reported with its place in the file."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = "models.yaml"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+
+
+class _Strict(BaseModel):
+    # A typo in models.yaml must be an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class License(_Strict):
+    title: str
+    commercial: bool
+    url: str | None = None
+
+
+class Price(_Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        total = prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+        return total / 1e6
+
+
+class Saturation(_Strict):
+    """When a local engine counts as full. Any one limit reached saturates it."""
+
+    max_waiting: int = Field(default=0, ge=0)
+    max_running: int | None = Field(default=None, ge=1)
+    max_kv_cache: float = Field(default=0.9, gt=0, le=1)
+    max_inflight: int = Field(default=16, ge=1)
+    # Hysteresis: once saturated, accept again only when every load ratio is below this.
+    resume_below: float = Field(default=0.7, gt=0, le=1)
+
+
+class Timeouts(_Strict):
+    connect: float = Field(default=5.0, gt=0)
+    read: float = Field(default=120.0, gt=0)
+    write: float = Field(default=30.0, gt=0)
+    pool: float = Field(default=5.0, gt=0)
+
+
+Endpoint = Literal["chat", "completions", "fim", "embeddings"]
+_LOCAL_ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions")
+_HOSTED_ENDPOINTS: tuple[Endpoint, ...] = ("chat",)
+
+
+class LocalDeployment(_Strict):
+    name: str = Field(pattern=_NAME)
+    model: str
+    license: str
+    served_model_name: str | None = None
+    # Managed engines are started by spillover on host:port; set base_url for one run elsewhere.
+    base_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8101, ge=1, le=65535)
+    max_model_len: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpus: list[int] = Field(default_factory=list)
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    endpoints: list[Endpoint] = Field(default_factory=lambda: list(_LOCAL_ENDPOINTS))
+    saturation: Saturation = Field(default_factory=Saturation)
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts(connect=1.0, read=300.0))
+
+    @property
+    def managed(self) -> bool:
+        return self.base_url is None
+
+    @property
+    def url(self) -> str:
+        return (self.base_url or f"http://{self.host}:{self.port}/v1").rstrip("/")
+
+    def model_id(self, alias: str) -> str:
+        return self.served_model_name or alias
+
+
+class HostedOffering(_Strict):
+    provider: str
+    model: str
+    price: Price
+    endpoints: list[Endpoint] = Field(default_factory=lambda: list(_HOSTED_ENDPOINTS))
+    context_length: int | None = Field(default=None, ge=16)
+
+    @property
+    def name(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+
+class Alias(_Strict):
+    description: str | None = None
+    local: list[LocalDeployment] = Field(default_factory=list)
+    hosted: list[HostedOffering] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _has_backend(self) -> Alias:
+        if not self.local and not self.hosted:
+            raise ValueError("an alias needs at least one local deployment or hosted offering")
+        return self
+
+
+class Provider(_Strict):
+    base_url: str
+    api_key_env: str | None = None
+    # How requests are translated: "mistral" for La Plateforme, "openai" for plain ones.
+    kind: Literal["mistral", "openai"] = "openai"
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+
+class Server(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Every request ends within this, whatever its upstreams do.
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    metrics_interval_s: float = Field(default=0.5, gt=0)
+    metrics_stale_s: float = Field(default=5.0, gt=0)
+    engine_start_timeout_s: float = Field(default=600.0, gt=0)
+    max_connections: int = Field(default=512, ge=1)
+    log_dir: str = ".spillover/logs"
+
+
+DEFAULT_LICENSES: dict[str, License] = {
+    "apache-2.0": License(title="Apache License 2.0", commercial=True),
+    "mrl": License(title="Mistral Research License", commercial=False),
+    "mnpl": License(title="Mistral AI Non-Production License", commercial=False),
+}
+
+
+class Config(_Strict):
+    server: Server = Field(default_factory=Server)
+    licenses: dict[str, License] = Field(default_factory=lambda: dict(DEFAULT_LICENSES))
+    providers: dict[str, Provider] = Field(default_factory=dict)
+    aliases: dict[str, Alias]
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        problems: list[str] = []
+        seen: dict[str, str] = {}
+        ports: dict[tuple[str, int], str] = {}
+        for alias_name, alias in self.aliases.items():
+            if not re.match(_NAME, alias_name):
+                problems.append(f"aliases.{alias_name}: not a valid alias name")
+            for i, dep in enumerate(alias.local):
+                where = f"aliases.{alias_name}.local.{i}"
+                if dep.license not in self.licenses:
+                    problems.append(
+                        f"{where}.license: unknown licence {dep.license!r} "
+                        f"(known: {', '.join(sorted(self.licenses))})"
+                    )
+                if dep.name in seen:
+                    problems.append(f"{where}.name: {dep.name!r} already used in {seen[dep.name]}")
+                seen[dep.name] = where
+                if dep.managed:
+                    key = (dep.host, dep.port)
+                    if key in ports:
+                        problems.append(f"{where}.port: {dep.port} already used by {ports[key]}")
+                    ports[key] = dep.name
+                    if dep.port == self.server.port:
+                        problems.append(f"{where}.port: {dep.port} is the router's own port")
+            for i, off in enumerate(alias.hosted):
+                if off.provider not in self.providers:
+                    problems.append(
+                        f"aliases.{alias_name}.hosted.{i}.provider: unknown provider "
+                        f"{off.provider!r} (known: {', '.join(sorted(self.providers)) or 'none'})"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def deployments(self) -> Iterable[tuple[str, LocalDeployment]]:
+        for alias_name, alias in self.aliases.items():
+            for dep in alias.local:
+                yield alias_name, dep
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    location: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.location}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, problems: list[Problem]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(str(p) for p in problems))
+
+
+def config_path(explicit: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return explicit or env.get("SPILLOVER_CONFIG") or DEFAULT_CONFIG
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [Problem("", None, f"cannot read: {exc.strerror}")]) from exc
+    return parse_config(text, str(p))
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(source, [Problem("", line, f"not valid YAML: {exc}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("", 1, "the file must be a mapping with 'aliases'")])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc, root)) from exc
+
+
+def _problems(exc: ValidationError, root: yaml.Node | None) -> list[Problem]:
+    out: list[Problem] = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"]]
+        msg = err["msg"]
+        if err["type"] == "value_error" and not loc:
+            # Cross-reference errors carry their own dotted locations.
+            for part in str(err["ctx"].get("error", msg)).split("; "):
+                where, _, text = part.partition(": ")
+                path = [int(s) if s.isdigit() else s for s in where.split(".")]
+                out.append(Problem(where, _line(root, path), text))
+            continue
+        where = ".".join(str(p) for p in loc)
+        out.append(Problem(where, _line(root, loc), msg.removeprefix("Value error, ")))
+    return out
+
+
+def _line(node: yaml.Node | None, path: list[Any]) -> int | None:
+    """1-based line of the deepest node of `path` that exists in the YAML tree."""
+    if node is None:
+        return None
+    line: int = node.start_mark.line + 1
+    for key in path:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    child = v
+                    line = k.start_mark.line + 1
+                    break
+        elif (isinstance(node, yaml.SequenceNode) and isinstance(key, int)
+              and 0 <= key < len(node.value)):
+            child = node.value[key]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line

@@ -1,0 +1,364 @@
+"""Carrying out a RoutePlan: the upstream call, failover before the first byte, streaming.
+
+A target may fail (connect error, timeout, 408/429/5xx) and the next one is tried, as
+long as nothing has reached the caller. Once the first byte is out, a failure can only
+end the stream with an OpenAI-shaped error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from router.catalog import Backend
+from router.errors import (
+    GatewayTimeout,
+    SpilloverError,
+    UpstreamError,
+    from_upstream,
+    sse_event,
+    to_response,
+)
+from router.policy import RequestFacts, RoutePlan
+from router.providers import Prepared, Translator
+from router.signals import LoadMonitor
+
+log = logging.getLogger("spillover.dispatch")
+access = logging.getLogger("spillover.access")
+
+RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class Call:
+    """What one request did; becomes the access-log line (and the ledger row later)."""
+
+    request_id: str
+    facts: RequestFacts
+    started: float
+    deadline: float
+    caller: str = "anonymous"
+    route: str | None = None
+    backend: str | None = None
+    model_id: str | None = None
+    reason: str = ""
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    wants_usage: bool = False  # the caller asked for stream_options.include_usage
+    ttft_s: float | None = None
+    attempts: list[str] = field(default_factory=list)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+@dataclass(slots=True)
+class _Failure:
+    backend: Backend
+    what: str
+    status: int | None = None
+    retry_after: str | None = None
+    connect: bool = False
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        monitor: LoadMonitor,
+        translators: Mapping[str, Translator],
+        api_keys: Mapping[str, str | None],
+        on_finish: Callable[[Call], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._monitor = monitor
+        self._translators = translators
+        self._keys = api_keys
+        self._on_finish = on_finish
+
+    async def run(self, call: Call, plan: RoutePlan, body: dict[str, Any]) -> Response:
+        failures: list[_Failure] = []
+        for backend in plan.targets:
+            if call.remaining() <= 0:
+                break
+            headers = self._headers(call, backend)
+            if headers is None:
+                failures.append(_Failure(backend, f"no API key in ${backend.api_key_env}"))
+                continue
+            call.reason = _reason(plan.reason, failures)
+            prep = self._translators[backend.name].request(
+                call.facts.endpoint, body, backend.model_id, include_usage=True)
+            content = orjson.dumps(prep.body)
+            call.attempts.append(backend.name)
+            if call.facts.stream:
+                result = await self._open_stream(call, backend, prep, content, headers)
+            else:
+                result = await self._once(call, backend, prep, content, headers)
+            if isinstance(result, _Failure):
+                failures.append(result)
+                log.info("request %s: %s failed before the first byte: %s",
+                         call.request_id, backend.name, result.what)
+                continue
+            return result
+        return self._give_up(call, failures)
+
+    def _headers(self, call: Call, b: Backend) -> dict[str, str] | None:
+        headers = {"content-type": "application/json", "x-request-id": call.request_id}
+        if b.api_key_env:
+            key = self._keys.get(b.api_key_env)
+            if not key:
+                return None
+            headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    def _timeout(self, call: Call, b: Backend) -> httpx.Timeout:
+        left = max(0.001, call.remaining())
+        t = b.timeouts
+        return httpx.Timeout(connect=min(t.connect, left), read=min(t.read, left),
+                             write=min(t.write, left), pool=min(t.pool, left))
+
+    async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
+                    headers: dict[str, str]) -> Response | _Failure:
+        self._monitor.acquire(b.name)
+        try:
+            resp = await self._client.post(b.base_url + prep.path, content=content,
+                                           headers=headers, timeout=self._timeout(call, b))
+        except httpx.HTTPError as exc:
+            return self._transport_failure(b, exc)
+        finally:
+            self._monitor.release(b.name)
+        if resp.status_code in RETRYABLE:
+            return _Failure(b, f"answered {resp.status_code}", resp.status_code,
+                            resp.headers.get("retry-after"))
+        self._started(call, b)
+        if resp.status_code >= 400:
+            err = from_upstream(resp.status_code, resp.content)
+            self._finish(call, err.status)
+            return to_response(err, self._route_headers(call))
+        try:
+            data = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            return _Failure(b, "answered with a body that is not JSON", 502)
+        payload = resp.content
+        if isinstance(data, dict):
+            if self._translators[b.name].response(prep, data):
+                payload = orjson.dumps(data)
+            self._usage(call, b, data.get("usage"))
+        call.ttft_s = time.monotonic() - call.started
+        self._finish(call, 200)
+        headers_out = self._route_headers(call)
+        if call.cost_usd is not None:
+            headers_out["x-spillover-cost-usd"] = f"{call.cost_usd:.8f}"
+        return Response(payload, 200, headers_out, media_type="application/json")
+
+    async def _open_stream(self, call: Call, b: Backend, prep: Prepared, content: bytes,
+                           headers: dict[str, str]) -> Response | _Failure:
+        self._monitor.acquire(b.name)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._monitor.release(b.name)
+
+        req = self._client.build_request("POST", b.base_url + prep.path, content=content,
+                                         headers=headers, timeout=self._timeout(call, b))
+        try:
+            resp = await self._client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            release()
+            return self._transport_failure(b, exc)
+        if resp.status_code != 200:
+            try:
+                body = await resp.aread()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                await resp.aclose()
+                release()
+            if resp.status_code in RETRYABLE:
+                return _Failure(b, f"answered {resp.status_code}", resp.status_code,
+                                resp.headers.get("retry-after"))
+            self._started(call, b)
+            err = from_upstream(resp.status_code, body)
+            self._finish(call, err.status)
+            return to_response(err, self._route_headers(call))
+        # Hold the response until the first event has arrived: until then a failure can
+        # still move to the next target, and the caller's status code stays truthful.
+        events = _sse_events(resp)
+        try:
+            first = await anext(events)
+        except (httpx.HTTPError, StopAsyncIteration) as exc:
+            await resp.aclose()
+            release()
+            if isinstance(exc, httpx.HTTPError):
+                return self._transport_failure(b, exc)
+            return _Failure(b, "closed the stream before its first event", 502)
+        self._started(call, b)
+        call.ttft_s = time.monotonic() - call.started
+        relay = self._relay(call, b, prep, resp, events, first, release)
+        return StreamingResponse(relay, 200, self._route_headers(call),
+                                 media_type="text/event-stream")
+
+    async def _relay(self, call: Call, b: Backend, prep: Prepared, resp: httpx.Response,
+                     events: AsyncIterator[bytes], first: bytes,
+                     release: Callable[[], None]) -> AsyncIterator[bytes]:
+        translator = self._translators[b.name]
+        wants_usage = call.wants_usage
+        status = 200
+        try:
+            event: bytes | None = first
+            async with asyncio.timeout(max(0.001, call.remaining())):
+                while event is not None:
+                    out = self._translate_event(call, b, prep, translator, event, wants_usage)
+                    if out is not None:
+                        yield out
+                    try:
+                        event = await anext(events)
+                    except StopAsyncIteration:
+                        event = None
+        except TimeoutError:
+            status = 504
+            yield sse_event(GatewayTimeout("the request passed its deadline mid-stream"))
+        except httpx.HTTPError as exc:
+            status = 502
+            log.warning("request %s: stream from %s broke: %s", call.request_id, b.name,
+                        type(exc).__name__)
+            yield sse_event(UpstreamError(f"the upstream stream from {b.label} broke off "
+                                          f"({type(exc).__name__})"))
+        except asyncio.CancelledError:
+            status = 499  # the caller went away; closing the upstream cancels it there
+            raise
+        finally:
+            await resp.aclose()
+            release()
+            self._finish(call, status)
+
+    def _translate_event(self, call: Call, b: Backend, prep: Prepared, translator: Translator,
+                         event: bytes, wants_usage: bool) -> bytes | None:
+        if not event.startswith(b"data:"):
+            return event + b"\n\n"
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            return b"data: [DONE]\n\n"
+        # Parse only what may need rewriting: usage-bearing chunks and, when ids were
+        # translated or the shape differs, every chunk.
+        has_usage = b'"usage"' in payload and b'"usage":null' not in payload
+        if not (has_usage or prep.ids or prep.reshape):
+            return b"data: " + payload + b"\n\n"
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return b"data: " + payload + b"\n\n"
+        if not isinstance(data, dict):
+            return b"data: " + payload + b"\n\n"
+        changed = translator.chunk(prep, data)
+        if has_usage:
+            self._usage(call, b, data.get("usage"))
+            if not wants_usage and not data.get("choices"):
+                return None  # the usage chunk we asked for on our own account
+        if changed:
+            payload = orjson.dumps(data)
+        return b"data: " + payload + b"\n\n"
+
+    def _transport_failure(self, b: Backend, exc: httpx.HTTPError) -> _Failure:
+        connect = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+        if connect and b.route == "local":
+            self._monitor.mark_down(b.name, f"connect failed: {type(exc).__name__}")
+        what = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+        return _Failure(b, what, connect=connect)
+
+    def _give_up(self, call: Call, failures: list[_Failure]) -> Response:
+        err: SpilloverError
+        if call.remaining() <= 0:
+            err = GatewayTimeout("no backend answered within the request's deadline")
+        else:
+            detail = "; ".join(f"{f.backend.label}: {f.what}" for f in failures) or "none"
+            err = UpstreamError(f"every backend failed before answering ({detail})")
+            retry_after = [f.retry_after for f in failures if f.retry_after]
+            # Rate limits and dead engines only: the caller should come back later.
+            if {f.status for f in failures if f.status is not None} == {429}:
+                err.status, err.type, err.code = 429, "rate_limit_error", "upstream_rate_limited"
+            if retry_after:
+                err.headers["retry-after"] = retry_after[-1]
+        if failures:
+            last = failures[-1].backend
+            call.route, call.backend = last.route, last.label
+        call.reason = call.reason or "failover"
+        self._finish(call, err.status)
+        return to_response(err, self._route_headers(call))
+
+    def _started(self, call: Call, b: Backend) -> None:
+        call.route, call.backend, call.model_id = b.route, b.label, b.model_id
+
+    def _route_headers(self, call: Call) -> dict[str, str]:
+        h = {"x-request-id": call.request_id, "x-spillover-reason": call.reason}
+        if call.route:
+            h["x-spillover-route"] = call.route
+        if call.backend:
+            h["x-spillover-backend"] = call.backend
+        return h
+
+    def _usage(self, call: Call, b: Backend, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        call.prompt_tokens = p if isinstance(p, int) else call.prompt_tokens
+        call.completion_tokens = c if isinstance(c, int) else call.completion_tokens
+        if b.price is not None:
+            call.cost_usd = b.price.cost(call.prompt_tokens, call.completion_tokens)
+        elif b.route == "local":
+            call.cost_usd = 0.0
+
+    def _finish(self, call: Call, status: int) -> None:
+        call.status = status
+        if self._on_finish is not None:
+            self._on_finish(call)
+
+
+def _reason(planned: str, failures: list[_Failure]) -> str:
+    if not failures:
+        return planned
+    last = failures[-1]
+    if last.backend.route == "local":
+        return "local-down" if last.connect else "local-error"
+    return "failover"
+
+
+async def _sse_events(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """Whole SSE events (the bytes between blank lines), without their separators."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        while True:
+            cut = _boundary(buf)
+            if cut is None:
+                break
+            end, skip = cut
+            event = buf[:end]
+            buf = buf[end + skip:]
+            if event.strip():
+                yield event.strip()
+    if buf.strip():
+        yield buf.strip()
+
+
+def _boundary(buf: bytes) -> tuple[int, int] | None:
+    i = buf.find(b"\n\n")
+    j = buf.find(b"\r\n\r\n")
+    if i < 0 and j < 0:
+        return None
+    if j >= 0 and (i < 0 or j < i):
+        return j, 4
+    return i, 2

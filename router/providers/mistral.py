@@ -1,0 +1,154 @@
+"""La Plateforme: OpenAI-compatible, with its own stricter rules.
+
+It rejects fields it does not know (422), names some differently (`random_seed`), wants
+`"any"` where OpenAI says `"required"`, and accepts only tool-call ids of exactly nine
+characters of [a-zA-Z0-9]. Fill-in-the-middle lives at /fim/completions and answers in the
+chat shape, so it is reshaped into a text completion for the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any
+
+from router.config import Endpoint
+from router.providers.base import IdMap, Prepared, restore_ids
+
+_ID_OK = re.compile(r"^[a-zA-Z0-9]{9}$")
+_B62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+_CHAT_FIELDS = frozenset({
+    "model", "messages", "temperature", "top_p", "max_tokens", "stream", "stop",
+    "random_seed", "response_format", "tools", "tool_choice", "presence_penalty",
+    "frequency_penalty", "n", "safe_prompt", "parallel_tool_calls", "prediction",
+    "prompt_mode",
+})
+_FIM_FIELDS = frozenset({
+    "model", "prompt", "suffix", "temperature", "top_p", "max_tokens", "min_tokens",
+    "stream", "stop", "random_seed",
+})
+_EMBED_FIELDS = frozenset({"model", "input", "output_dimension", "output_dtype",
+                           "encoding_format"})
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id",
+                             "prefix"})
+
+
+def mistral_tool_id(original: str) -> str:
+    """A stable 9-character id for any caller id: the same input maps the same way in
+    every turn of a conversation, so no state has to be kept between requests."""
+    if _ID_OK.match(original):
+        return original
+    n = int.from_bytes(hashlib.sha256(original.encode()).digest()[:8], "big")
+    out = []
+    for _ in range(9):
+        n, r = divmod(n, 62)
+        out.append(_B62[r])
+    return "".join(out)
+
+
+def rewrite_message_ids(body: dict[str, Any], ids: IdMap) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    new_messages: list[Any] | None = None
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            continue
+        fixed = _fix_message(msg, ids)
+        if fixed is not msg:
+            if new_messages is None:
+                new_messages = list(messages)
+            new_messages[i] = fixed
+    if new_messages is not None:
+        body["messages"] = new_messages
+
+
+def _fix_message(msg: dict[str, Any], ids: IdMap) -> dict[str, Any]:
+    out = msg
+    tcid = msg.get("tool_call_id")
+    if isinstance(tcid, str) and not _ID_OK.match(tcid):
+        out = dict(msg)
+        out["tool_call_id"] = _mapped(tcid, ids)
+    calls = msg.get("tool_calls")
+    if isinstance(calls, list) and any(
+        isinstance(c, dict) and isinstance(c.get("id"), str) and not _ID_OK.match(c["id"])
+        for c in calls
+    ):
+        if out is msg:
+            out = dict(msg)
+        out["tool_calls"] = [
+            {**c, "id": _mapped(c["id"], ids)}
+            if isinstance(c, dict) and isinstance(c.get("id"), str) else c
+            for c in calls
+        ]
+    return out
+
+
+def _mapped(original: str, ids: IdMap) -> str:
+    new = mistral_tool_id(original)
+    ids.back[new] = original
+    return new
+
+
+class MistralTranslator:
+    def request(self, endpoint: Endpoint, body: dict[str, Any], model_id: str,
+                include_usage: bool) -> Prepared:
+        # La Plateforme always reports usage in its last streamed chunk; it has no
+        # stream_options, so `include_usage` needs nothing here.
+        src = body
+        if endpoint in ("fim", "completions"):
+            out = {k: v for k, v in src.items() if k in _FIM_FIELDS}
+            if "suffix" in out and not out["suffix"]:
+                del out["suffix"]
+            path, allowed, reshape = "/fim/completions", _FIM_FIELDS, "fim"
+        elif endpoint == "embeddings":
+            out = {k: v for k, v in src.items() if k in _EMBED_FIELDS}
+            path, allowed, reshape = "/embeddings", _EMBED_FIELDS, None
+        else:
+            out = {k: v for k, v in src.items() if k in _CHAT_FIELDS}
+            path, allowed, reshape = "/chat/completions", _CHAT_FIELDS, None
+        if "seed" in src and "random_seed" not in src and "random_seed" in allowed:
+            out["random_seed"] = src["seed"]
+        if "max_completion_tokens" in src and "max_tokens" not in src and "max_tokens" in allowed:
+            out["max_tokens"] = src["max_completion_tokens"]
+        if out.get("tool_choice") == "required":
+            out["tool_choice"] = "any"
+        out["model"] = model_id
+        ids = IdMap()
+        if endpoint == "chat":
+            msgs = out.get("messages")
+            if isinstance(msgs, list):
+                out["messages"] = [
+                    {k: v for k, v in m.items() if k in _MESSAGE_FIELDS}
+                    if isinstance(m, dict) and not m.keys() <= _MESSAGE_FIELDS else m
+                    for m in msgs
+                ]
+            rewrite_message_ids(out, ids)
+        return Prepared(path, out, ids, reshape)
+
+    def response(self, prep: Prepared, data: dict[str, Any]) -> bool:
+        if prep.reshape == "fim":
+            _fim_to_completion(data, "message")
+            return True
+        return restore_ids(data, prep.ids, "message")
+
+    def chunk(self, prep: Prepared, data: dict[str, Any]) -> bool:
+        if prep.reshape == "fim":
+            _fim_to_completion(data, "delta")
+            return True
+        return restore_ids(data, prep.ids, "delta")
+
+
+def _fim_to_completion(data: dict[str, Any], key: str) -> None:
+    """Mistral's FIM answers in the chat shape; a /v1/completions caller expects `text`."""
+    data["object"] = "text_completion"
+    data.setdefault("created", int(time.time()))
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        msg = choice.pop(key, None)
+        content = msg.get("content") if isinstance(msg, dict) else None
+        choice["text"] = content if isinstance(content, str) else ""
+        choice.setdefault("logprobs", None)

@@ -1,0 +1,240 @@
+"""Live load of the local engines: scraped vLLM metrics plus the router's own in-flight count.
+
+vLLM's metrics lag the real load by a second or more, so the in-flight count (updated
+synchronously as requests start and finish) is the fresh signal; the scrape adds what
+only the engine knows (its queue, its KV cache). Saturation has hysteresis so routing
+does not flap around one threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.catalog import Backend
+from router.config import Saturation
+from router.policy import EngineLoad
+
+log = logging.getLogger("spillover.signals")
+
+_WANTED = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",  # vLLM before the V1 engine renamed it
+    "vllm:generation_tokens",
+    "vllm:prompt_tokens",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    running: float
+    waiting: float
+    kv_cache: float | None
+    generation_tokens: float | None
+    prompt_tokens: float | None
+
+
+def parse_vllm_metrics(text: str) -> EngineMetrics:
+    """Sum the gauges over every label set (one engine may report several model names)."""
+    # Only the few families routing reads go through the parser: vLLM's histograms
+    # make the full page large and this runs several times a second.
+    lines = [ln for ln in text.splitlines() if any(w in ln for w in _WANTED)]
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            values[name] = values.get(name, 0.0) + sample.value
+    kv = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc"))
+    return EngineMetrics(
+        running=values.get("vllm:num_requests_running", 0.0),
+        waiting=values.get("vllm:num_requests_waiting", 0.0),
+        kv_cache=kv,
+        generation_tokens=values.get("vllm:generation_tokens"),
+        prompt_tokens=values.get("vllm:prompt_tokens"),
+    )
+
+
+class _Engine:
+    __slots__ = (
+        "_last_tokens",
+        "backend",
+        "down_reason",
+        "healthy",
+        "inflight",
+        "metrics",
+        "metrics_at",
+        "sat",
+        "saturated",
+        "tokens_per_s",
+    )
+
+    def __init__(self, backend: Backend) -> None:
+        assert backend.saturation is not None
+        self.backend = backend
+        self.sat: Saturation = backend.saturation
+        self.healthy = False
+        self.down_reason = "not checked yet"
+        self.inflight = 0
+        self.metrics: EngineMetrics | None = None
+        self.metrics_at = 0.0
+        self.saturated = False
+        self.tokens_per_s: float | None = None
+        self._last_tokens: tuple[float, float] | None = None
+
+
+class LoadMonitor:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        backends: Iterable[Backend],
+        *,
+        interval_s: float = 0.5,
+        stale_s: float = 5.0,
+        probe_timeout_s: float = 2.0,
+    ) -> None:
+        self._client = client
+        self._engines = {b.name: _Engine(b) for b in backends if b.route == "local"}
+        self._interval = interval_s
+        self._stale = stale_s
+        self._timeout = httpx.Timeout(probe_timeout_s)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="spillover-load-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except Exception:  # a probe bug must not kill the monitor
+                log.exception("load refresh failed")
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._probe(e) for e in self._engines.values()))
+
+    async def _probe(self, e: _Engine) -> None:
+        root = e.backend.base_url.removesuffix("/v1")
+        try:
+            health, metrics = await asyncio.gather(
+                self._client.get(root + "/health", timeout=self._timeout),
+                self._client.get(root + "/metrics", timeout=self._timeout),
+            )
+        except httpx.HTTPError as exc:
+            self._set_down(e, f"unreachable: {type(exc).__name__}")
+            return
+        if health.status_code != 200:
+            self._set_down(e, f"/health answered {health.status_code}")
+            return
+        if not e.healthy:
+            log.info("engine %s is up", e.backend.name)
+        e.healthy = True
+        e.down_reason = ""
+        if metrics.status_code == 200:
+            m = parse_vllm_metrics(metrics.text)
+            now = time.monotonic()
+            if m.generation_tokens is not None:
+                if e._last_tokens is not None and now > e._last_tokens[0]:
+                    dt = now - e._last_tokens[0]
+                    rate = max(0.0, m.generation_tokens - e._last_tokens[1]) / dt
+                    # Smoothed so one idle scrape does not zero the throughput estimate.
+                    prev = e.tokens_per_s
+                    e.tokens_per_s = rate if prev is None else 0.8 * prev + 0.2 * rate
+                e._last_tokens = (now, m.generation_tokens)
+            e.metrics, e.metrics_at = m, now
+
+    def _set_down(self, e: _Engine, why: str) -> None:
+        if e.healthy:
+            log.warning("engine %s is down: %s", e.backend.name, why)
+        e.healthy = False
+        e.down_reason = why
+        e.metrics = None
+
+    def mark_down(self, name: str, why: str) -> None:
+        """A request just failed to connect: do not wait for the next probe to notice."""
+        e = self._engines.get(name)
+        if e is not None:
+            self._set_down(e, why)
+
+    def acquire(self, name: str) -> None:
+        e = self._engines.get(name)
+        if e is not None:
+            e.inflight += 1
+
+    def release(self, name: str) -> None:
+        e = self._engines.get(name)
+        if e is not None and e.inflight > 0:
+            e.inflight -= 1
+
+    def view(self) -> dict[str, EngineLoad]:
+        now = time.monotonic()
+        return {name: self._load(e, now) for name, e in self._engines.items()}
+
+    def _load(self, e: _Engine, now: float) -> EngineLoad:
+        sat = e.sat
+        m = e.metrics
+        age = now - e.metrics_at if m is not None else None
+        fresh = m if (m is not None and age is not None and age <= self._stale) else None
+        ratios = [e.inflight / sat.max_inflight]
+        over_waiting = False
+        if fresh is not None:
+            over_waiting = fresh.waiting > sat.max_waiting
+            ratios.append(fresh.waiting / (sat.max_waiting + 1))
+            if fresh.kv_cache is not None:
+                ratios.append(fresh.kv_cache / sat.max_kv_cache)
+            if sat.max_running is not None:
+                ratios.append(fresh.running / sat.max_running)
+        score = max(ratios)
+        if e.saturated:
+            # Back to accepting only once every signal is under the low watermark.
+            if score < sat.resume_below and not over_waiting:
+                e.saturated = False
+        elif score >= 1.0 or over_waiting:
+            e.saturated = True
+        return EngineLoad(
+            healthy=e.healthy,
+            saturated=e.healthy and e.saturated,
+            score=score,
+            inflight=e.inflight,
+            waiting=fresh.waiting if fresh else None,
+            running=fresh.running if fresh else None,
+            kv_cache=fresh.kv_cache if fresh else None,
+            age_s=age,
+        )
+
+    def status(self) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        now = time.monotonic()
+        for name, e in self._engines.items():
+            load = self._load(e, now)
+            out[name] = {
+                "alias": e.backend.alias,
+                "healthy": e.healthy,
+                "down_reason": e.down_reason or None,
+                "saturated": load.saturated,
+                "score": round(load.score, 3),
+                "inflight": e.inflight,
+                "waiting": load.waiting,
+                "running": load.running,
+                "kv_cache": load.kv_cache,
+                "metrics_age_s": None if load.age_s is None else round(load.age_s, 3),
+                "tokens_per_s": None if e.tokens_per_s is None else round(e.tokens_per_s, 1),
+            }
+        return out
