@@ -171,7 +171,8 @@ def _refusal(facts: RequestFacts, skipped: list[Skip]) -> Refusal:
 def _worst_case_cost(b: Backend, facts: RequestFacts) -> float:
     if b.price is None:
         return 0.0
-    return b.price.cost(facts.prompt_tokens, facts.max_tokens or 0)
+    # With no max_tokens the output side still counts: a typical answer's length.
+    return b.price.cost(max(1, facts.prompt_tokens), facts.max_tokens or 256)
 
 
 def _load_text(s: EngineLoad) -> str:

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_models_yaml_is_valid() -> None:
+    cfg = load_config(ROOT / "models.yaml")
+    demo = cfg.aliases["demo"]
+    assert demo.local[0].license == "apache-2.0"
+    assert demo.hosted[0].provider == "mistral"
+    assert cfg.providers["mistral"].base_url == "https://api.mistral.ai/v1"
+    assert cfg.licenses["mrl"].commercial is False
+    assert cfg.licenses["mnpl"].commercial is False
+
+
+BAD = """\
+providers:
+  mistral: {base_url: "https://x/v1", kind: mistral}
+aliases:
+  demo:
+    local:
+      - name: a
+        model: m
+        license: wtfpl
+        port: 99999
+    hosted:
+      - provider: nobody
+        model: x
+        price: {input_per_mtok: 1, output_per_mtok: 1}
+        colour: blue
+"""
+
+
+def test_problems_carry_their_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(BAD, "bad.yaml")
+    text = [str(p) for p in info.value.problems]
+    assert any(t.startswith("line 9: aliases.demo.local.0.port") for t in text), text
+    assert any(t.startswith("line 14: aliases.demo.hosted.0.colour") for t in text), text
+
+
+def test_cross_references_are_checked() -> None:
+    ok_fields = BAD.replace("        port: 99999\n", "").replace("        colour: blue\n", "")
+    with pytest.raises(ConfigError) as info:
+        parse_config(ok_fields, "bad.yaml")
+    text = [str(p) for p in info.value.problems]
+    assert any("line 8: aliases.demo.local.0.license: unknown licence 'wtfpl'" in t
+               for t in text), text
+    assert any("line 10: aliases.demo.hosted.0.provider: unknown provider 'nobody'" in t
+               for t in text), text
+
+
+def test_yaml_syntax_error_has_a_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("aliases:\n  demo: [unclosed\n", "x.yaml")
+    assert info.value.problems[0].line is not None
+
+
+def test_check_command(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    cli = [sys.executable, "-m", "router.cli", "check", "--config"]
+    r = subprocess.run([*cli, str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "line 9: aliases.demo.local.0.port" in r.stderr
+    r = subprocess.run([*cli, str(ROOT / "models.yaml")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "ok (1 aliases" in r.stdout

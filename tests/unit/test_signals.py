@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from router.catalog import Catalog
+from router.signals import LoadMonitor, parse_vllm_metrics
+from tests.unit.helpers import METRICS_IDLE, World, config
+
+OLD_VLLM = """# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="a"} 0.25
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="a"} 2
+vllm:num_requests_running{model_name="b"} 3
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="a"} 5
+"""
+
+
+def test_parse_current_and_old_metric_names() -> None:
+    m = parse_vllm_metrics(METRICS_IDLE % {"waiting": 2, "kv": 0.5})
+    assert (m.waiting, m.running, m.kv_cache, m.generation_tokens) == (2, 0, 0.5, 1234)
+    old = parse_vllm_metrics(OLD_VLLM)
+    assert old.kv_cache == 0.25 and old.running == 5 and old.waiting == 0
+
+
+@pytest.fixture
+async def monitor() -> LoadMonitor:
+    world = World()
+    client = httpx.AsyncClient(transport=world.transport())
+    mon = LoadMonitor(client, Catalog(config()).all(), stale_s=60)
+    mon.world = world  # type: ignore[attr-defined]
+    return mon
+
+
+async def test_inflight_saturates_with_hysteresis(monitor: LoadMonitor) -> None:
+    await monitor.refresh()
+    # max_inflight 4, resume_below 0.5
+    for _ in range(4):
+        monitor.acquire("demo-local")
+    assert monitor.view()["demo-local"].saturated
+    monitor.release("demo-local")  # 3/4 = 0.75: still above the low watermark
+    assert monitor.view()["demo-local"].saturated
+    monitor.release("demo-local")  # 2/4 = 0.5: not below it yet
+    assert monitor.view()["demo-local"].saturated
+    monitor.release("demo-local")  # 1/4
+    assert not monitor.view()["demo-local"].saturated
+    monitor.acquire("demo-local")
+    monitor.acquire("demo-local")  # 3/4 below the high mark: stays accepting
+    assert not monitor.view()["demo-local"].saturated
+
+
+async def test_waiting_queue_saturates_and_down_is_noticed(monitor: LoadMonitor) -> None:
+    world: World = monitor.world  # type: ignore[attr-defined]
+    world.waiting = 1
+    await monitor.refresh()
+    load = monitor.view()["demo-local"]
+    assert load.healthy and load.saturated and load.waiting == 1
+    world.waiting = 0
+    await monitor.refresh()
+    assert not monitor.view()["demo-local"].saturated
+    world.local_up = False
+    await monitor.refresh()
+    assert not monitor.view()["demo-local"].healthy
+    assert "unreachable" in str(monitor.status()["demo-local"]["down_reason"])
+
+
+async def test_stale_metrics_fall_back_to_inflight() -> None:
+    world = World(waiting=5)
+    client = httpx.AsyncClient(transport=world.transport())
+    mon = LoadMonitor(client, Catalog(config()).all(), stale_s=0.0)
+    await mon.refresh()
+    load = mon.view()["demo-local"]
+    assert load.waiting is None and not load.saturated  # 5 waiting, but too old to trust
