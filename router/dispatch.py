@@ -266,8 +266,12 @@ class Dispatcher:
         changed = translator.chunk(prep, data)
         if has_usage:
             self._usage(call, b, data.get("usage"))
-            if not wants_usage and not data.get("choices"):
-                return None  # the usage chunk we asked for on our own account
+            if not wants_usage:
+                if not data.get("choices"):
+                    return None  # the usage chunk we asked for on our own account
+                # La Plateforme puts usage on its last content chunk, unasked.
+                del data["usage"]
+                changed = True
         if changed:
             payload = orjson.dumps(data)
         return b"data: " + payload + b"\n\n"

@@ -31,8 +31,13 @@ _FIM_FIELDS = frozenset({
 })
 _EMBED_FIELDS = frozenset({"model", "input", "output_dimension", "output_dtype",
                            "encoding_format"})
-_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id",
-                             "prefix"})
+# Per role, the message fields La Plateforme accepts (it rejects e.g. `name` on a user).
+_MESSAGE_FIELDS: dict[str, frozenset[str]] = {
+    "system": frozenset({"role", "content"}),
+    "user": frozenset({"role", "content"}),
+    "assistant": frozenset({"role", "content", "tool_calls", "prefix"}),
+    "tool": frozenset({"role", "content", "tool_call_id", "name"}),
+}
 
 
 def mistral_tool_id(original: str) -> str:
@@ -120,11 +125,7 @@ class MistralTranslator:
         if endpoint == "chat":
             msgs = out.get("messages")
             if isinstance(msgs, list):
-                out["messages"] = [
-                    {k: v for k, v in m.items() if k in _MESSAGE_FIELDS}
-                    if isinstance(m, dict) and not m.keys() <= _MESSAGE_FIELDS else m
-                    for m in msgs
-                ]
+                out["messages"] = [_message(m) for m in msgs]
             rewrite_message_ids(out, ids)
         return Prepared(path, out, ids, reshape)
 
@@ -139,6 +140,19 @@ class MistralTranslator:
             _fim_to_completion(data, "delta")
             return True
         return restore_ids(data, prep.ids, "delta")
+
+
+def _message(m: Any) -> Any:
+    if not isinstance(m, dict):
+        return m
+    role = m.get("role")
+    if role == "developer":  # OpenAI's newer name for the system role
+        m = {**m, "role": "system"}
+        role = "system"
+    allowed = _MESSAGE_FIELDS.get(role) if isinstance(role, str) else None
+    if allowed is None or m.keys() <= allowed:
+        return m
+    return {k: v for k, v in m.items() if k in allowed}
 
 
 def _fim_to_completion(data: dict[str, Any], key: str) -> None:
