@@ -1,0 +1,1 @@
+"""Local engines: the demo model, vLLM process launch and supervision, GPU and host probes."""
