@@ -74,6 +74,7 @@ class _Engine:
         "metrics_at",
         "sat",
         "saturated",
+        "slow_since",
         "tokens_per_s",
     )
 
@@ -87,6 +88,7 @@ class _Engine:
         self.metrics: EngineMetrics | None = None
         self.metrics_at = 0.0
         self.saturated = False
+        self.slow_since: float | None = None
         self.tokens_per_s: float | None = None
         self._last_tokens: tuple[float, float] | None = None
 
@@ -137,9 +139,19 @@ class LoadMonitor:
                 self._client.get(root + "/health", timeout=self._timeout),
                 self._client.get(root + "/metrics", timeout=self._timeout),
             )
+        except httpx.TimeoutException:
+            # An engine busy with work (its API server shares the CPU with the model on
+            # small hosts) answers probes late: that is load, not death, until it lasts.
+            now = time.monotonic()
+            if e.slow_since is None:
+                e.slow_since = now
+            if not e.healthy or now - e.slow_since > self._stale:
+                self._set_down(e, "probes time out")
+            return
         except httpx.HTTPError as exc:
             self._set_down(e, f"unreachable: {type(exc).__name__}")
             return
+        e.slow_since = None
         if health.status_code != 200:
             self._set_down(e, f"/health answered {health.status_code}")
             return
@@ -201,6 +213,8 @@ class LoadMonitor:
                 ratios.append(fresh.kv_cache / sat.max_kv_cache)
             if sat.max_running is not None:
                 ratios.append(fresh.running / sat.max_running)
+        if e.slow_since is not None:
+            ratios.append(1.0)
         score = max(ratios)
         if e.saturated:
             # Back to accepting only once every signal is under the low watermark.

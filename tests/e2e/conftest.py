@@ -26,8 +26,6 @@ from tests.fakes import FakePlateforme, ServerThread, create_app as create_fake_
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
-# Few sequences per batch so a test can fill the engine's queue with a handful of requests.
-ENGINE_MAX_SEQS = 4
 # Tool calls from random weights: the grammar forces the JSON, and without free whitespace
 # a named tool_choice ends in a complete call within a few dozen tokens.
 DEMO_TOOL_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "mistral",
@@ -76,7 +74,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     spec = EngineSpec(
         name="demo-local", model=str(model_dir), served_model_name="demo",
         port=free_port(), max_model_len=2048,
-        extra_args=("--max-num-seqs", str(ENGINE_MAX_SEQS), *DEMO_TOOL_ARGS),
+        extra_args=DEMO_TOOL_ARGS,
         env=(("VLLM_CPU_KVCACHE_SPACE", "1"),),
     )
     log_dir = tmp_path_factory.mktemp("engine-logs")
@@ -126,7 +124,7 @@ def backup(_hosted_servers: tuple[Hosted, Hosted]) -> Iterator[Hosted]:
     h.fake.release()
 
 
-def e2e_config(engine_url: str, mistral_url: str, backup_url: str,
+def e2e_config(engine_url: str, mistral_url: str, backup_url: str, max_inflight: int = 16,
                **server: Any) -> dict[str, Any]:
     price = {"input_per_mtok": 0.1, "output_per_mtok": 0.3}
     return {
@@ -146,7 +144,7 @@ def e2e_config(engine_url: str, mistral_url: str, backup_url: str,
                     "name": "demo-local", "model": "demo", "license": "apache-2.0",
                     "served_model_name": "demo", "base_url": engine_url,
                     "max_model_len": 2048,
-                    "saturation": {"max_waiting": 0, "max_inflight": 16,
+                    "saturation": {"max_waiting": 0, "max_inflight": max_inflight,
                                    "resume_below": 0.7},
                 }],
                 "hosted": [
@@ -180,7 +178,7 @@ class Router:
     client: openai.OpenAI
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10)
+        return httpx.get(self.url + path, timeout=30)
 
     def wait_for(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -197,8 +195,9 @@ class Router:
 def make_router(engine: Engine, plateforme: Hosted, backup: Hosted) -> Iterator[Any]:
     servers: list[ServerThread] = []
 
-    def make(engine_url: str | None = None, **server: Any) -> Router:
-        data = e2e_config(engine_url or engine.base_url, plateforme.url, backup.url, **server)
+    def make(engine_url: str | None = None, max_inflight: int = 16, **server: Any) -> Router:
+        data = e2e_config(engine_url or engine.base_url, plateforme.url, backup.url,
+                          max_inflight, **server)
         cfg = parse_config(yaml.safe_dump(data))
         env = {"MISTRAL_API_KEY": plateforme.fake.api_key, "BACKUP_API_KEY": backup.fake.api_key}
         st = ServerThread(create_app(Settings(env=env), config=cfg))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import ENGINE_MAX_SEQS, Engine, Hosted, Router
+from tests.e2e.conftest import Engine, Hosted, Router
 
 pytestmark = pytest.mark.e2e
 
@@ -128,20 +126,19 @@ def test_stream_broken_after_first_byte_ends_with_error(make_router: Any,
     assert "deadline" in str(info.value)
 
 
-def _load_engine(engine: Engine, n: int, stop: threading.Event) -> list[threading.Thread]:
-    """Long generations sent straight to the engine, bypassing the router."""
+def _long_streams(router: Router, n: int, routes: list[str], stop: threading.Event,
+                  started: threading.Semaphore) -> list[threading.Thread]:
+    """Long generations through the router that run until `stop` is set."""
 
     def one() -> None:
-        body = {"model": "demo", "prompt": "load", "max_tokens": 1500, "ignore_eos": True,
-                "stream": True}
-        try:
-            with httpx.stream("POST", engine.base_url + "/completions", json=body,
-                              timeout=120) as r:
-                for _ in r.iter_bytes():
-                    if stop.is_set():
-                        return  # closing the stream aborts the request in vLLM
-        except httpx.HTTPError:
-            pass
+        with router.client.chat.completions.with_streaming_response.create(
+                model="demo", messages=HELLO, max_tokens=1800, stream=True,
+                extra_body={"ignore_eos": True}) as s:
+            routes.append(s.headers["x-spillover-route"])
+            started.release()
+            for _ in s.iter_lines():
+                if stop.is_set():
+                    return  # closing the stream makes the router cancel the upstream
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
     for t in threads:
@@ -149,14 +146,17 @@ def _load_engine(engine: Engine, n: int, stop: threading.Event) -> list[threadin
     return threads
 
 
-def test_saturated_engine_spills_then_returns(engine: Engine, router: Router,
-                                              plateforme: Hosted) -> None:
-    stop = threading.Event()
-    threads = _load_engine(engine, ENGINE_MAX_SEQS * 4, stop)
+def test_saturated_engine_spills_then_returns(make_router: Any, plateforme: Hosted) -> None:
+    router: Router = make_router(max_inflight=4)
+    stop, started = threading.Event(), threading.Semaphore(0)
+    routes: list[str] = []
+    threads = _long_streams(router, 4, routes, stop, started)
     try:
-        status = router.wait_for(lambda s: s["engines"]["demo-local"]["saturated"], 60,
-                                 "the engine to saturate")
-        assert status["engines"]["demo-local"]["waiting"] >= 1
+        for _ in range(4):
+            assert started.acquire(timeout=60)
+        assert routes == ["local"] * 4
+        status = router.get("/readyz").json()["engines"]["demo-local"]
+        assert status["saturated"] and status["inflight"] == 4, status
         raw = router.client.chat.completions.with_raw_response.create(
             model="demo", messages=HELLO, max_tokens=8)
         assert raw.headers["x-spillover-route"] == "hosted"
@@ -165,36 +165,13 @@ def test_saturated_engine_spills_then_returns(engine: Engine, router: Router,
     finally:
         stop.set()
         for t in threads:
-            t.join(30)
+            t.join(60)
     router.wait_for(lambda s: not s["engines"]["demo-local"]["saturated"], 60,
                     "the load to drain")
     raw = router.client.chat.completions.with_raw_response.create(
         model="demo", messages=HELLO, max_tokens=8)
     assert raw.headers["x-spillover-route"] == "local"
     assert raw.headers["x-spillover-reason"] == "local-ok"
-
-
-def test_router_inflight_spills_before_metrics_catch_up(make_router: Any,
-                                                        plateforme: Hosted) -> None:
-    router: Router = make_router()
-    results: list[str] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        raw = router.client.chat.completions.with_raw_response.create(
-            model="demo", messages=HELLO, max_tokens=200, extra_body={"ignore_eos": True})
-        with lock:
-            results.append(raw.headers["x-spillover-route"])
-
-    threads = [threading.Thread(target=one) for _ in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    # max_inflight is 16: the rest spilled at once, whatever the scraped metrics said.
-    assert results.count("local") <= 16
-    assert results.count("hosted") >= 8
-    assert len(results) == 24
 
 
 @pytest.mark.stops_engine

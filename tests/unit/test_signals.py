@@ -72,3 +72,24 @@ async def test_stale_metrics_fall_back_to_inflight() -> None:
     await mon.refresh()
     load = mon.view()["demo-local"]
     assert load.waiting is None and not load.saturated  # 5 waiting, but too old to trust
+
+
+async def test_slow_probe_is_load_until_it_lasts() -> None:
+    world = World()
+    slow = {"on": False}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if slow["on"]:
+            raise httpx.ReadTimeout("slow", request=req)
+        return world.transport().handle_request(req)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    mon = LoadMonitor(client, Catalog(config()).all(), stale_s=60)
+    await mon.refresh()
+    slow["on"] = True
+    await mon.refresh()
+    load = mon.view()["demo-local"]
+    assert load.healthy and load.saturated
+    mon._stale = 0.0  # the slowness has now lasted longer than the staleness bound
+    await mon.refresh()
+    assert not mon.view()["demo-local"].healthy
