@@ -21,7 +21,8 @@ from router.app import Settings, create_app
 from router.config import parse_config
 from serving.demo_model import build_demo_model
 from serving.engine import EngineProcess, EngineSpec
-from tests.fakes import FakePlateforme, ServerThread, create_app as create_fake_app, free_port
+from tests.fakes import FakePlateforme, ServerThread, free_port
+from tests.fakes import create_app as create_fake_app
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
