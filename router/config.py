@@ -59,6 +59,53 @@ _LOCAL_ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions")
 _HOSTED_ENDPOINTS: tuple[Endpoint, ...] = ("chat",)
 
 
+Mode = Literal["latency-first", "cost-first"]
+Use = Literal["commercial", "research"]
+
+
+class Budget(_Strict):
+    """Hosted spend limits in USD; None means no limit."""
+
+    daily_usd: float | None = Field(default=None, ge=0)
+    monthly_usd: float | None = Field(default=None, ge=0)
+
+
+class RateLimit(_Strict):
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+
+
+class Caller(_Strict):
+    """An internal app (tenant): how it is recognised and what it may do."""
+
+    # sha256 hex digests of its API keys; the keys themselves are never stored.
+    key_sha256: list[str] = Field(default_factory=list)
+    use: Use = "commercial"
+    residency: Literal["any", "onprem"] = "any"
+    aliases: list[str] | None = None  # None: every alias
+    mode: Mode | None = None  # None: the alias's mode
+    max_request_usd: float | None = Field(default=None, gt=0)
+    budget: Budget = Field(default_factory=Budget)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+    may_force_route: bool = True
+
+
+class Routing(_Strict):
+    mode: Mode = "latency-first"
+    # cost-first: how long a request may wait for a local engine before it spills.
+    cost_first_max_wait_s: float = Field(default=2.0, ge=0)
+    # on-prem-only requests: how long they wait for local capacity before a 503.
+    residency_max_wait_s: float = Field(default=10.0, ge=0)
+    # Retries of one upstream before the next target; backoff capped and jittered.
+    attempts_per_target: int = Field(default=2, ge=1, le=10)
+    backoff_initial_s: float = Field(default=0.25, ge=0)
+    backoff_max_s: float = Field(default=4.0, ge=0)
+    retry_after_cap_s: float = Field(default=20.0, ge=0)
+    # Circuit breaker per upstream.
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0)
+
+
 class LocalDeployment(_Strict):
     name: str = Field(pattern=_NAME)
     model: str
@@ -77,6 +124,9 @@ class LocalDeployment(_Strict):
     endpoints: list[Endpoint] = Field(default_factory=lambda: list(_LOCAL_ENDPOINTS))
     saturation: Saturation = Field(default_factory=Saturation)
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts(connect=1.0, read=300.0))
+    # What the GPUs of this deployment cost an hour (amortised hardware + power); with the
+    # throughput the engine delivers it gives the local cost per token.
+    gpu_hour_usd: float = Field(default=0.0, ge=0)
 
     @property
     def managed(self) -> bool:
@@ -104,6 +154,7 @@ class HostedOffering(_Strict):
 
 class Alias(_Strict):
     description: str | None = None
+    mode: Mode | None = None  # None: routing.mode
     local: list[LocalDeployment] = Field(default_factory=list)
     hosted: list[HostedOffering] = Field(default_factory=list)
 
@@ -144,6 +195,10 @@ DEFAULT_LICENSES: dict[str, License] = {
 
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
+    routing: Routing = Field(default_factory=Routing)
+    budget: Budget = Field(default_factory=Budget)  # global hosted spend
+    callers: dict[str, Caller] = Field(default_factory=dict)
+    admin_key_sha256: list[str] = Field(default_factory=list)
     licenses: dict[str, License] = Field(default_factory=lambda: dict(DEFAULT_LICENSES))
     providers: dict[str, Provider] = Field(default_factory=dict)
     aliases: dict[str, Alias]
@@ -179,6 +234,18 @@ class Config(_Strict):
                         f"aliases.{alias_name}.hosted.{i}.provider: unknown provider "
                         f"{off.provider!r} (known: {', '.join(sorted(self.providers)) or 'none'})"
                     )
+        owners: dict[str, str] = {}
+        for name, caller in self.callers.items():
+            for j, digest in enumerate(caller.key_sha256):
+                where = f"callers.{name}.key_sha256.{j}"
+                if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    problems.append(f"{where}: not a sha256 hex digest (spillover keys add)")
+                elif digest in owners:
+                    problems.append(f"{where}: the same key is already {owners[digest]}'s")
+                owners[digest] = name
+            for alias_name in caller.aliases or ():
+                if alias_name not in self.aliases:
+                    problems.append(f"callers.{name}.aliases: unknown alias {alias_name!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

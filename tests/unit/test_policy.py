@@ -64,8 +64,10 @@ CASES = [
      "forced", None),
     ("forced local, all down", f(force="local"), {"gpu0": DOWN, "gpu1": DOWN}, [],
      "none", 503),
-    ("residency keeps it local", f(onprem_only=True), {"gpu0": FULL, "gpu1": FULL},
-     ["gpu0", "gpu1"], "local-saturated", None),
+    ("residency keeps it local", f(onprem_only=True), {"gpu0": OK, "gpu1": FULL},
+     ["gpu0", "gpu1"], "local-ok", None),
+    ("residency under saturation waits, never hosted", f(onprem_only=True),
+     {"gpu0": FULL, "gpu1": FULL}, [], "none", 503),
     ("residency with every engine down", f(onprem_only=True), {"gpu0": DOWN, "gpu1": DOWN},
      [], "none", 503),
     ("context too long for local", f(prompt_tokens=900, max_tokens=200),
@@ -80,6 +82,21 @@ CASES = [
      ["mistral:mistral-embed"], "hosted-only", None),
     ("capability missing", f("embed"), {}, [], "none", 400),
     ("fim nowhere", f(endpoint="fim"), {"gpu0": OK, "gpu1": OK}, [], "none", 400),
+    # worst case for "small": 1 x 0.1 + 4096 x 0.3 per M = $0.00123; "big": $0.0205
+    ("max_request_usd keeps the expensive one out", f(max_request_usd=0.01),
+     {"gpu0": FULL, "gpu1": DOWN}, ["mistral:small", "gpu0"], "local-saturated", None),
+    ("max_request_usd below every offering", f(max_request_usd=0.0001),
+     {"gpu0": DOWN, "gpu1": DOWN}, [], "none", 503),
+    ("budget allows only the cheap one", f(hosted_allowance_usd=0.002),
+     {"gpu0": DOWN, "gpu1": DOWN}, ["mistral:small"], "local-down", None),
+    ("budget spent, local still serves", f(hosted_allowance_usd=0.0),
+     {"gpu0": OK, "gpu1": DOWN}, ["gpu0"], "local-ok", None),
+    ("budget spent and local full", f(hosted_allowance_usd=0.0),
+     {"gpu0": FULL, "gpu1": FULL}, [], "none", 429),
+    ("small max_tokens fits the budget", f(hosted_allowance_usd=0.0001, max_tokens=100),
+     {"gpu0": DOWN, "gpu1": DOWN}, ["mistral:small"], "local-down", None),
+    ("cost-first still plans the spill", f(mode="cost-first"), {"gpu0": FULL, "gpu1": FULL},
+     ["mistral:small", "other:big", "gpu0", "gpu1"], "local-saturated", None),
 ]
 
 
@@ -93,6 +110,26 @@ def test_decide(facts: RequestFacts, load: dict[str, EngineLoad], order: list[st
     assert [b.name for b in plan.targets] == order
     assert plan.reason == reason
     assert (plan.refusal.status if plan.refusal else None) == refusal
+
+
+def test_open_breaker_moves_to_the_next_provider() -> None:
+    backends = CAT.backends("m")
+    assert backends is not None
+    plan = decide(f(), backends, {"gpu0": DOWN, "gpu1": DOWN},
+                  unavailable={"mistral:small": "circuit open"})
+    assert [b.name for b in plan.targets] == ["other:big"]
+    assert ("mistral:small", "unavailable") in {(s.backend, s.reason) for s in plan.skipped}
+
+
+def test_waiting_is_offered_only_when_it_could_help() -> None:
+    backends = CAT.backends("m")
+    assert backends is not None
+    full = {"gpu0": FULL, "gpu1": FULL}
+    assert decide(f(mode="cost-first"), backends, full).wait_for_local
+    assert not decide(f(), backends, full).wait_for_local  # latency-first spills at once
+    assert decide(f(onprem_only=True), backends, full).wait_for_local
+    down = {"gpu0": DOWN, "gpu1": DOWN}
+    assert not decide(f(onprem_only=True), backends, down).wait_for_local
 
 
 def test_every_skip_is_explained() -> None:
