@@ -11,13 +11,19 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI
 
+from router.accounting import BudgetBook, local_cost_per_mtok
 from router.api import build_routes, install_error_handlers
-from router.catalog import Catalog
-from router.config import Config, load_config
+from router.auth import Authenticator
+from router.catalog import Backend, Catalog
+from router.config import Config, Price, load_config
 from router.dispatch import Dispatcher
 from router.gateway import Gateway
 from router.providers import translator_for
+from router.ratelimit import RateLimiter
+from router.recorder import Recorder
+from router.resilience import Breakers, RetryPolicy
 from router.signals import LoadMonitor
+from serving.gpu import GpuProbe, read_host
 
 log = logging.getLogger("spillover")
 
@@ -50,18 +56,74 @@ class Runtime:
         key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
         self.api_keys = {name: env.get(name) for name in key_envs}
         translators = {b.name: translator_for(b.flavour) for b in self.catalog.all()}
-        self.dispatcher = Dispatcher(self.client, self.monitor, translators, self.api_keys)
-        self.gateway = Gateway(config, self.catalog, self.monitor, self.dispatcher)
+        self.auth = Authenticator(config.callers, config.admin_key_sha256)
+        self.budgets = BudgetBook(config.budget,
+                                  {name: c.budget for name, c in config.callers.items()})
+        self.limiter = RateLimiter({name: c.rate_limit for name, c in config.callers.items()})
+        self.breakers = Breakers.from_routing(config.routing)
+        self.recorder = Recorder(self.limiter)
+        self.gpu: GpuProbe | None = None
+        self.dispatcher = Dispatcher(
+            self.client, self.monitor, translators, self.api_keys,
+            breakers=self.breakers, retry=RetryPolicy.from_routing(config.routing),
+            budgets=self.budgets, local_price=self.local_price,
+            hosted_price=self.catalog.hosted_price, on_finish=self.recorder.finish,
+        )
+        self.gateway = Gateway(config, self.catalog, self.monitor, self.dispatcher,
+                               auth=self.auth, budgets=self.budgets, limiter=self.limiter,
+                               breakers=self.breakers, recorder=self.recorder)
+
+    def local_price(self, b: Backend) -> Price | None:
+        """What a local token costs: the GPU's hourly cost over the throughput the engine
+        delivers now. Charged on output tokens, which is where the GPU time goes."""
+        rate = local_cost_per_mtok(b.gpu_hour_usd, self.monitor.tokens_per_s(b.name))
+        return None if rate is None else Price(input_per_mtok=0.0, output_per_mtok=rate)
 
     async def start(self) -> None:
+        self.gpu = GpuProbe()
         await self.monitor.start()
         missing = sorted(k for k, v in self.api_keys.items() if not v)
         for name in missing:
             log.warning("%s is not set: hosted offerings that need it are skipped", name)
+        if self.auth.open:
+            log.warning("NO CALLERS CONFIGURED: the gateway is OPEN, every request is served "
+                        "without an API key. Add callers to models.yaml (spillover keys add "
+                        "NAME) before exposing it beyond this machine.")
 
     async def stop(self) -> None:
         await self.monitor.stop()
         await self.client.aclose()
+        if self.gpu is not None:
+            self.gpu.close()
+
+    def hardware(self) -> dict[str, object]:
+        """GPUs per local deployment (NVML) and the host (psutil); no GPU is a normal
+        state, reported with its reason."""
+        host = read_host()
+        out: dict[str, object] = {
+            "host": {"cpu_percent": host.cpu_percent, "cpu_count": host.cpu_count,
+                     "memory_used_bytes": host.memory_used_bytes,
+                     "memory_total_bytes": host.memory_total_bytes,
+                     "load_average": list(host.load_average)},
+        }
+        gpu = self.gpu
+        if gpu is None or not gpu.available:
+            out["gpu"] = {"available": False,
+                          "reason": gpu.reason if gpu is not None else "not started"}
+            return out
+        readings = {r.index: r for r in gpu.read()}
+        per_dep: dict[str, list[dict[str, object]]] = {}
+        for b in self.catalog.all():
+            if b.route == "local":
+                per_dep[b.name] = [
+                    {"index": i, "utilization_pct": r.utilization_pct,
+                     "memory_used_bytes": r.memory_used_bytes,
+                     "memory_total_bytes": r.memory_total_bytes,
+                     "power_watts": r.power_watts, "age_s": 0.0}
+                    for i in (b.gpus or tuple(readings)) if (r := readings.get(i)) is not None
+                ]
+        out["gpu"] = {"available": True, "count": gpu.device_count, "deployments": per_dep}
+        return out
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         load = self.monitor.view()
@@ -77,7 +139,13 @@ class Runtime:
                     usable.append(b.name)
             aliases[alias] = {"ready": bool(usable), "backends": usable}
             ready = ready and bool(usable)
-        return ready, {"ready": ready, "aliases": aliases, "engines": self.monitor.status()}
+        return ready, {"ready": ready, "aliases": aliases, "engines": self.monitor.status(),
+                       **self.hardware()}
+
+    def status(self) -> dict[str, object]:
+        _, detail = self.readiness()
+        return {**detail, "open": self.auth.open, "budgets": self.budgets.snapshot(),
+                "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent)}
 
 
 def create_app(
@@ -100,6 +168,7 @@ def create_app(
 
     app = FastAPI(title="spillover", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
+    app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)
     app.include_router(build_routes(runtime))
     return app

@@ -31,6 +31,8 @@ class Backend:
     price: Price | None = None
     context_length: int | None = None
     saturation: Saturation | None = None
+    gpus: tuple[int, ...] = ()
+    gpu_hour_usd: float = 0.0
 
 
 class Catalog:
@@ -56,6 +58,8 @@ class Catalog:
                         license=config.licenses[dep.license],
                         context_length=dep.max_model_len,
                         saturation=dep.saturation,
+                        gpus=tuple(dep.gpus),
+                        gpu_hour_usd=dep.gpu_hour_usd,
                     )
                 )
             for off in alias.hosted:
@@ -86,6 +90,9 @@ class Catalog:
 
     def backends(self, alias: str) -> tuple[Backend, ...] | None:
         return self._by_alias.get(alias)
+
+    def get(self, name: str) -> Backend | None:
+        return self._by_name.get(name)
 
     def all(self) -> list[Backend]:
         return list(self._by_name.values())

@@ -18,10 +18,14 @@ import httpx
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from router.accounting import BudgetBook, Reservation
 from router.catalog import Backend
+from router.config import Price
 from router.errors import (
     GatewayTimeout,
+    RateLimited,
     SpilloverError,
+    Unavailable,
     UpstreamError,
     from_upstream,
     sse_event,
@@ -29,6 +33,8 @@ from router.errors import (
 )
 from router.policy import RequestFacts, RoutePlan
 from router.providers import Prepared, Translator
+from router.ratelimit import Admission
+from router.resilience import Breakers, RetryPolicy, parse_retry_after
 from router.signals import LoadMonitor
 
 log = logging.getLogger("spillover.dispatch")
@@ -46,6 +52,7 @@ class Call:
     started: float
     deadline: float
     caller: str = "anonymous"
+    wall_started: float = field(default_factory=time.time)
     route: str | None = None
     backend: str | None = None
     model_id: str | None = None
@@ -54,6 +61,10 @@ class Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = None
+    hosted_equiv_usd: float | None = None  # what it would have cost on the alias's hosted price
+    waited_s: float = 0.0  # waiting for local capacity (cost-first, residency)
+    admission: Admission | None = None
+    reservation: Reservation | None = None
     wants_usage: bool = False  # the caller asked for stream_options.include_usage
     ttft_s: float | None = None
     attempts: list[str] = field(default_factory=list)
@@ -69,6 +80,7 @@ class _Failure:
     status: int | None = None
     retry_after: str | None = None
     connect: bool = False
+    kind: str = "upstream"  # or "budget", "breaker": why the target was not even tried
 
 
 class Dispatcher:
@@ -78,12 +90,23 @@ class Dispatcher:
         monitor: LoadMonitor,
         translators: Mapping[str, Translator],
         api_keys: Mapping[str, str | None],
+        *,
+        breakers: Breakers,
+        retry: RetryPolicy,
+        budgets: BudgetBook,
+        local_price: Callable[[Backend], Price | None],
+        hosted_price: Callable[[str], Price | None],
         on_finish: Callable[[Call], None] | None = None,
     ) -> None:
         self._client = client
         self._monitor = monitor
         self._translators = translators
         self._keys = api_keys
+        self._breakers = breakers
+        self._retry = retry
+        self._budgets = budgets
+        self._local_price = local_price
+        self._hosted_price = hosted_price
         self._on_finish = on_finish
 
     async def run(self, call: Call, plan: RoutePlan, body: dict[str, Any]) -> Response:
@@ -95,22 +118,64 @@ class Dispatcher:
             if headers is None:
                 failures.append(_Failure(backend, f"no API key in ${backend.api_key_env}"))
                 continue
-            call.reason = _reason(plan.reason, failures)
             prep = self._translators[backend.name].request(
                 call.facts.endpoint, body, backend.model_id, include_usage=True)
             content = orjson.dumps(prep.body)
-            call.attempts.append(backend.name)
-            if call.facts.stream:
-                result = await self._open_stream(call, backend, prep, content, headers)
-            else:
-                result = await self._once(call, backend, prep, content, headers)
-            if isinstance(result, _Failure):
-                failures.append(result)
-                log.info("request %s: %s failed before the first byte: %s",
-                         call.request_id, backend.name, result.what)
-                continue
-            return result
+            result = await self._target(call, plan, backend, prep, content, headers, failures)
+            if result is not None:
+                return result
         return self._give_up(call, failures)
+
+    async def _target(self, call: Call, plan: RoutePlan, b: Backend, prep: Prepared,
+                      content: bytes, headers: dict[str, str],
+                      failures: list[_Failure]) -> Response | None:
+        """Attempts on one target: retried with backoff (hosted only: a local engine that
+        fails is better left for the hosted spill), behind its circuit breaker, each hosted
+        attempt under a budget reservation taken before the call."""
+        hosted = b.route == "hosted"
+        breaker = self._breakers.get(b.name) if hosted else None
+        tries = 0
+        while call.remaining() > 0:
+            if breaker is not None and not breaker.allow():
+                failures.append(_Failure(b, f"circuit open, retry in {breaker.retry_in():.1f}s",
+                                         kind="breaker"))
+                return None
+            if hosted:
+                call.reservation = self._budgets.reserve(call.caller,
+                                                         call.facts.worst_case_usd(b))
+                if call.reservation is None:
+                    if breaker is not None:
+                        breaker.release()
+                    failures.append(_Failure(b, "hosted budget exhausted", kind="budget"))
+                    return None
+            call.reason = _reason(plan.reason, failures)
+            call.attempts.append(b.name)
+            tries += 1
+            if call.facts.stream:
+                result = await self._open_stream(call, b, prep, content, headers)
+            else:
+                result = await self._once(call, b, prep, content, headers)
+            if not isinstance(result, _Failure):
+                if breaker is not None:
+                    breaker.success()
+                return result
+            if call.reservation is not None:
+                self._budgets.release(call.reservation)
+                call.reservation = None
+            failures.append(result)
+            log.info("request %s: %s failed before the first byte: %s",
+                     call.request_id, b.name, result.what)
+            if breaker is None:
+                return None
+            wait_s = parse_retry_after(result.retry_after, time.time())
+            breaker.failure(wait_s if result.status == 429 else None)
+            if tries >= self._retry.attempts_per_target:
+                return None
+            delay = self._retry.delay(tries, wait_s)
+            if delay is None or delay >= call.remaining():
+                return None
+            await asyncio.sleep(delay)
+        return None
 
     def _headers(self, call: Call, b: Backend) -> dict[str, str] | None:
         headers = {"content-type": "application/json", "x-request-id": call.request_id}
@@ -285,8 +350,17 @@ class Dispatcher:
 
     def _give_up(self, call: Call, failures: list[_Failure]) -> Response:
         err: SpilloverError
+        kinds = {f.kind for f in failures}
         if call.remaining() <= 0:
             err = GatewayTimeout("no backend answered within the request's deadline")
+        elif kinds == {"budget"}:
+            err = RateLimited("hosted budget exhausted and no local engine can take the "
+                              "request now", code="budget_exceeded")
+            call.reason = "budget"
+        elif kinds == {"breaker"}:
+            err = Unavailable("every backend's circuit is open after repeated failures",
+                              code="circuit_open", headers={"retry-after": "5"})
+            call.reason = "circuit-open"
         else:
             detail = "; ".join(f"{f.backend.label}: {f.what}" for f in failures) or "none"
             err = UpstreamError(f"every backend failed before answering ({detail})")
@@ -320,13 +394,25 @@ class Dispatcher:
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
         call.prompt_tokens = p if isinstance(p, int) else call.prompt_tokens
         call.completion_tokens = c if isinstance(c, int) else call.completion_tokens
-        if b.price is not None:
-            call.cost_usd = b.price.cost(call.prompt_tokens, call.completion_tokens)
-        elif b.route == "local":
-            call.cost_usd = 0.0
+        price = b.price if b.route == "hosted" else self._local_price(b)
+        if price is not None:
+            call.cost_usd = price.cost(call.prompt_tokens, call.completion_tokens)
+        equiv = self._hosted_price(b.alias)
+        if equiv is not None:
+            call.hosted_equiv_usd = equiv.cost(call.prompt_tokens, call.completion_tokens)
 
     def _finish(self, call: Call, status: int) -> None:
         call.status = status
+        r, call.reservation = call.reservation, None
+        if r is not None:
+            if call.cost_usd is not None:
+                spent = call.cost_usd
+            elif status < 400 or status == 499:
+                # Served (or cut off mid-stream) without usage: the provider billed something.
+                spent = r.amount_usd
+            else:
+                spent = 0.0
+            self._budgets.settle(r, spent)
         if self._on_finish is not None:
             self._on_finish(call)
 

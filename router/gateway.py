@@ -1,21 +1,37 @@
-"""One request, start to finish: read it, decide where it goes, hand the plan to dispatch."""
+"""One request, start to finish: who calls, what it asks, where it goes, then dispatch."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from router.catalog import Catalog
+from router.accounting import BudgetBook
+from router.auth import Authenticator, Principal
+from router.catalog import Backend, Catalog
 from router.config import Config, Endpoint
 from router.dispatch import Call, Dispatcher
-from router.errors import Forbidden, InvalidRequest, NotFound, SpilloverError, Unavailable
+from router.errors import (
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    SpilloverError,
+    Unavailable,
+)
 from router.inbound import facts_for, read_json
-from router.policy import RoutePlan, decide
+from router.policy import RequestFacts, RoutePlan, decide
+from router.ratelimit import RateLimiter
+from router.recorder import Recorder
+from router.resilience import Breakers
 from router.signals import LoadMonitor
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -29,31 +45,156 @@ def request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True, slots=True)
+class Planned:
+    principal: Principal
+    facts: RequestFacts
+    backends: tuple[Backend, ...]
+    plan: RoutePlan
+
+
 class Gateway:
     def __init__(self, config: Config, catalog: Catalog, monitor: LoadMonitor,
-                 dispatcher: Dispatcher) -> None:
+                 dispatcher: Dispatcher, *, auth: Authenticator, budgets: BudgetBook,
+                 limiter: RateLimiter, breakers: Breakers, recorder: Recorder) -> None:
         self.config = config
         self.catalog = catalog
         self.monitor = monitor
         self.dispatcher = dispatcher
+        self.auth = auth
+        self.budgets = budgets
+        self.limiter = limiter
+        self.breakers = breakers
+        self.recorder = recorder
 
     async def handle(self, endpoint: Endpoint, request: Request) -> Response:
         started = time.monotonic()
-        rid = request_id(request)
-        body = await read_json(request, self.config.server.max_body_bytes)
-        facts = facts_for(endpoint, body, request.headers)
-        backends = self.catalog.backends(facts.alias)
-        if backends is None:
-            raise NotFound(f"The model '{facts.alias}' does not exist; GET /v1/models lists "
+        call = Call(request_id=request_id(request), facts=RequestFacts("", endpoint),
+                    started=started, deadline=started + self.config.server.request_timeout_s)
+        try:
+            principal = self.auth.caller(request.headers)
+            call.caller = principal.name
+            body = await read_json(request, self.config.server.max_body_bytes)
+            call.facts = RequestFacts(str(body.get("model", ""))[:128], endpoint)
+            p = self.plan(principal, endpoint, body, request.headers)
+            call.facts = p.facts
+            call.wants_usage = _caller_wants_usage(body)
+            admitted = self.limiter.admit(principal.name,
+                                          p.facts.prompt_tokens + (p.facts.max_tokens or 0))
+            if isinstance(admitted, float):
+                raise RateLimited(f"caller '{principal.name}' is over its rate limit",
+                                  headers={"retry-after": str(math.ceil(admitted))})
+            call.admission = admitted
+            plan = await self._wait_for_local(call, p)
+            if plan.refusal is not None:
+                raise _refused(plan)
+        except SpilloverError as err:
+            call.status = err.status
+            call.reason = err.headers.get("x-spillover-reason") or err.code or err.type
+            err.headers.setdefault("x-request-id", call.request_id)
+            self.recorder.finish(call)
+            raise
+        return await self.dispatcher.run(call, plan, body)
+
+    def plan(self, principal: Principal, endpoint: Endpoint, body: dict[str, Any],
+             headers: Mapping[str, str]) -> Planned:
+        """The decision for this request now, without calling anything."""
+        raw = facts_for(endpoint, body, headers)
+        backends = self.catalog.backends(raw.alias)
+        policy = principal.policy
+        if backends is None or (policy.aliases is not None and raw.alias not in policy.aliases):
+            # Not allowed looks like not there: a caller cannot probe for other aliases.
+            if backends is not None and policy.aliases is not None:
+                raise Forbidden(f"caller '{principal.name}' may not use the model "
+                                f"'{raw.alias}'", param="model", code="model_not_allowed")
+            raise NotFound(f"The model '{raw.alias}' does not exist; GET /v1/models lists "
                            "the models this gateway serves", param="model",
                            code="model_not_found")
-        plan = decide(facts, backends, self.monitor.view())
-        if plan.refusal is not None:
-            raise _refused(plan)
-        call = Call(request_id=rid, facts=facts, started=started,
-                    deadline=started + self.config.server.request_timeout_s,
-                    wants_usage=_caller_wants_usage(body))
-        return await self.dispatcher.run(call, plan, body)
+        if raw.force != "auto" and not policy.may_force_route:
+            raise Forbidden(f"caller '{principal.name}' may not force the route",
+                            param="x-spillover-route", code="route_not_allowed")
+        alias = self.config.aliases[raw.alias]
+        facts = dataclasses.replace(
+            raw,
+            onprem_only=raw.onprem_only or policy.residency == "onprem",
+            commercial_use=policy.use == "commercial",
+            mode=policy.mode or alias.mode or self.config.routing.mode,
+            max_request_usd=policy.max_request_usd,
+            hosted_allowance_usd=self.budgets.allowance(principal.name),
+        )
+        return Planned(principal, facts, backends, self._decide(facts, backends))
+
+    def _decide(self, facts: RequestFacts, backends: tuple[Backend, ...]) -> RoutePlan:
+        return decide(facts, backends, self.monitor.view(), self.breakers.unavailable())
+
+    async def _wait_for_local(self, call: Call, p: Planned) -> RoutePlan:
+        """Cost-first requests, and those that may only run locally, wait a bounded time
+        for a saturated engine to take them; each change of load re-decides."""
+        plan = p.plan
+        if not plan.wait_for_local:
+            return plan
+        routing = self.config.routing
+        onprem = p.facts.onprem_only
+        bound = routing.residency_max_wait_s if onprem else routing.cost_first_max_wait_s
+        t0 = time.monotonic()
+        until = min(call.deadline - 0.05, t0 + bound)
+        facts = p.facts
+        while plan.wait_for_local and (left := until - time.monotonic()) > 0:
+            await self.monitor.wait_change(left)
+            facts = dataclasses.replace(
+                facts, hosted_allowance_usd=self.budgets.allowance(p.principal.name))
+            plan = self._decide(facts, p.backends)
+        call.facts = facts
+        call.waited_s = time.monotonic() - t0
+        if facts.mode == "cost-first" and plan.refusal is None and not facts.onprem_only:
+            local = plan.route == "local"
+            plan = dataclasses.replace(
+                plan, reason="cost-first-waited" if local else "cost-first-spill")
+        return plan
+
+    def explain(self, principal: Principal, endpoint: Endpoint, body: dict[str, Any],
+                headers: Mapping[str, str]) -> dict[str, Any]:
+        p = self.plan(principal, endpoint, body, headers)
+        f, plan = p.facts, p.plan
+        refusal = plan.refusal
+        return {
+            "caller": principal.name,
+            "request": {
+                "alias": f.alias, "endpoint": f.endpoint, "stream": f.stream,
+                "max_tokens": f.max_tokens, "prompt_tokens_estimate": f.prompt_tokens,
+                "force": f.force, "onprem_only": f.onprem_only,
+                "use": principal.policy.use, "mode": f.mode,
+                "max_request_usd": f.max_request_usd,
+                "hosted_allowance_usd": f.hosted_allowance_usd,
+            },
+            "candidates": [_candidate(b, f) for b in p.backends],
+            "filtered": [{"backend": s.backend, "reason": s.reason, "detail": s.detail}
+                         for s in plan.skipped],
+            "load": self.monitor.status(),
+            "breakers": self.breakers.snapshot(),
+            "plan": {
+                "route": plan.route,
+                "reason": plan.reason,
+                "targets": [b.name for b in plan.targets],
+                "would_wait_for_local": plan.wait_for_local,
+                "refusal": None if refusal is None else {
+                    "status": refusal.status, "code": refusal.code,
+                    "message": refusal.message},
+            },
+        }
+
+
+def _candidate(b: Backend, f: RequestFacts) -> dict[str, Any]:
+    out: dict[str, Any] = {"backend": b.name, "route": b.route, "label": b.label,
+                           "model": b.model_id, "endpoints": sorted(b.endpoints)}
+    if b.license is not None:
+        out["license"] = {"id": b.license_id, "title": b.license.title,
+                          "commercial": b.license.commercial}
+    if b.price is not None:
+        out["price_per_mtok"] = {"input": b.price.input_per_mtok,
+                                 "output": b.price.output_per_mtok}
+        out["worst_case_usd"] = round(f.worst_case_usd(b), 6)
+    return out
 
 
 def _caller_wants_usage(body: dict[str, Any]) -> bool:
@@ -67,6 +208,8 @@ def _refused(plan: RoutePlan) -> SpilloverError:
     headers = {"x-spillover-reason": r.code}
     if r.status == 403:
         return Forbidden(r.message, code=r.code, headers=headers)
+    if r.status == 429:
+        return RateLimited(r.message, code=r.code, headers=headers)
     if r.status == 503:
         return Unavailable(r.message, code=r.code, headers={**headers, "retry-after": "5"})
     return InvalidRequest(r.message, code=r.code, headers=headers)

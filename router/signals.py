@@ -109,6 +109,23 @@ class LoadMonitor:
         self._stale = stale_s
         self._timeout = httpx.Timeout(probe_timeout_s)
         self._task: asyncio.Task[None] | None = None
+        # Replaced on every notify, so a waiter wakes once per change.
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Until the load may have changed (a request ended, a probe came back) or the
+        timeout passed; requests waiting for local capacity re-decide then."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await self._changed.wait()
+
+    def tokens_per_s(self, name: str) -> float | None:
+        e = self._engines.get(name)
+        return None if e is None else e.tokens_per_s
 
     async def start(self) -> None:
         await self.refresh()
@@ -131,6 +148,7 @@ class LoadMonitor:
 
     async def refresh(self) -> None:
         await asyncio.gather(*(self._probe(e) for e in self._engines.values()))
+        self._notify()
 
     async def _probe(self, e: _Engine) -> None:
         root = e.backend.base_url.removesuffix("/v1")
@@ -184,6 +202,7 @@ class LoadMonitor:
         e = self._engines.get(name)
         if e is not None:
             self._set_down(e, why)
+            self._notify()
 
     def acquire(self, name: str) -> None:
         e = self._engines.get(name)
@@ -194,6 +213,7 @@ class LoadMonitor:
         e = self._engines.get(name)
         if e is not None and e.inflight > 0:
             e.inflight -= 1
+            self._notify()
 
     def view(self) -> dict[str, EngineLoad]:
         now = time.monotonic()

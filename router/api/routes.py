@@ -6,6 +6,8 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from router.inbound import read_json
+
 if TYPE_CHECKING:
     from router.app import Runtime
 
@@ -34,15 +36,28 @@ def build_routes(rt: Runtime) -> APIRouter:
     async def embeddings(request: Request) -> Response:
         return await rt.gateway.handle("embeddings", request)
 
+    @r.post("/v1/route/explain", openapi_extra=_JSON_BODY)
+    async def explain(request: Request) -> dict[str, Any]:
+        """Where a chat completion would go now, and why; calls no upstream."""
+        principal = rt.auth.caller(request.headers)
+        body = await read_json(request, rt.config.server.max_body_bytes)
+        return rt.gateway.explain(principal, "chat", body, request.headers)
+
     @r.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        allowed = rt.auth.caller(request.headers).policy.aliases
         return {
             "object": "list",
             "data": [
                 {"id": alias, "object": "model", "created": 0, "owned_by": "spillover"}
-                for alias in rt.catalog.aliases
+                for alias in rt.catalog.aliases if allowed is None or alias in allowed
             ],
         }
+
+    @r.get("/status")
+    async def status(request: Request) -> dict[str, object]:
+        rt.auth.admin(request.headers)
+        return rt.status()
 
     @r.get("/healthz")
     async def healthz() -> dict[str, str]:

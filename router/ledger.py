@@ -1,0 +1,385 @@
+"""The ledger: one SQLite row per call, committed before the response finishes.
+
+Every request writes one row, so at a few thousand requests a second a commit per row
+would be the bottleneck. One writer thread owns the write connection and commits whatever
+rows are queued in a single transaction (group commit); each `await record(row)` returns
+once its transaction is on disk. Reads use a second connection: in WAL mode readers and
+the writer do not block each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any, Self, TypeAlias
+
+log = logging.getLogger("spillover.ledger")
+
+MEMORY = ":memory:"
+GROUP_KEYS = frozenset({"caller", "alias", "route", "backend", "day"})
+
+# One transaction per batch; the cap bounds how long the first row of a flood waits.
+_MAX_BATCH = 2048
+_BUSY_TIMEOUT_MS = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    ts: float  # unix time the call started
+    request_id: str
+    caller: str
+    alias: str
+    route: str  # "local" | "hosted" | "" (refused before routing)
+    backend: str  # deployment or provider name, "" if none
+    model_id: str  # upstream model id, "" if none
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float  # hosted: the provider's price; local: the local cost
+    hosted_equiv_usd: float  # the alias's hosted price for the same tokens: savings
+    latency_s: float
+    ttft_s: float | None
+    status: int
+    reason: str
+    endpoint: str  # chat | completions | fim | embeddings
+
+
+_COLUMNS = tuple(f.name for f in fields(LedgerRow))
+_INSERT = (
+    f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS calls (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        request_id TEXT NOT NULL,
+        caller TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        route TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL,
+        hosted_equiv_usd REAL NOT NULL,
+        latency_s REAL NOT NULL,
+        ttft_s REAL,
+        status INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        endpoint TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
+    "CREATE INDEX IF NOT EXISTS calls_caller_ts ON calls (caller, ts)",
+)
+# Only these expressions are ever spliced into SQL; every value is a bound parameter.
+_GROUP_SQL = {
+    "caller": "caller",
+    "alias": "alias",
+    "route": "route",
+    "backend": "backend",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+}
+
+# A queued row: the loop and future are None for record_nowait; None itself means stop.
+_Pending: TypeAlias = tuple[
+    LedgerRow, asyncio.AbstractEventLoop | None, asyncio.Future[None] | None
+]
+
+
+class LedgerError(RuntimeError):
+    """A row could not be committed, or the ledger is not running."""
+
+
+class Ledger:
+    """Append-only call log. Reads work from construction; writes need `start()`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = os.fspath(path)
+        self._memory = self._path == MEMORY
+        if not self._memory:
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        # Reads come from worker threads (asyncio.to_thread), so the read connection is
+        # shared across threads and serialised by a lock.
+        self._read = self._connect()
+        self._read_lock = threading.Lock()
+        try:
+            with self._read:
+                for statement in _SCHEMA:
+                    self._read.execute(statement)
+        except BaseException:
+            self._read.close()
+            raise
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._closed = False
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        # WAL + synchronous=NORMAL: a commit is in the WAL file before it returns, so it
+        # survives the process being killed (kill -9); only a power cut or OS crash can
+        # lose the last commits, which FULL would prevent at one fsync per batch.
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._writer, name="ledger-writer", daemon=True)
+        self._thread.start()
+        self._accepting = True
+
+    async def stop(self) -> None:
+        """Commit every queued row, end the writer thread and close the connections."""
+        self._accepting = False
+        if self._thread is not None:
+            # FIFO: the writer commits everything queued before the stop marker.
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self.close()
+
+    def close(self) -> None:
+        """Close without a writer (a ledger only read from); `stop()` for a started one."""
+        if self._thread is not None:
+            raise LedgerError("stop() the ledger before closing it")
+        self._accepting = False
+        if not self._closed:
+            self._closed = True
+            with self._read_lock:
+                self._read.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- writes --------------------------------------------------------------------
+
+    async def record(self, row: LedgerRow) -> None:
+        """Return once `row` is committed. Cancelling the wait does not withdraw the row."""
+        self._check_accepting()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put((row, loop, done))
+        await done
+
+    def record_nowait(self, row: LedgerRow) -> None:
+        """Queue `row` without waiting for its commit (the caller is already gone)."""
+        self._check_accepting()
+        self._queue.put((row, None, None))
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise LedgerError("the ledger is not running")
+
+    def _writer(self) -> None:
+        # A memory database exists once per connection, so there the writer shares the
+        # read connection (and its lock); a file gets a connection of its own.
+        conn = self._read if self._memory else self._connect()
+        lock = self._read_lock if self._memory else threading.Lock()
+        try:
+            stopping = False
+            while not stopping:
+                batch: list[_Pending] = []
+                item = self._queue.get()
+                while True:
+                    if item is None:
+                        stopping = True
+                        break
+                    batch.append(item)
+                    if len(batch) >= _MAX_BATCH:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    self._commit(conn, lock, batch)
+        finally:
+            if conn is not self._read:
+                conn.close()
+
+    def _commit(
+        self, conn: sqlite3.Connection, lock: threading.Lock, batch: list[_Pending]
+    ) -> None:
+        errors: list[str | None] = [None] * len(batch)
+        try:
+            with lock, conn:  # one transaction: committed, or rolled back on error
+                conn.executemany(_INSERT, [astuple(row) for row, _, _ in batch])
+        except Exception:
+            # One bad row must not cost the others theirs: retry them one by one, so only
+            # the rows that cannot be written (or all of them, when the disk is full) fail.
+            for i, (row, _, _) in enumerate(batch):
+                try:
+                    with lock, conn:
+                        conn.execute(_INSERT, astuple(row))
+                except Exception as exc:
+                    # The writer thread must survive anything: waiters would hang forever.
+                    log.exception("ledger: row %s not committed", row.request_id)
+                    errors[i] = str(exc)
+        waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], str | None]]]
+        waiting = {}
+        for (_, loop, done), error in zip(batch, errors, strict=True):
+            if loop is not None and done is not None:
+                waiting.setdefault(loop, []).append((done, error))
+        for loop, outcomes in waiting.items():
+            # A closed loop raises RuntimeError: nobody there is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                # One wake-up per loop per batch rather than one per row.
+                loop.call_soon_threadsafe(_resolve, outcomes)
+
+    # -- reads ---------------------------------------------------------------------
+
+    def spend(self, *, since: float, caller: str | None = None, route: str = "hosted") -> float:
+        """Sum of cost_usd of the calls on `route` since `since` (caller None: everyone)."""
+        sql = "SELECT COALESCE(SUM(cost_usd), 0.0) FROM calls WHERE ts >= ? AND route = ?"
+        params: list[object] = [since, route]
+        if caller is not None:
+            sql += " AND caller = ?"
+            params.append(caller)
+        result = self._query(sql, params)
+        return float(result[0][0])
+
+    def spend_by_caller(self, *, since: float, route: str = "hosted") -> dict[str, float]:
+        """`spend` for every caller with calls on `route` since `since`, in one query."""
+        sql = (
+            "SELECT caller, SUM(cost_usd) FROM calls WHERE ts >= ? AND route = ?"
+            " GROUP BY caller ORDER BY caller"
+        )
+        return {caller: float(cost) for caller, cost in self._query(sql, [since, route])}
+
+    def usage(
+        self,
+        *,
+        since: float,
+        until: float,
+        group_by: Sequence[str],
+        caller: str | None = None,
+    ) -> list[dict[str, object]]:
+        """Totals per group of the calls with since <= ts < until, ordered by the group keys.
+
+        `group_by` is a subset of caller, alias, route, backend and day (UTC, YYYY-MM-DD).
+        """
+        if isinstance(group_by, str):
+            raise ValueError("group_by must be a sequence of keys, not a string")
+        unknown = [k for k in group_by if k not in GROUP_KEYS]
+        if unknown:
+            raise ValueError(
+                f"cannot group by {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(sorted(GROUP_KEYS))})"
+            )
+        keys = list(dict.fromkeys(group_by))
+        exprs = [_GROUP_SQL[k] for k in keys]
+        select = [f"{expr} AS {key}" for key, expr in zip(keys, exprs, strict=True)]
+        select += [
+            "COUNT(*)",
+            "COALESCE(SUM(prompt_tokens), 0)",
+            "COALESCE(SUM(completion_tokens), 0)",
+            "COALESCE(SUM(cost_usd), 0.0)",
+            "COALESCE(SUM(hosted_equiv_usd), 0.0)",
+            "COALESCE(SUM(hosted_equiv_usd - cost_usd), 0.0)",
+            "COALESCE(SUM(status >= 400), 0)",
+        ]
+        sql = f"SELECT {', '.join(select)} FROM calls WHERE ts >= ? AND ts < ?"
+        params: list[object] = [since, until]
+        if caller is not None:
+            sql += " AND caller = ?"
+            params.append(caller)
+        if keys:
+            sql += f" GROUP BY {', '.join(exprs)} ORDER BY {', '.join(exprs)}"
+        out: list[dict[str, object]] = []
+        for record in self._query(sql, params):
+            values = dict(zip(keys, record, strict=False))
+            requests, prompt, completion, cost, equiv, saving, errors = record[len(keys):]
+            if requests == 0:
+                continue  # no GROUP BY: SQL answers one row of zeros for no calls
+            values.update(
+                requests=requests,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cost_usd=cost,
+                hosted_equiv_usd=equiv,
+                saving_usd=saving,
+                errors=errors,
+            )
+            out.append(values)
+        return out
+
+    def rows(
+        self, *, since: float, until: float, caller: str | None = None, limit: int = 1000
+    ) -> list[LedgerRow]:
+        """The calls with since <= ts < until, oldest first, at most `limit`."""
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE ts >= ? AND ts < ?"
+        params: list[object] = [since, until]
+        if caller is not None:
+            sql += " AND caller = ?"
+            params.append(caller)
+        sql += " ORDER BY ts, id LIMIT ?"
+        params.append(limit)
+        return [LedgerRow(*record) for record in self._query(sql, params)]
+
+    async def spend_async(
+        self, *, since: float, caller: str | None = None, route: str = "hosted"
+    ) -> float:
+        return await asyncio.to_thread(self.spend, since=since, caller=caller, route=route)
+
+    async def usage_async(
+        self,
+        *,
+        since: float,
+        until: float,
+        group_by: Sequence[str],
+        caller: str | None = None,
+    ) -> list[dict[str, object]]:
+        return await asyncio.to_thread(
+            self.usage, since=since, until=until, group_by=group_by, caller=caller
+        )
+
+    async def rows_async(
+        self, *, since: float, until: float, caller: str | None = None, limit: int = 1000
+    ) -> list[LedgerRow]:
+        return await asyncio.to_thread(
+            self.rows, since=since, until=until, caller=caller, limit=limit
+        )
+
+    def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        with self._read_lock:
+            if self._closed:
+                raise LedgerError("the ledger is closed")
+            cursor = self._read.execute(sql, params)
+            try:
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[None], str | None]]) -> None:
+    for done, error in outcomes:
+        if done.done():
+            continue  # the waiter was cancelled; its row is committed all the same
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(LedgerError(f"ledger write failed: {error}"))

@@ -1,0 +1,82 @@
+"""Per-caller request and token rates: token buckets that refill continuously.
+
+A bucket holds one minute's allowance and refills at allowance/60 per second, so a caller
+may burst up to its per-minute rate and then runs at it. Tokens are charged at admission
+with the request's worst case (prompt estimate + max_tokens) and trued up when the call
+ends, so a burst of long requests cannot slip past the limit before any has finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from router.config import RateLimit
+
+
+class _Bucket:
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = self.capacity
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until `amount` is available (0 when it is); amounts over the capacity
+        need a full bucket, so one huge request is slow rather than impossible."""
+        self._refill(now)
+        need = min(amount, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self.level -= amount  # may go negative: the debt is paid back by waiting
+
+    def give(self, amount: float) -> None:
+        self.level = min(self.capacity, self.level + amount)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    caller: str
+    tokens: int
+
+
+class RateLimiter:
+    def __init__(self, limits: dict[str, RateLimit],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        now = clock()
+        self._requests = {c: _Bucket(r.requests_per_minute, now)
+                          for c, r in limits.items() if r.requests_per_minute}
+        self._tokens = {c: _Bucket(r.tokens_per_minute, now)
+                        for c, r in limits.items() if r.tokens_per_minute}
+
+    def admit(self, caller: str, tokens: int) -> Admission | float:
+        """An admission, or the seconds to wait before trying again."""
+        now = self._clock()
+        req, tok = self._requests.get(caller), self._tokens.get(caller)
+        wait = max(req.wait_for(1, now) if req else 0.0,
+                   tok.wait_for(tokens, now) if tok else 0.0)
+        if wait > 0:
+            return wait
+        if req:
+            req.take(1)
+        if tok:
+            tok.take(tokens)
+        return Admission(caller, tokens)
+
+    def settle(self, a: Admission, used_tokens: int) -> None:
+        tok = self._tokens.get(a.caller)
+        if tok is None:
+            return
+        if used_tokens < a.tokens:
+            tok.give(a.tokens - used_tokens)
+        else:
+            tok.take(used_tokens - a.tokens)
