@@ -142,7 +142,16 @@ class Ledger:
             raise LedgerError("the ledger is closed")
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._writer, name="ledger-writer", daemon=True)
+        # A memory database exists once per connection, so there the writer shares the
+        # read connection (and its lock); a file gets a connection of its own, opened here
+        # so that a database that cannot be opened fails start() rather than the thread.
+        if self._memory:
+            conn, lock = self._read, self._read_lock
+        else:
+            conn, lock = self._connect(), threading.Lock()
+        self._thread = threading.Thread(
+            target=self._writer, args=(conn, lock), name="ledger-writer", daemon=True
+        )
         self._thread.start()
         self._accepting = True
 
@@ -192,11 +201,7 @@ class Ledger:
         if not self._accepting:
             raise LedgerError("the ledger is not running")
 
-    def _writer(self) -> None:
-        # A memory database exists once per connection, so there the writer shares the
-        # read connection (and its lock); a file gets a connection of its own.
-        conn = self._read if self._memory else self._connect()
-        lock = self._read_lock if self._memory else threading.Lock()
+    def _writer(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
         try:
             stopping = False
             while not stopping:

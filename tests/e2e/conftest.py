@@ -196,15 +196,22 @@ class Router:
 def make_router(engine: Engine, plateforme: Hosted, backup: Hosted) -> Iterator[Any]:
     servers: list[ServerThread] = []
 
-    def make(engine_url: str | None = None, max_inflight: int = 16, **server: Any) -> Router:
+    def make(engine_url: str | None = None, max_inflight: int = 16,
+             extra: dict[str, Any] | None = None, api_key: str = "unused-in-open-mode",
+             **server: Any) -> Router:
         data = e2e_config(engine_url or engine.base_url, plateforme.url, backup.url,
                           max_inflight, **server)
+        for key, value in (extra or {}).items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
         cfg = parse_config(yaml.safe_dump(data))
         env = {"MISTRAL_API_KEY": plateforme.fake.api_key, "BACKUP_API_KEY": backup.fake.api_key}
-        st = ServerThread(create_app(Settings(env=env), config=cfg))
+        st = ServerThread(create_app(Settings(env=env), config=cfg), send_buffer=65536)
         st.start()
         servers.append(st)
-        client = openai.OpenAI(base_url=st.url + "/v1", api_key="unused-for-now",
+        client = openai.OpenAI(base_url=st.url + "/v1", api_key=api_key,
                                max_retries=0, timeout=60)
         r = Router(st.url, client)
         if engine_url is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -87,7 +90,9 @@ def test_forced_hosted_translates_for_mistral(router: Router, plateforme: Hosted
 
 def test_failover_before_first_byte(router: Router, plateforme: Hosted,
                                     backup: Hosted) -> None:
-    plateforme.fake.fail_next(2, 503)
+    # Each request tries La Plateforme twice (retry with backoff) before moving on; the
+    # third consecutive failure opens its breaker, so the stream skips it at once.
+    plateforme.fake.fail_next(4, 503)
     raw = router.client.chat.completions.with_raw_response.create(
         model="demo", messages=HELLO, max_tokens=8,
         extra_headers={"x-spillover-route": "hosted"})
@@ -128,10 +133,19 @@ def test_stream_broken_after_first_byte_ends_with_error(make_router: Any,
 
 def _long_streams(router: Router, n: int, routes: list[str], stop: threading.Event,
                   started: threading.Semaphore) -> list[threading.Thread]:
-    """Long generations through the router that run until `stop` is set."""
+    """Long generations through the router, held open until `stop` is set.
+
+    A warm engine writes a 1,800-token stream in a second or two, faster than a test can
+    look at it; the reader here is slow and its socket buffers small (so are the
+    router's), so each stream stays in flight as long as the reader wants, as with a
+    slow client over a real network.
+    """
+    http = httpx.Client(timeout=60, transport=httpx.HTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]))
+    client = router.client.with_options(http_client=http)
 
     def one() -> None:
-        with router.client.chat.completions.with_streaming_response.create(
+        with client.chat.completions.with_streaming_response.create(
                 model="demo", messages=HELLO, max_tokens=1800, stream=True,
                 extra_body={"ignore_eos": True}) as s:
             routes.append(s.headers["x-spillover-route"])
@@ -139,6 +153,7 @@ def _long_streams(router: Router, n: int, routes: list[str], stop: threading.Eve
             for _ in s.iter_lines():
                 if stop.is_set():
                     return  # closing the stream makes the router cancel the upstream
+                time.sleep(0.01)
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
     for t in threads:

@@ -34,10 +34,15 @@ class ServerThread:
         port: int = 0,
         startup_timeout_s: float = 10.0,
         shutdown_timeout_s: float = 5.0,
+        send_buffer: int | None = None,
         **config: Any,
     ) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer is not None:
+            # Accepted connections inherit it: a fixed, small send buffer means a slow
+            # reader holds the server's response open, as over a real network.
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self._sock.bind((host, port))
         self.host = host
         self.port = int(self._sock.getsockname()[1])
