@@ -45,5 +45,16 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
+# The dashboard test drives a real browser: Debian's chromium (no browser download).
+if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium for the dashboard test"
+    sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends chromium >/dev/null \
+      || { "${sudo_cmd[@]}" apt-get update -q >/dev/null \
+           && "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+  fi
+fi
+
 # The embedded default model: built locally, nothing downloaded.
 .venv/bin/spillover demo-model .spillover/demo-model >/dev/null
