@@ -145,7 +145,8 @@ class Runtime:
     def status(self) -> dict[str, object]:
         _, detail = self.readiness()
         return {**detail, "open": self.auth.open, "budgets": self.budgets.snapshot(),
-                "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent)}
+                "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent),
+                "series": self.recorder.series(), "today": self.recorder.today()}
 
 
 def create_app(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -16,11 +17,21 @@ from router.ratelimit import RateLimiter
 access = logging.getLogger("spillover.access")
 
 
+BUCKET_S = 10
+BUCKETS = 90  # 15 minutes of history for the dashboard
+
+
 class Recorder:
-    def __init__(self, limiter: RateLimiter, recent: int = 50) -> None:
+    def __init__(self, limiter: RateLimiter, recent: int = 50,
+                 clock: Callable[[], float] = time.time) -> None:
         self._limiter = limiter
+        self._clock = clock
         # The latest decisions, for the status API and the dashboard.
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        # [bucket start, local, hosted, errors], oldest first.
+        self._series: deque[list[float]] = deque(maxlen=BUCKETS)
+        self._day = -1
+        self._today = dict.fromkeys(_TODAY, 0.0)
 
     def finish(self, call: Call) -> None:
         if call.admission is not None:
@@ -29,8 +40,51 @@ class Recorder:
             call.admission = None
         line = entry(call)
         self.recent.appendleft(line)
+        self._count(call)
         if access.isEnabledFor(logging.INFO):
             access.info("%s", orjson.dumps(line).decode())
+
+
+    def _count(self, call: Call) -> None:
+        now = self._clock()
+        start = now - now % BUCKET_S
+        if not self._series or self._series[-1][0] != start:
+            self._series.append([start, 0, 0, 0])
+        bucket = self._series[-1]
+        day = int(now // 86400)
+        if day != self._day:
+            self._day, self._today = day, dict.fromkeys(_TODAY, 0.0)
+        t = self._today
+        t["requests"] += 1
+        if call.status >= 400:
+            bucket[3] += 1
+            t["errors"] += 1
+        elif call.route == "local":
+            bucket[1] += 1
+            t["local"] += 1
+        elif call.route == "hosted":
+            bucket[2] += 1
+            t["hosted"] += 1
+        cost = call.cost_usd or 0.0
+        t["cost_usd"] += cost
+        if call.route == "hosted":
+            t["hosted_cost_usd"] += cost
+        if call.hosted_equiv_usd is not None:
+            t["saving_usd"] += call.hosted_equiv_usd - cost
+
+    def series(self) -> list[dict[str, float]]:
+        return [{"t": b[0], "local": b[1], "hosted": b[2], "errors": b[3]}
+                for b in self._series]
+
+    def today(self) -> dict[str, float]:
+        t = dict(self._today)
+        served = t["local"] + t["hosted"]
+        t["local_share"] = t["local"] / served if served else 0.0
+        return t
+
+
+_TODAY = ("requests", "local", "hosted", "errors", "cost_usd", "hosted_cost_usd",
+          "saving_usd")
 
 
 def entry(call: Call) -> dict[str, Any]:
