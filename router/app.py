@@ -16,6 +16,7 @@ from router.api import build_routes, install_error_handlers
 from router.auth import Authenticator
 from router.catalog import Backend, Catalog
 from router.config import Config, Price, load_config
+from router.dashboard import dashboard_routes
 from router.dispatch import Dispatcher
 from router.gateway import Gateway
 from router.providers import translator_for
@@ -172,4 +173,5 @@ def create_app(
     app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)
     app.include_router(build_routes(runtime))
+    app.include_router(dashboard_routes())
     return app
