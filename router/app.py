@@ -19,6 +19,7 @@ from router.config import Config, Price, load_config
 from router.dashboard import dashboard_routes
 from router.dispatch import Dispatcher
 from router.gateway import Gateway
+from router.ledger import Ledger
 from router.providers import translator_for
 from router.ratelimit import RateLimiter
 from router.recorder import Recorder
@@ -62,13 +63,14 @@ class Runtime:
                                   {name: c.budget for name, c in config.callers.items()})
         self.limiter = RateLimiter({name: c.rate_limit for name, c in config.callers.items()})
         self.breakers = Breakers.from_routing(config.routing)
-        self.recorder = Recorder(self.limiter)
+        self.ledger = Ledger(server.ledger_path)
+        self.recorder = Recorder(self.limiter, self.ledger)
         self.gpu: GpuProbe | None = None
         self.dispatcher = Dispatcher(
             self.client, self.monitor, translators, self.api_keys,
             breakers=self.breakers, retry=RetryPolicy.from_routing(config.routing),
             budgets=self.budgets, local_price=self.local_price,
-            hosted_price=self.catalog.hosted_price, on_finish=self.recorder.finish,
+            hosted_price=self.catalog.hosted_price, recorder=self.recorder,
         )
         self.gateway = Gateway(config, self.catalog, self.monitor, self.dispatcher,
                                auth=self.auth, budgets=self.budgets, limiter=self.limiter,
@@ -81,6 +83,8 @@ class Runtime:
         return None if rate is None else Price(input_per_mtok=0.0, output_per_mtok=rate)
 
     async def start(self) -> None:
+        await self.ledger.start()
+        self.budgets.load(self.ledger)
         self.gpu = GpuProbe()
         await self.monitor.start()
         missing = sorted(k for k, v in self.api_keys.items() if not v)
@@ -94,6 +98,7 @@ class Runtime:
     async def stop(self) -> None:
         await self.monitor.stop()
         await self.client.aclose()
+        await self.ledger.stop()
         if self.gpu is not None:
             self.gpu.close()
 

@@ -184,6 +184,9 @@ class Server(_Strict):
     engine_start_timeout_s: float = Field(default=600.0, gt=0)
     max_connections: int = Field(default=512, ge=1)
     log_dir: str = ".spillover/logs"
+    # One row per call (SQLite, WAL). Budgets read their spend from it at start, so a
+    # restart forgets nothing. ":memory:" keeps it in this process only.
+    ledger_path: str = ".spillover/ledger.db"
 
 
 DEFAULT_LICENSES: dict[str, License] = {

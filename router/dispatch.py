@@ -11,14 +11,15 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from router.accounting import BudgetBook, Reservation
+from router.accounting import BudgetBook
+from router.call import Call
 from router.catalog import Backend
 from router.config import Price
 from router.errors import (
@@ -31,9 +32,9 @@ from router.errors import (
     sse_event,
     to_response,
 )
-from router.policy import RequestFacts, RoutePlan
+from router.policy import RoutePlan
 from router.providers import Prepared, Translator
-from router.ratelimit import Admission
+from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy, parse_retry_after
 from router.signals import LoadMonitor
 
@@ -41,36 +42,6 @@ log = logging.getLogger("spillover.dispatch")
 access = logging.getLogger("spillover.access")
 
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-@dataclass(slots=True)
-class Call:
-    """What one request did; becomes the access-log line (and the ledger row later)."""
-
-    request_id: str
-    facts: RequestFacts
-    started: float
-    deadline: float
-    caller: str = "anonymous"
-    wall_started: float = field(default_factory=time.time)
-    route: str | None = None
-    backend: str | None = None
-    model_id: str | None = None
-    reason: str = ""
-    status: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = None
-    hosted_equiv_usd: float | None = None  # what it would have cost on the alias's hosted price
-    waited_s: float = 0.0  # waiting for local capacity (cost-first, residency)
-    admission: Admission | None = None
-    reservation: Reservation | None = None
-    wants_usage: bool = False  # the caller asked for stream_options.include_usage
-    ttft_s: float | None = None
-    attempts: list[str] = field(default_factory=list)
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
 
 
 @dataclass(slots=True)
@@ -96,7 +67,7 @@ class Dispatcher:
         budgets: BudgetBook,
         local_price: Callable[[Backend], Price | None],
         hosted_price: Callable[[str], Price | None],
-        on_finish: Callable[[Call], None] | None = None,
+        recorder: Recorder,
     ) -> None:
         self._client = client
         self._monitor = monitor
@@ -107,7 +78,7 @@ class Dispatcher:
         self._budgets = budgets
         self._local_price = local_price
         self._hosted_price = hosted_price
-        self._on_finish = on_finish
+        self._recorder = recorder
 
     async def run(self, call: Call, plan: RoutePlan, body: dict[str, Any]) -> Response:
         failures: list[_Failure] = []
@@ -124,7 +95,7 @@ class Dispatcher:
             result = await self._target(call, plan, backend, prep, content, headers, failures)
             if result is not None:
                 return result
-        return self._give_up(call, failures)
+        return await self._give_up(call, failures)
 
     async def _target(self, call: Call, plan: RoutePlan, b: Backend, prep: Prepared,
                       content: bytes, headers: dict[str, str],
@@ -208,7 +179,7 @@ class Dispatcher:
         self._started(call, b)
         if resp.status_code >= 400:
             err = from_upstream(resp.status_code, resp.content)
-            self._finish(call, err.status)
+            await self._finish(call, err.status)
             return to_response(err, self._route_headers(call))
         try:
             data = orjson.loads(resp.content)
@@ -220,7 +191,7 @@ class Dispatcher:
                 payload = orjson.dumps(data)
             self._usage(call, b, data.get("usage"))
         call.ttft_s = time.monotonic() - call.started
-        self._finish(call, 200)
+        await self._finish(call, 200)
         headers_out = self._route_headers(call)
         if call.cost_usd is not None:
             headers_out["x-spillover-cost-usd"] = f"{call.cost_usd:.8f}"
@@ -257,7 +228,7 @@ class Dispatcher:
                                 resp.headers.get("retry-after"))
             self._started(call, b)
             err = from_upstream(resp.status_code, body)
-            self._finish(call, err.status)
+            await self._finish(call, err.status)
             return to_response(err, self._route_headers(call))
         # Hold the response until the first event has arrived: until then a failure can
         # still move to the next target, and the caller's status code stays truthful.
@@ -282,11 +253,17 @@ class Dispatcher:
         translator = self._translators[b.name]
         wants_usage = call.wants_usage
         status = 200
+        finished = False
         try:
             event: bytes | None = first
             async with asyncio.timeout(max(0.001, call.remaining())):
                 while event is not None:
                     out = self._translate_event(call, b, prep, translator, event, wants_usage)
+                    if out == _DONE:
+                        # Booked (and durable) before the caller sees the end of the stream.
+                        finished = True
+                        release()
+                        await self._finish(call, 200)
                     if out is not None:
                         yield out
                     try:
@@ -302,13 +279,18 @@ class Dispatcher:
                         type(exc).__name__)
             yield sse_event(UpstreamError(f"the upstream stream from {b.label} broke off "
                                           f"({type(exc).__name__})"))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the caller went away; closing the upstream cancels it there
             raise
         finally:
-            await resp.aclose()
             release()
-            self._finish(call, status)
+            if not finished:
+                if not call.usage_seen:
+                    # Cut off before the usage chunk: the upstream still billed what it
+                    # generated, so book an estimate rather than nothing.
+                    self._estimate_usage(call, b)
+                self._finish_nowait(call, status)
+            await resp.aclose()
 
     def _translate_event(self, call: Call, b: Backend, prep: Prepared, translator: Translator,
                          event: bytes, wants_usage: bool) -> bytes | None:
@@ -316,7 +298,8 @@ class Dispatcher:
             return event + b"\n\n"
         payload = event[5:].strip()
         if payload == b"[DONE]":
-            return b"data: [DONE]\n\n"
+            return _DONE
+        call.chunks += 1
         # Parse only what may need rewriting: usage-bearing chunks and, when ids were
         # translated or the shape differs, every chunk.
         has_usage = b'"usage"' in payload and b'"usage":null' not in payload
@@ -348,7 +331,7 @@ class Dispatcher:
         what = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
         return _Failure(b, what, connect=connect)
 
-    def _give_up(self, call: Call, failures: list[_Failure]) -> Response:
+    async def _give_up(self, call: Call, failures: list[_Failure]) -> Response:
         err: SpilloverError
         kinds = {f.kind for f in failures}
         if call.remaining() <= 0:
@@ -374,7 +357,7 @@ class Dispatcher:
             last = failures[-1].backend
             call.route, call.backend = last.route, last.label
         call.reason = call.reason or "failover"
-        self._finish(call, err.status)
+        await self._finish(call, err.status)
         return to_response(err, self._route_headers(call))
 
     def _started(self, call: Call, b: Backend) -> None:
@@ -394,6 +377,18 @@ class Dispatcher:
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
         call.prompt_tokens = p if isinstance(p, int) else call.prompt_tokens
         call.completion_tokens = c if isinstance(c, int) else call.completion_tokens
+        call.usage_seen = True
+        self._cost(call, b)
+
+    def _estimate_usage(self, call: Call, b: Backend) -> None:
+        if call.route is None:
+            return
+        call.prompt_tokens = call.facts.prompt_tokens
+        call.completion_tokens = call.chunks  # about one token per streamed chunk
+        call.usage_estimated = True
+        self._cost(call, b)
+
+    def _cost(self, call: Call, b: Backend) -> None:
         price = b.price if b.route == "hosted" else self._local_price(b)
         if price is not None:
             call.cost_usd = price.cost(call.prompt_tokens, call.completion_tokens)
@@ -401,7 +396,7 @@ class Dispatcher:
         if equiv is not None:
             call.hosted_equiv_usd = equiv.cost(call.prompt_tokens, call.completion_tokens)
 
-    def _finish(self, call: Call, status: int) -> None:
+    def _settle(self, call: Call, status: int) -> None:
         call.status = status
         r, call.reservation = call.reservation, None
         if r is not None:
@@ -413,8 +408,17 @@ class Dispatcher:
             else:
                 spent = 0.0
             self._budgets.settle(r, spent)
-        if self._on_finish is not None:
-            self._on_finish(call)
+
+    async def _finish(self, call: Call, status: int) -> None:
+        self._settle(call, status)
+        await self._recorder.finish(call)
+
+    def _finish_nowait(self, call: Call, status: int) -> None:
+        self._settle(call, status)
+        self._recorder.finish_nowait(call)
+
+
+_DONE = b"data: [DONE]\n\n"
 
 
 def _reason(planned: str, failures: list[_Failure]) -> str:

@@ -16,9 +16,10 @@ from starlette.responses import Response
 
 from router.accounting import BudgetBook
 from router.auth import Authenticator, Principal
+from router.call import Call
 from router.catalog import Backend, Catalog
 from router.config import Config, Endpoint
-from router.dispatch import Call, Dispatcher
+from router.dispatch import Dispatcher
 from router.errors import (
     Forbidden,
     InvalidRequest,
@@ -92,7 +93,7 @@ class Gateway:
             call.status = err.status
             call.reason = err.headers.get("x-spillover-reason") or err.code or err.type
             err.headers.setdefault("x-request-id", call.request_id)
-            self.recorder.finish(call)
+            await self.recorder.finish(call)
             raise
         return await self.dispatcher.run(call, plan, body)
 

@@ -1,5 +1,5 @@
-"""What happens once a call has ended: one structured log line, rate limits trued up,
-and (when a ledger is configured) one ledger row."""
+"""What happens once a call has ended: rate limits trued up, one structured log line,
+the live counters, and one ledger row, durable before the response finishes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from typing import Any
 
 import orjson
 
-from router.dispatch import Call
+from router.call import Call
+from router.ledger import Ledger, LedgerError, LedgerRow
 from router.ratelimit import RateLimiter
 
 access = logging.getLogger("spillover.access")
+log = logging.getLogger("spillover.recorder")
 
 
 BUCKET_S = 10
@@ -22,9 +24,11 @@ BUCKETS = 90  # 15 minutes of history for the dashboard
 
 
 class Recorder:
-    def __init__(self, limiter: RateLimiter, recent: int = 50,
+    def __init__(self, limiter: RateLimiter, ledger: Ledger | None = None, recent: int = 50,
                  clock: Callable[[], float] = time.time) -> None:
         self._limiter = limiter
+        self.ledger = ledger
+        self.observers: list[Callable[[Call], None]] = []
         self._clock = clock
         # The latest decisions, for the status API and the dashboard.
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
@@ -33,7 +37,25 @@ class Recorder:
         self._day = -1
         self._today = dict.fromkeys(_TODAY, 0.0)
 
-    def finish(self, call: Call) -> None:
+    async def finish(self, call: Call) -> None:
+        row = self._close(call)
+        if self.ledger is not None:
+            try:
+                await self.ledger.record(row)
+            except LedgerError as exc:
+                # The caller still gets its answer; the operator gets a loud log line.
+                log.error("ledger write failed for request %s: %s", call.request_id, exc)
+
+    def finish_nowait(self, call: Call) -> None:
+        """For calls that end where nothing can wait (a stream whose caller went away)."""
+        row = self._close(call)
+        if self.ledger is not None:
+            try:
+                self.ledger.record_nowait(row)
+            except LedgerError as exc:
+                log.error("ledger write failed for request %s: %s", call.request_id, exc)
+
+    def _close(self, call: Call) -> LedgerRow:
         if call.admission is not None:
             self._limiter.settle(call.admission,
                                  call.prompt_tokens + call.completion_tokens)
@@ -41,8 +63,19 @@ class Recorder:
         line = entry(call)
         self.recent.appendleft(line)
         self._count(call)
+        for observe in self.observers:
+            observe(call)
         if access.isEnabledFor(logging.INFO):
             access.info("%s", orjson.dumps(line).decode())
+        return LedgerRow(
+            ts=call.wall_started, request_id=call.request_id, caller=call.caller,
+            alias=call.facts.alias, route=call.route or "", backend=call.backend or "",
+            model_id=call.model_id or "", prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens, cost_usd=call.cost_usd or 0.0,
+            hosted_equiv_usd=call.hosted_equiv_usd or 0.0,
+            latency_s=line["latency_ms"] / 1000, ttft_s=call.ttft_s, status=call.status,
+            reason=call.reason, endpoint=call.facts.endpoint,
+        )
 
 
     def _count(self, call: Call) -> None:
@@ -107,4 +140,5 @@ def entry(call: Call) -> dict[str, Any]:
         "cost_usd": call.cost_usd,
         "hosted_equiv_usd": call.hosted_equiv_usd,
         "attempts": call.attempts,
+        "usage_estimated": call.usage_estimated,
     }

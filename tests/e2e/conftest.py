@@ -193,12 +193,14 @@ class Router:
 
 
 @pytest.fixture
-def make_router(engine: Engine, plateforme: Hosted, backup: Hosted) -> Iterator[Any]:
+def make_router(engine: Engine, plateforme: Hosted, backup: Hosted,
+                tmp_path: Path) -> Iterator[Any]:
     servers: list[ServerThread] = []
 
     def make(engine_url: str | None = None, max_inflight: int = 16,
              extra: dict[str, Any] | None = None, api_key: str = "unused-in-open-mode",
              **server: Any) -> Router:
+        server.setdefault("ledger_path", str(tmp_path / f"ledger-{len(servers)}.db"))
         data = e2e_config(engine_url or engine.base_url, plateforme.url, backup.url,
                           max_inflight, **server)
         for key, value in (extra or {}).items():

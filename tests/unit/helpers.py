@@ -16,7 +16,7 @@ LOCAL = "http://127.0.0.1:8101"
 HOSTED = "https://api.mistral.test/v1"
 
 BASE_YAML = f"""
-server: {{request_timeout_s: 5, metrics_interval_s: 60}}
+server: {{request_timeout_s: 5, metrics_interval_s: 60, ledger_path: ":memory:"}}
 providers:
   mistral: {{kind: mistral, base_url: "{HOSTED}", api_key_env: MISTRAL_API_KEY,
             timeouts: {{connect: 1, read: 2, write: 1, pool: 1}}}}

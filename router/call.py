@@ -1,0 +1,43 @@
+"""One call through the gateway, as it happens: what dispatch and the recorder fill in."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from router.accounting import Reservation
+from router.policy import RequestFacts
+from router.ratelimit import Admission
+
+
+@dataclass(slots=True)
+class Call:
+    """What one request did; becomes the access-log line and the ledger row."""
+
+    request_id: str
+    facts: RequestFacts
+    started: float
+    deadline: float
+    caller: str = "anonymous"
+    wall_started: float = field(default_factory=time.time)
+    route: str | None = None
+    backend: str | None = None
+    model_id: str | None = None
+    reason: str = ""
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    hosted_equiv_usd: float | None = None  # what it would have cost on the alias's hosted price
+    waited_s: float = 0.0  # waiting for local capacity (cost-first, residency)
+    admission: Admission | None = None
+    reservation: Reservation | None = None
+    wants_usage: bool = False  # the caller asked for stream_options.include_usage
+    ttft_s: float | None = None
+    chunks: int = 0  # streamed events relayed: the completion estimate if cut off early
+    usage_seen: bool = False
+    usage_estimated: bool = False
+    attempts: list[str] = field(default_factory=list)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
