@@ -20,6 +20,7 @@ from router.dashboard import dashboard_routes
 from router.dispatch import Dispatcher
 from router.gateway import Gateway
 from router.ledger import Ledger
+from router.metrics import Metrics
 from router.providers import translator_for
 from router.ratelimit import RateLimiter
 from router.recorder import Recorder
@@ -65,6 +66,10 @@ class Runtime:
         self.breakers = Breakers.from_routing(config.routing)
         self.ledger = Ledger(server.ledger_path)
         self.recorder = Recorder(self.limiter, self.ledger)
+        self.metrics = Metrics(self.catalog.aliases)
+        self.metrics.watch(self.monitor.status, self.breakers.snapshot, self.budgets.snapshot,
+                           self.recorder.today)
+        self.recorder.observers.append(self.metrics.observe)
         self.gpu: GpuProbe | None = None
         self.dispatcher = Dispatcher(
             self.client, self.monitor, translators, self.api_keys,

@@ -39,5 +39,8 @@ class Call:
     usage_estimated: bool = False
     attempts: list[str] = field(default_factory=list)
 
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
     def remaining(self) -> float:
         return self.deadline - time.monotonic()

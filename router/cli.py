@@ -1,4 +1,4 @@
-"""`spillover serve | check | demo-model`."""
+"""`spillover serve | check | demo-model | keys add | usage`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,9 +35,27 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo-model", help="write the tiny demo Mistral model into DIR")
     demo.add_argument("dir", type=Path)
 
+    keys = sub.add_parser("keys", help="API keys for callers")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_sub.add_parser("add", help="print a new key for caller NAME, once")
+    add.add_argument("name")
+
+    usage = sub.add_parser("usage", help="usage and cost from the ledger, as a table")
+    usage.add_argument("--config")
+    usage.add_argument("--since", help="unix seconds or ISO date (default: today, UTC)")
+    usage.add_argument("--until", help="unix seconds or ISO date (default: now)")
+    usage.add_argument("--group-by", default="caller",
+                       help="comma-separated: caller, alias, route, backend, day")
+    usage.add_argument("--caller", help="only this caller")
+    usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
+
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "keys":
+        return _keys_add(args.name)
+    if args.command == "usage":
+        return _usage(args)
     if args.command == "demo-model":
         from serving.demo_model import build_demo_model
 
@@ -59,6 +78,50 @@ def _check(explicit: str | None) -> int:
     n_hosted = sum(len(a.hosted) for a in cfg.aliases.values())
     print(f"{path}: ok ({len(cfg.aliases)} aliases, {n_local} local deployments, "
           f"{n_hosted} hosted offerings, {len(cfg.providers)} providers)")
+    return 0
+
+
+def _keys_add(name: str) -> int:
+    from router.auth import new_key
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
+        print(f"not a valid caller name: {name!r}", file=sys.stderr)
+        return 2
+    key, digest = new_key()
+    print(f"API key for {name} (shown once; give it to the caller, it is not stored):\n")
+    print(f"  {key}\n")
+    print("Add its digest to models.yaml (only the digest is kept), then reload:\n")
+    print(f"callers:\n  {name}:\n    key_sha256:\n      - {digest}")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from router.errors import SpilloverError
+    from router.ledger import Ledger
+    from router.usage import query, report, to_csv, to_table
+
+    path = config_path(args.config)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(f"{path}: {p}", file=sys.stderr)
+        return 1
+    ledger_path = cfg.server.ledger_path
+    if ledger_path != ":memory:" and not Path(ledger_path).exists():
+        print(f"no ledger at {ledger_path} yet: nothing has been served", file=sys.stderr)
+        return 1
+    try:
+        q = query(args.since, args.until, args.group_by, args.caller)
+    except SpilloverError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    ledger = Ledger(ledger_path)
+    try:
+        rows = report(ledger, q)
+    finally:
+        ledger.close()
+    print(to_csv(rows, q.group_by) if args.csv else to_table(rows, q.group_by))
     return 0
 
 

@@ -132,7 +132,7 @@ def entry(call: Call) -> dict[str, Any]:
         "backend": call.backend,
         "reason": call.reason,
         "status": call.status,
-        "latency_ms": round((time.monotonic() - call.started) * 1000, 1),
+        "latency_ms": round(call.elapsed() * 1000, 1),
         "ttft_ms": None if call.ttft_s is None else round(call.ttft_s * 1000, 1),
         "waited_ms": round(call.waited_s * 1000, 1),
         "prompt_tokens": call.prompt_tokens,

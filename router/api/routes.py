@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from router.errors import Forbidden, InvalidRequest
 from router.inbound import read_json
+from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from router.usage import query as usage_query
+from router.usage import report as usage_report
+from router.usage import to_csv, totals
 
 if TYPE_CHECKING:
     from router.app import Runtime
@@ -54,10 +60,36 @@ def build_routes(rt: Runtime) -> APIRouter:
             ],
         }
 
+    @r.get("/v1/usage")
+    async def usage(request: Request, since: str | None = None, until: str | None = None,
+                    group_by: str | None = None, caller: str | None = None,
+                    format: str = "json") -> Response:
+        """Usage from the ledger: a caller sees its own, the admin everyone's."""
+        who = rt.auth.viewer(request.headers)
+        if not who.admin:
+            if caller is not None and caller != who.name:
+                raise Forbidden("a caller sees only its own usage", param="caller",
+                                code="admin_only")
+            caller = who.name
+        if format not in ("json", "csv"):
+            raise InvalidRequest("'format' must be json or csv", param="format")
+        q = usage_query(since, until, group_by, caller)
+        rows = await asyncio.to_thread(usage_report, rt.ledger, q)
+        if format == "csv":
+            return Response(to_csv(rows, q.group_by), media_type="text/csv",
+                            headers={"content-disposition": "attachment; filename=usage.csv"})
+        return JSONResponse({"object": "usage", "since": q.since, "until": q.until,
+                             "group_by": list(q.group_by), "caller": q.caller,
+                             "data": rows, "total": totals(rows)})
+
     @r.get("/status")
     async def status(request: Request) -> dict[str, object]:
         rt.auth.admin(request.headers)
         return rt.status()
+
+    @r.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @r.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -1,0 +1,140 @@
+"""Prometheus metrics of the gateway, in a registry owned by the app (no global state).
+
+Counters and histograms are updated as each call ends; engine load, breakers and budgets
+are read at scrape time, so /metrics is never staler than the router itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.call import Call
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BREAKER_STATE = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class _Live(Collector):
+    """Gauges computed from the running parts at scrape time."""
+
+    def __init__(self, engines: Callable[[], Mapping[str, Mapping[str, object]]],
+                 breakers: Callable[[], Mapping[str, Mapping[str, object]]],
+                 budgets: Callable[[], Mapping[str, object]],
+                 today: Callable[[], Mapping[str, float]]) -> None:
+        self._engines, self._breakers = engines, breakers
+        self._budgets, self._today = budgets, today
+
+    def collect(self) -> Iterable[Metric]:
+        gauges = {
+            key: GaugeMetricFamily(f"spillover_engine_{key}", text, labels=["engine", "alias"])
+            for key, text in (
+                ("waiting", "Requests waiting in the engine's queue (vLLM metrics)"),
+                ("running", "Requests running in the engine (vLLM metrics)"),
+                ("kv_cache", "KV-cache use of the engine, 0..1 (vLLM metrics)"),
+                ("inflight", "Requests the router has in flight to the engine"),
+                ("saturated", "1 when the engine counts as saturated"),
+                ("healthy", "1 when the engine answers its health check"),
+                ("tokens_per_s", "Generation throughput the engine delivers"),
+            )
+        }
+        for name, e in self._engines().items():
+            labels = [name, str(e.get("alias", ""))]
+            for key, g in gauges.items():
+                v = e.get(key)
+                if isinstance(v, (int, float)):  # bools too: 1.0 / 0.0
+                    g.add_metric(labels, float(v))
+        yield from gauges.values()
+
+        breaker = GaugeMetricFamily("spillover_breaker_state",
+                                    "Circuit breaker per upstream: 0 closed, 1 half-open, "
+                                    "2 open", labels=["upstream"])
+        for name, b in self._breakers().items():
+            breaker.add_metric([name], _BREAKER_STATE.get(str(b.get("state")), 0))
+        yield breaker
+
+        left = GaugeMetricFamily("spillover_budget_left_usd",
+                                 "Hosted budget left in the window (absent when unlimited)",
+                                 labels=["scope", "window"])
+        spent = GaugeMetricFamily("spillover_budget_spent_usd",
+                                  "Hosted spend in the budget window",
+                                  labels=["scope", "window"])
+        snap = self._budgets()
+        scopes: dict[str, object] = {"global": snap.get("global")}
+        callers = snap.get("callers")
+        if isinstance(callers, dict):
+            scopes.update({f"caller:{k}": v for k, v in callers.items()})
+        for scope, windows in scopes.items():
+            if not isinstance(windows, dict):
+                continue
+            for window, w in windows.items():
+                if not isinstance(w, dict):
+                    continue
+                if isinstance(w.get("left"), (int, float)):
+                    left.add_metric([scope, window], float(w["left"]))
+                if isinstance(w.get("spent"), (int, float)):
+                    spent.add_metric([scope, window], float(w["spent"]))
+        yield left
+        yield spent
+
+        share = GaugeMetricFamily("spillover_local_share",
+                                  "Share of today's served requests that ran locally (UTC day)")
+        share.add_metric([], float(self._today().get("local_share", 0.0)))
+        yield share
+
+
+class Metrics:
+    def __init__(self, aliases: Iterable[str]) -> None:
+        # Label values come only from the catalog: a caller inventing model names must not
+        # grow the registry without bound.
+        self._aliases = frozenset(aliases)
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("spillover_requests", "Requests by outcome",
+                                ["alias", "route", "backend", "reason", "status"], registry=r)
+        self.latency = Histogram("spillover_request_latency_seconds",
+                                 "Time from request to the end of the response",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("spillover_time_to_first_token_seconds",
+                              "Time from request to the first byte of the answer",
+                              ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("spillover_tokens", "Tokens by kind",
+                              ["alias", "route", "kind"], registry=r)
+        self.cost = Counter("spillover_cost_usd", "What calls cost (hosted price or local "
+                            "GPU cost)", ["caller", "route"], registry=r)
+        self.saving = Counter("spillover_saving_usd", "Hosted price minus the real cost",
+                              ["caller", "route"], registry=r)
+
+    def watch(self, engines: Callable[[], Mapping[str, Mapping[str, object]]],
+              breakers: Callable[[], Mapping[str, Mapping[str, object]]],
+              budgets: Callable[[], Mapping[str, object]],
+              today: Callable[[], Mapping[str, float]]) -> None:
+        self.registry.register(_Live(engines, breakers, budgets, today))
+
+    def observe(self, call: Call) -> None:
+        route = call.route or "none"
+        alias = call.facts.alias if call.facts.alias in self._aliases else "other"
+        self.requests.labels(alias, route, call.backend or "", call.reason,
+                             str(call.status)).inc()
+        if call.route is None:
+            return
+        self.latency.labels(route).observe(call.elapsed())
+        if call.ttft_s is not None:
+            self.ttft.labels(route).observe(call.ttft_s)
+        if call.prompt_tokens:
+            self.tokens.labels(alias, route, "prompt").inc(call.prompt_tokens)
+        if call.completion_tokens:
+            self.tokens.labels(alias, route, "completion").inc(call.completion_tokens)
+        if call.cost_usd:
+            self.cost.labels(call.caller, route).inc(call.cost_usd)
+        if call.hosted_equiv_usd is not None:
+            saving = call.hosted_equiv_usd - (call.cost_usd or 0.0)
+            if saving > 0:
+                self.saving.labels(call.caller, route).inc(saving)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,146 @@
+"""An HTTP/1.1 load client on raw asyncio streams: keep-alive connections in a pool,
+Content-Length and chunked bodies, arrival time of every SSE event.
+
+Kept deliberately small: a general client (httpx, aiohttp) costs more CPU per request
+than the router under test would, and on a 2-core machine that skews the numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+now = time.perf_counter
+
+
+@dataclass(slots=True)
+class Result:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes = b""
+    # Arrival time (perf_counter) of each SSE data event other than [DONE].
+    event_times: list[float] = field(default_factory=list)
+    events: list[bytes] = field(default_factory=list)  # their payloads, when kept
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 host: bytes) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.host = host
+        self.reusable = True
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Conn:
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer, f"{host}:{port}".encode())
+
+    def close(self) -> None:
+        self.reusable = False
+        self.writer.close()
+
+    async def post(self, path: str, body: bytes, *, keep_events: bool = False,
+                   on_event: Callable[[float], None] | None = None) -> Result:
+        self.writer.write(
+            b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host, len(body), body))
+        return await self._response(keep_events, on_event)
+
+    async def get(self, path: str) -> Result:
+        self.writer.write(b"GET %s HTTP/1.1\r\nhost: %s\r\n\r\n" % (path.encode(), self.host))
+        return await self._response(False, None)
+
+    async def _response(self, keep_events: bool,
+                        on_event: Callable[[float], None] | None) -> Result:
+        reader = self.reader
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.reusable = False
+        result = Result(status, headers)
+        length = headers.get(b"content-length")
+        if length is not None:
+            result.body = await reader.readexactly(int(length))
+            return result
+        if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
+            self.reusable = False
+            result.body = await reader.read()
+            return result
+        buf = b""
+        sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+        parts: list[bytes] = []
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";", 1)[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers
+                break
+            data = (await reader.readexactly(size + 2))[:-2]
+            if not sse:
+                parts.append(data)
+                continue
+            t = now()
+            buf += data
+            while (cut := buf.find(b"\n\n")) >= 0:
+                event, buf = buf[:cut], buf[cut + 2:]
+                if event.startswith(b"data:") and event[5:].strip() != b"[DONE]":
+                    result.event_times.append(t)
+                    if on_event is not None:
+                        on_event(t)
+                    if keep_events:
+                        result.events.append(event[5:].strip())
+        result.body = b"".join(parts)
+        return result
+
+
+class Pool:
+    """Idle keep-alive connections to one server; a new one is opened when none is idle,
+    so an open-loop sender is never held back by the pool."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.idle: list[Conn] = []
+        self.opened = 0
+
+    async def warm(self, n: int) -> None:
+        conns = await asyncio.gather(*(Conn.open(self.host, self.port) for _ in range(n)))
+        self.opened += n
+        self.idle.extend(conns)
+
+    async def post(self, path: str, body: bytes, *, keep_events: bool = False) -> Result:
+        if self.idle:
+            conn = self.idle.pop()
+        else:
+            conn = await Conn.open(self.host, self.port)
+            self.opened += 1
+        try:
+            result = await conn.post(path, body, keep_events=keep_events)
+        except BaseException:
+            conn.close()
+            raise
+        if conn.reusable:
+            self.idle.append(conn)
+        else:
+            conn.close()
+        return result
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
