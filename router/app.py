@@ -38,13 +38,18 @@ class Settings:
 
 
 class Runtime:
-    """The running gateway's parts; created by `create_app`, started by its lifespan."""
+    """The running gateway's parts; created by `create_app`, started by its lifespan.
+
+    Everything derived from models.yaml is rebuilt by `reload` and swapped in one step:
+    requests in flight finish on the parts they started with.
+    """
 
     def __init__(self, config: Config, env: Mapping[str, str],
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.config = config
-        self.catalog = Catalog(config)
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 config_path: str = "models.yaml") -> None:
         server = config.server
+        self.env = env
+        self.config_path = config_path
         self.client = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0),
@@ -53,33 +58,62 @@ class Runtime:
                                 keepalive_expiry=30.0),
             trust_env=False,  # a proxy set for the shell must not capture loopback engines
         )
-        self.monitor = LoadMonitor(self.client, self.catalog.all(),
-                                   interval_s=server.metrics_interval_s,
-                                   stale_s=server.metrics_stale_s)
-        key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
-        self.api_keys = {name: env.get(name) for name in key_envs}
-        translators = {b.name: translator_for(b.flavour) for b in self.catalog.all()}
-        self.auth = Authenticator(config.callers, config.admin_key_sha256)
-        self.budgets = BudgetBook(config.budget,
-                                  {name: c.budget for name, c in config.callers.items()})
-        self.limiter = RateLimiter({name: c.rate_limit for name, c in config.callers.items()})
-        self.breakers = Breakers.from_routing(config.routing)
         self.ledger = Ledger(server.ledger_path)
-        self.recorder = Recorder(self.limiter, self.ledger)
-        self.metrics = Metrics(self.catalog.aliases)
-        self.metrics.watch(self.monitor.status, self.breakers.snapshot, self.budgets.snapshot,
-                           self.recorder.today)
-        self.recorder.observers.append(self.metrics.observe)
+        self.recorder = Recorder(self.ledger)
         self.gpu: GpuProbe | None = None
-        self.dispatcher = Dispatcher(
-            self.client, self.monitor, translators, self.api_keys,
-            breakers=self.breakers, retry=RetryPolicy.from_routing(config.routing),
-            budgets=self.budgets, local_price=self.local_price,
-            hosted_price=self.catalog.hosted_price, recorder=self.recorder,
+        self._install(config, breakers=None, started=False)
+        self.metrics = Metrics(self.catalog.aliases)
+        self.metrics.watch(lambda: self.monitor.status(), lambda: self.breakers.snapshot(),
+                           lambda: self.budgets.snapshot(), self.recorder.today)
+        self.recorder.observers.append(self.metrics.observe)
+
+    def _install(self, config: Config, breakers: Breakers | None, started: bool) -> None:
+        """Build every config-derived part and swap them in (no await: atomic)."""
+        catalog = Catalog(config)
+        server = config.server
+        monitor = LoadMonitor(self.client, catalog.all(), interval_s=server.metrics_interval_s,
+                              stale_s=server.metrics_stale_s)
+        key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
+        api_keys = {name: self.env.get(name) for name in key_envs}
+        translators = {b.name: translator_for(b.flavour) for b in catalog.all()}
+        budgets = BudgetBook(config.budget, {n: c.budget for n, c in config.callers.items()})
+        if started:
+            budgets.load(self.ledger)
+        limiter = RateLimiter({name: c.rate_limit for name, c in config.callers.items()})
+        r = config.routing
+        if breakers is None or (breakers.failures_to_open, breakers.cooldown_s) != (
+                r.breaker_failures, r.breaker_cooldown_s):
+            breakers = Breakers.from_routing(r)
+        dispatcher = Dispatcher(
+            self.client, monitor, translators, api_keys,
+            breakers=breakers, retry=RetryPolicy.from_routing(r),
+            budgets=budgets, local_price=self.local_price,
+            hosted_price=catalog.hosted_price, recorder=self.recorder,
         )
-        self.gateway = Gateway(config, self.catalog, self.monitor, self.dispatcher,
-                               auth=self.auth, budgets=self.budgets, limiter=self.limiter,
-                               breakers=self.breakers, recorder=self.recorder)
+        auth = Authenticator(config.callers, config.admin_key_sha256)
+        gateway = Gateway(config, catalog, monitor, dispatcher, auth=auth, budgets=budgets,
+                          limiter=limiter, breakers=breakers, recorder=self.recorder)
+        (self.config, self.catalog, self.monitor, self.api_keys, self.budgets, self.limiter,
+         self.breakers, self.dispatcher, self.auth, self.gateway) = (
+            config, catalog, monitor, api_keys, budgets, limiter, breakers, dispatcher, auth,
+            gateway)
+
+    async def reload(self, path: str | None = None) -> Config:
+        """Re-read models.yaml and swap it in; a file that does not validate raises
+        ConfigError and the running config stays. Server settings (address, ledger) keep
+        their start values until a restart."""
+        path = path or self.config_path
+        cfg = load_config(path)
+        cfg = cfg.model_copy(update={"server": self.config.server})
+        old_monitor, had_ledger = self.monitor, self.ledger.path
+        self._install(cfg, self.breakers, started=True)
+        assert self.ledger.path == had_ledger
+        self.metrics.set_aliases(self.catalog.aliases)
+        await self.monitor.start()
+        await old_monitor.stop()
+        log.info("reloaded %s: %d aliases, %d callers", path, len(cfg.aliases), len(cfg.callers))
+        self._warn(cfg)
+        return cfg
 
     def local_price(self, b: Backend) -> Price | None:
         """What a local token costs: the GPU's hourly cost over the throughput the engine
@@ -92,6 +126,9 @@ class Runtime:
         self.budgets.load(self.ledger)
         self.gpu = GpuProbe()
         await self.monitor.start()
+        self._warn(self.config)
+
+    def _warn(self, config: Config) -> None:
         missing = sorted(k for k, v in self.api_keys.items() if not v)
         for name in missing:
             log.warning("%s is not set: hosted offerings that need it are skipped", name)
@@ -168,7 +205,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or Settings()
     cfg = config or load_config(settings.config_path)
-    runtime = Runtime(cfg, settings.env, transport)
+    runtime = Runtime(cfg, settings.env, transport, config_path=settings.config_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -158,6 +159,23 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
                 log.info("engine %s starting on port %d (log: %s/%s.log)", s.name, s.port,
                          cfg.server.log_dir, s.name)
     app = create_app(Settings(config_path=path), config=cfg)
+    runtime = app.state.runtime
+    reloads: set[asyncio.Task[object]] = set()
+
+    async def reload() -> None:
+        try:
+            await runtime.reload()
+        except ConfigError as exc:
+            for p in exc.problems:
+                log.error("reload refused, the running config stays: %s: %s", path, p)
+
+    def on_sighup() -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    with contextlib.suppress(NotImplementedError):  # no SIGHUP on Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host or cfg.server.host, port=args.port or cfg.server.port,
         log_level=args.log_level.lower(), access_log=False, lifespan="on",

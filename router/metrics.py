@@ -109,6 +109,9 @@ class Metrics:
         self.saving = Counter("spillover_saving_usd", "Hosted price minus the real cost",
                               ["caller", "route"], registry=r)
 
+    def set_aliases(self, aliases: Iterable[str]) -> None:
+        self._aliases = frozenset(aliases)
+
     def watch(self, engines: Callable[[], Mapping[str, Mapping[str, object]]],
               breakers: Callable[[], Mapping[str, Mapping[str, object]]],
               budgets: Callable[[], Mapping[str, object]],

@@ -46,6 +46,10 @@ class _Bucket:
 class Admission:
     caller: str
     tokens: int
+    limiter: RateLimiter  # the one that admitted it: a reload may have replaced it since
+
+    def settle(self, used_tokens: int) -> None:
+        self.limiter.settle(self, used_tokens)
 
 
 class RateLimiter:
@@ -70,7 +74,7 @@ class RateLimiter:
             req.take(1)
         if tok:
             tok.take(tokens)
-        return Admission(caller, tokens)
+        return Admission(caller, tokens, self)
 
     def settle(self, a: Admission, used_tokens: int) -> None:
         tok = self._tokens.get(a.caller)

@@ -13,7 +13,6 @@ import orjson
 
 from router.call import Call
 from router.ledger import Ledger, LedgerError, LedgerRow
-from router.ratelimit import RateLimiter
 
 access = logging.getLogger("spillover.access")
 log = logging.getLogger("spillover.recorder")
@@ -24,9 +23,8 @@ BUCKETS = 90  # 15 minutes of history for the dashboard
 
 
 class Recorder:
-    def __init__(self, limiter: RateLimiter, ledger: Ledger | None = None, recent: int = 50,
+    def __init__(self, ledger: Ledger | None = None, recent: int = 50,
                  clock: Callable[[], float] = time.time) -> None:
-        self._limiter = limiter
         self.ledger = ledger
         self.observers: list[Callable[[Call], None]] = []
         self._clock = clock
@@ -57,8 +55,7 @@ class Recorder:
 
     def _close(self, call: Call) -> LedgerRow:
         if call.admission is not None:
-            self._limiter.settle(call.admission,
-                                 call.prompt_tokens + call.completion_tokens)
+            call.admission.settle(call.prompt_tokens + call.completion_tokens)
             call.admission = None
         line = entry(call)
         self.recent.appendleft(line)

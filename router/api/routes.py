@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from router.config import ConfigError
 from router.errors import Forbidden, InvalidRequest
 from router.inbound import read_json
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -81,6 +82,19 @@ def build_routes(rt: Runtime) -> APIRouter:
         return JSONResponse({"object": "usage", "since": q.since, "until": q.until,
                              "group_by": list(q.group_by), "caller": q.caller,
                              "data": rows, "total": totals(rows)})
+
+    @r.post("/admin/reload")
+    async def reload(request: Request) -> dict[str, Any]:
+        """Re-read models.yaml; a file that does not validate changes nothing."""
+        rt.auth.admin(request.headers)
+        try:
+            cfg = await rt.reload()
+        except ConfigError as exc:
+            raise InvalidRequest(
+                f"{exc.path} does not validate; the running config stays: "
+                + "; ".join(str(p) for p in exc.problems), code="invalid_config") from None
+        return {"reloaded": True, "aliases": sorted(cfg.aliases),
+                "callers": sorted(cfg.callers)}
 
     @r.get("/status")
     async def status(request: Request) -> dict[str, object]:
