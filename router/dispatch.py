@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -290,7 +291,10 @@ class Dispatcher:
                     # generated, so book an estimate rather than nothing.
                     self._estimate_usage(call, b)
                 self._finish_nowait(call, status)
-            await resp.aclose()
+            # The caller may be gone and this task cancelled: without the shield the
+            # close would be cancelled too, and the upstream would go on generating.
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
 
     def _translate_event(self, call: Call, b: Backend, prep: Prepared, translator: Translator,
                          event: bytes, wants_usage: bool) -> bytes | None:
@@ -299,7 +303,8 @@ class Dispatcher:
         payload = event[5:].strip()
         if payload == b"[DONE]":
             return _DONE
-        call.chunks += 1
+        if b'"content":""' not in payload or b'"tool_calls":[' in payload:
+            call.chunks += 1  # vLLM opens with an empty role chunk: no token in it
         # Parse only what may need rewriting: usage-bearing chunks and, when ids were
         # translated or the shape differs, every chunk.
         has_usage = b'"usage"' in payload and b'"usage":null' not in payload

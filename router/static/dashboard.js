@@ -133,13 +133,13 @@
 
   function renderSplit(series, today) {
     const W = 760, H = 230, L = 34, R = 8, T = 10, B = 24;
-    const byT = new Map((series || []).map((b) => [b.t, b]));
+    const byT = new Map((series || []).map((b) => [Math.round(b.t), b]));
     const latest = Math.max(Date.now() / 1000, ...(series || []).map((b) => b.t));
     const end = latest - (latest % BUCKET_S);
     const start = end - (BUCKETS - 1) * BUCKET_S;
     const buckets = [];
     for (let i = 0; i < BUCKETS; i++) {
-      const t = start + i * BUCKET_S;
+      const t = Math.round(start + i * BUCKET_S);
       const b = byT.get(t) || {};
       buckets.push({ t, local: b.local || 0, hosted: b.hosted || 0, errors: b.errors || 0 });
     }
@@ -299,7 +299,7 @@
       !e.healthy && e.down_reason ? h("p", { class: "down-reason" }, e.down_reason) : null,
       h("div", { class: "score" },
         h("span", { class: "label" }, "load score"),
-        bar([[score, `score ${scoreCls}`]], { "data-testid": "engine-score-bar" }),
+        bar([[score, `score-fill ${scoreCls}`]], { "data-testid": "engine-score-bar" }),
         h("span", { class: "score-value", "data-testid": "engine-score" }, num(score, 2))),
       h("dl", { class: "facts grid3" }, facts([
         ["in flight", int(e.inflight), "engine-inflight"],
@@ -324,7 +324,8 @@
       h("li", { "data-alias": name, "data-ready": String(Boolean(a.ready)) },
         badge(a.ready ? "ready" : "no backend", a.ready ? "ok" : "bad"),
         h("strong", {}, name),
-        h("span", { class: "muted backends" }, (a.backends || []).join(" → ") || DASH)))));
+        h("span", { class: "muted backends", title: (a.backends || []).join(" → ") },
+          (a.backends || []).join(" → ") || DASH)))));
   }
 
   function renderBreakers(breakers) {
@@ -354,17 +355,16 @@
     const cpuCls = cpu >= 0.9 ? "bad" : cpu >= 0.7 ? "warn" : "ok";
     const memCls = mem >= 0.9 ? "bad" : mem >= 0.8 ? "warn" : "ok";
     const load = (host.load_average || []).map((v) => num(v, 2)).join(" · ") || DASH;
-    let gpuText;
-    if (gpu && gpu.available) gpuText = `${int(gpu.count)} visible`;
-    else gpuText = `none (${(gpu && gpu.reason) || "unknown"})`;
-    $("host").replaceChildren(
+    const gpuText = gpu && gpu.available ? `${int(gpu.count)} visible` : "none";
+    $("host").replaceChildren(...[
       h("div", { class: "meter" }, h("span", { class: "label" }, `CPU ${pct(cpu)}`),
         bar([[cpu, cpuCls]]), h("span", { class: "muted" }, `${int(host.cpu_count)} cores`)),
       h("div", { class: "meter" }, h("span", { class: "label" }, `RAM ${pct(mem)}`),
         bar([[mem, memCls]]),
         h("span", { class: "muted" }, `${gib(host.memory_used_bytes)} / ${gib(host.memory_total_bytes)}`)),
       h("dl", { class: "facts" }, facts([["load 1 · 5 · 15 min", load], ["GPUs", gpuText, "host-gpu"]])),
-    );
+      gpu && !gpu.available && gpu.reason ? h("p", { class: "small muted gpu-reason" }, gpu.reason) : null,
+    ].filter(Boolean));
   }
 
   // Why a request went where it went: green when local served it as planned, blue for a

@@ -4,6 +4,7 @@ fake La Plateformes on loopback, and real routers (uvicorn) driven by the openai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -177,6 +178,14 @@ def e2e_config(engine_url: str, mistral_url: str, backup_url: str, max_inflight:
 class Router:
     url: str
     client: openai.OpenAI
+    server: ServerThread | None = None
+    config_path: Path | None = None
+    config: dict[str, Any] | None = None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30)
@@ -208,21 +217,26 @@ def make_router(engine: Engine, plateforme: Hosted, backup: Hosted,
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value
-        cfg = parse_config(yaml.safe_dump(data))
+        text = yaml.safe_dump(data)
+        cfg = parse_config(text)
+        path = tmp_path / f"models-{len(servers)}.yaml"
+        path.write_text(text)
         env = {"MISTRAL_API_KEY": plateforme.fake.api_key, "BACKUP_API_KEY": backup.fake.api_key}
-        st = ServerThread(create_app(Settings(env=env), config=cfg), send_buffer=65536)
+        st = ServerThread(create_app(Settings(config_path=str(path), env=env), config=cfg),
+                          send_buffer=65536)
         st.start()
         servers.append(st)
         client = openai.OpenAI(base_url=st.url + "/v1", api_key=api_key,
                                max_retries=0, timeout=60)
-        r = Router(st.url, client)
+        r = Router(st.url, client, st, path, data)
         if engine_url is None:
             r.wait_for(lambda s: s["engines"]["demo-local"]["healthy"], 10, "engine healthy")
         return r
 
     yield make
     for st in servers:
-        st.stop()
+        with contextlib.suppress(RuntimeError):
+            st.stop()
 
 
 @pytest.fixture
