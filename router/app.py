@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ from router.ratelimit import RateLimiter
 from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy
 from router.signals import LoadMonitor
+from serving.engine import EngineSupervisor
 from serving.gpu import GpuProbe, read_host
 
 log = logging.getLogger("spillover")
@@ -61,6 +64,8 @@ class Runtime:
         self.ledger = Ledger(server.ledger_path)
         self.recorder = Recorder(self.ledger)
         self.gpu: GpuProbe | None = None
+        # Set by `spillover serve` when it manages the engines: their pids and restarts.
+        self.supervisor: EngineSupervisor | None = None
         self._install(config, breakers=None, started=False)
         self.metrics = Metrics(self.catalog.aliases)
         self.metrics.watch(lambda: self.monitor.status(), lambda: self.breakers.snapshot(),
@@ -192,7 +197,10 @@ class Runtime:
 
     def status(self) -> dict[str, object]:
         _, detail = self.readiness()
-        return {**detail, "open": self.auth.open, "budgets": self.budgets.snapshot(),
+        sup = self.supervisor
+        managed = [] if sup is None else [dataclasses.asdict(s) for s in sup.status()]
+        return {**detail, "now": time.time(), "managed_engines": managed,
+                "open": self.auth.open, "budgets": self.budgets.snapshot(),
                 "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent),
                 "series": self.recorder.series(), "today": self.recorder.today()}
 

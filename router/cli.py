@@ -160,6 +160,7 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
                          cfg.server.log_dir, s.name)
     app = create_app(Settings(config_path=path), config=cfg)
     runtime = app.state.runtime
+    runtime.supervisor = supervisor
     reloads: set[asyncio.Task[object]] = set()
 
     async def reload() -> None:

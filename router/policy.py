@@ -196,6 +196,9 @@ def _refusal(facts: RequestFacts, skipped: list[Skip], saturated: bool) -> Refus
     if "cost" in reasons:
         return Refusal(503, "cost_limit", f"{details['cost']} and no local engine can take "
                        "the request now")
+    if "unavailable" in reasons:
+        return Refusal(503, "circuit_open", "every hosted backend that could take it is "
+                       f"failing: {details['unavailable']}")
     return Refusal(503, "no_backend", "no backend can serve this request now")
 
 
