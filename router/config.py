@@ -196,6 +196,17 @@ DEFAULT_LICENSES: dict[str, License] = {
 }
 
 
+# Mistral weights that may not be used commercially, by the name of their release (the
+# Hugging Face id or the directory they were downloaded into). Declaring one of these
+# under a commercial licence is refused: the licence decides who may use local capacity.
+KNOWN_NONCOMMERCIAL: dict[str, str] = {
+    "mistral-large-instruct-2407": "Mistral Research License",
+    "mistral-large-instruct-2411": "Mistral Research License",
+    "ministral-8b-instruct-2410": "Mistral Research License",
+    "codestral-22b-v0.1": "Mistral AI Non-Production License",
+}
+
+
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
     routing: Routing = Field(default_factory=Routing)
@@ -220,6 +231,14 @@ class Config(_Strict):
                     problems.append(
                         f"{where}.license: unknown licence {dep.license!r} "
                         f"(known: {', '.join(sorted(self.licenses))})"
+                    )
+                release = dep.model.rstrip("/").rsplit("/", 1)[-1].lower()
+                known = KNOWN_NONCOMMERCIAL.get(release)
+                lic = self.licenses.get(dep.license)
+                if known and lic is not None and lic.commercial:
+                    problems.append(
+                        f"{where}.license: {dep.model} is under the {known}, which does not "
+                        f"allow commercial use, but {dep.license!r} says it does"
                     )
                 if dep.name in seen:
                     problems.append(f"{where}.name: {dep.name!r} already used in {seen[dep.name]}")

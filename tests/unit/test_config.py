@@ -75,3 +75,42 @@ def test_check_command(tmp_path: Path) -> None:
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert "ok (1 aliases" in r.stdout
+
+
+def test_research_weights_cannot_be_declared_commercial() -> None:
+    text = """
+aliases:
+  large:
+    local:
+      - name: large-gpu
+        model: mistralai/Mistral-Large-Instruct-2411
+        license: apache-2.0
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    [problem] = info.value.problems
+    assert problem.location == "aliases.large.local.0.license"
+    assert "Mistral Research License" in problem.message and problem.line == 7
+    parse_config(text.replace("apache-2.0", "mrl"))  # the right licence is accepted
+
+
+def test_shipped_examples_validate_when_uncommented() -> None:
+    """The commented real-GPU entries in models.yaml are correct config, licences included."""
+    text = (Path(__file__).resolve().parents[2] / "models.yaml").read_text()
+    head, marker, tail = text.partition("  # mistral-small:")
+    lines = []
+    for ln in (marker + tail).splitlines():
+        if ln.startswith("  # "):
+            lines.append("  " + ln[4:])
+        elif ln.strip() != "#":
+            lines.append(ln)
+    cfg = parse_config(head + "\n".join(lines) + "\n")
+    licences = {dep.model: dep.license for _, dep in cfg.deployments()}
+    assert licences["mistralai/Mistral-Large-Instruct-2411"] == "mrl"
+    assert licences["mistralai/Ministral-8B-Instruct-2410"] == "mrl"
+    assert licences["mistralai/Codestral-22B-v0.1"] == "mnpl"
+    for apache in ("Mistral-7B-Instruct-v0.3", "Mixtral-8x7B-Instruct-v0.1",
+                   "Mixtral-8x22B-Instruct-v0.1", "Mistral-Nemo-Instruct-2407",
+                   "Mistral-Small-3.2-24B-Instruct-2506", "Devstral-Small-2505"):
+        assert licences[f"mistralai/{apache}"] == "apache-2.0"
+    assert len(cfg.aliases) >= 10
