@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,9 +32,13 @@ def parse_time(value: str | None, default: float, name: str) -> float:
         return default
     text = value.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise InvalidRequest(f"'{name}' must be a finite time", param=name)
+        return seconds
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
