@@ -224,7 +224,7 @@ def create_app(
             await runtime.stop()
 
     app = FastAPI(title="spillover", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)
     app.include_router(build_routes(runtime))

@@ -6,6 +6,7 @@
     ├── Forbidden             403       licence, alias not allowed
     ├── NotFound              404       unknown model or path
     ├── PayloadTooLarge       413
+    ├── UnsupportedMediaType  415       a body that is not JSON
     ├── RateLimited           429       budgets, rate limits (Retry-After)
     ├── UpstreamError         502       every candidate failed before the first byte
     ├── Unavailable           503       nothing can serve it now (Retry-After)
@@ -84,6 +85,12 @@ class PayloadTooLarge(SpilloverError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(SpilloverError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimited(SpilloverError):

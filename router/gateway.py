@@ -35,13 +35,13 @@ from router.recorder import Recorder
 from router.resilience import Breakers
 from router.signals import LoadMonitor
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def request_id(request: Request) -> str:
     # A caller's id is reused only when it is safe to echo into headers and logs.
     rid = request.headers.get("x-request-id")
-    if rid and _REQUEST_ID.match(rid):
+    if rid and _REQUEST_ID.fullmatch(rid):
         return rid
     return uuid.uuid4().hex
 
@@ -108,7 +108,7 @@ class Gateway:
             if backends is not None and policy.aliases is not None:
                 raise Forbidden(f"caller '{principal.name}' may not use the model "
                                 f"'{raw.alias}'", param="model", code="model_not_allowed")
-            raise NotFound(f"The model '{raw.alias}' does not exist; GET /v1/models lists "
+            raise NotFound(f"The model '{raw.alias[:100]}' does not exist; GET /v1/models lists "
                            "the models this gateway serves", param="model",
                            code="model_not_found")
         if raw.force != "auto" and not policy.may_force_route:

@@ -10,17 +10,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from router.config import Endpoint
-from router.errors import InvalidRequest, PayloadTooLarge
+from router.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from router.policy import Force, RequestFacts
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _FORCE: dict[str, Force] = {"local": "local", "hosted": "hosted", "auto": "auto"}
+# vLLM bounds `seed` to 64-bit signed integers; counts get the same ceiling.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Past 2**53 a float no longer spells one integer (and orjson reads any integer literal
+# beyond 64 bits as a float): such a number is not taken as an integer.
+_EXACT_FLOAT = 2**53
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    if not _is_json(request.headers.get("content-type", "")):
+        raise UnsupportedMediaType("the request body must be JSON, sent with "
+                                   "'Content-Type: application/json'")
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -31,11 +39,16 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody reads the answer; this keeps a hang-up out of the 500s and the error log.
+        raise InvalidRequest("the client went away before the request body ended",
+                             code="client_disconnected") from None
     raw = b"".join(chunks)
     if not raw:
         raise InvalidRequest("the request body is empty; expected a JSON object")
@@ -45,7 +58,19 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    try:
+        # orjson reads 1024 levels but writes 254: what cannot go upstream is refused here.
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest("the request body is nested too deeply") from None
     return body
+
+
+def _is_json(content_type: str) -> bool:
+    """No Content-Type is taken as JSON; any other type must say JSON."""
+    media = content_type.partition(";")[0].strip().lower()
+    return not media or media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json"))
 
 
 def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, str]) -> RequestFacts:
@@ -54,15 +79,8 @@ def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, st
         raise InvalidRequest("you must provide a model parameter", param="model",
                              code="missing_required_parameter" if model is None else None)
     stream = _bool(body, "stream")
-    max_tokens = _positive_int(body, "max_tokens")
-    mct = _positive_int(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = mct
-    _positive_int(body, "n")
-    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        v = body.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise InvalidRequest(f"'{key}' must be a number", param=key)
+    # Embeddings generate nothing: sampling fields there are unknown ones, passed on as is.
+    max_tokens = None if endpoint == "embeddings" else _check_sampling(body)
 
     if endpoint == "chat":
         prompt_chars = _check_messages(body.get("messages"))
@@ -103,6 +121,24 @@ def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, st
     )
 
 
+def _check_sampling(body: dict[str, Any]) -> int | None:
+    """The generation fields routing reads or the gateway rewrites; the max tokens."""
+    opts = body.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict)
+                                 and isinstance(opts.get("include_usage", False), bool)):
+        raise InvalidRequest("'stream_options' must be an object; its include_usage a boolean",
+                             param="stream_options")
+    max_tokens = _int(body, "max_tokens")
+    mct = _int(body, "max_completion_tokens")
+    _int(body, "n")
+    _int(body, "seed", _INT64_MIN)
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise InvalidRequest(f"'{key}' must be a number", param=key)
+    return mct if max_tokens is None else max_tokens
+
+
 def _bool(body: dict[str, Any], key: str) -> bool:
     v = body.get(key)
     if v is None:
@@ -112,12 +148,14 @@ def _bool(body: dict[str, Any], key: str) -> bool:
     return v
 
 
-def _positive_int(body: dict[str, Any], key: str) -> int | None:
+def _int(body: dict[str, Any], key: str, lo: int = 1, hi: int = _INT64_MAX) -> int | None:
     v = body.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InvalidRequest(f"'{key}' must be a positive integer", param=key)
+    if isinstance(v, float) and v.is_integer() and abs(v) <= _EXACT_FLOAT:
+        v = body[key] = int(v)  # JSON's 2.0 is the integer 2; sent on as 2
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise InvalidRequest(f"'{key}' must be an integer from {lo} to {hi}", param=key)
     return v
 
 
@@ -132,7 +170,7 @@ def _check_messages(messages: Any) -> int:
         if not isinstance(msg, dict):
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = msg.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(
                 f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}",
                 param=f"messages[{i}].role",
@@ -161,8 +199,8 @@ def _text_size(value: Any, key: str) -> int:
         for item in value:
             if isinstance(item, str):
                 total += len(item)
-            elif isinstance(item, int) and not isinstance(item, bool):
-                total += 4  # a token id
+            elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                total += 4  # a token id (the upstream checks it is one)
             elif isinstance(item, list):
                 total += 4 * len(item)
             else:

@@ -68,6 +68,10 @@ class RateLimiter:
         """An admission, or the seconds to wait before trying again."""
         now = self._clock()
         req, tok = self._requests.get(caller), self._tokens.get(caller)
+        if tok is not None:
+            # A huge max_tokens must not sink the bucket for the whole call: one minute's
+            # allowance is the most a single request is charged up front.
+            tokens = min(tokens, int(tok.capacity))
         wait = max(req.wait_for(1, now) if req else 0.0,
                    tok.wait_for(tokens, now) if tok else 0.0)
         if wait > 0:

@@ -7,6 +7,13 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from router.api.schemas import (
+    CHAT_BODY,
+    COMPLETIONS_BODY,
+    EMBEDDINGS_BODY,
+    ERROR_RESPONSES,
+    EXPLAIN_BODY,
+)
 from router.config import ConfigError
 from router.errors import Forbidden, InvalidRequest
 from router.inbound import read_json
@@ -18,39 +25,29 @@ from router.usage import to_csv, totals
 if TYPE_CHECKING:
     from router.app import Runtime
 
-# Documented in the OpenAPI schema without being parsed by FastAPI: the gateway reads
-# the raw body once itself (see router/inbound.py).
-_JSON_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    }
-}
-
-
 def build_routes(rt: Runtime) -> APIRouter:
     r = APIRouter()
 
-    @r.post("/v1/chat/completions", openapi_extra=_JSON_BODY)
+    @r.post("/v1/chat/completions", openapi_extra=CHAT_BODY)
     async def chat(request: Request) -> Response:
         return await rt.gateway.handle("chat", request)
 
-    @r.post("/v1/completions", openapi_extra=_JSON_BODY)
+    @r.post("/v1/completions", openapi_extra=COMPLETIONS_BODY)
     async def completions(request: Request) -> Response:
         return await rt.gateway.handle("completions", request)
 
-    @r.post("/v1/embeddings", openapi_extra=_JSON_BODY)
+    @r.post("/v1/embeddings", openapi_extra=EMBEDDINGS_BODY)
     async def embeddings(request: Request) -> Response:
         return await rt.gateway.handle("embeddings", request)
 
-    @r.post("/v1/route/explain", openapi_extra=_JSON_BODY)
+    @r.post("/v1/route/explain", openapi_extra=EXPLAIN_BODY)
     async def explain(request: Request) -> dict[str, Any]:
         """Where a chat completion would go now, and why; calls no upstream."""
         principal = rt.auth.caller(request.headers)
         body = await read_json(request, rt.config.server.max_body_bytes)
         return rt.gateway.explain(principal, "chat", body, request.headers)
 
-    @r.get("/v1/models")
+    @r.get("/v1/models", openapi_extra={"responses": ERROR_RESPONSES})
     async def models(request: Request) -> dict[str, Any]:
         allowed = rt.auth.caller(request.headers).policy.aliases
         return {
@@ -61,7 +58,7 @@ def build_routes(rt: Runtime) -> APIRouter:
             ],
         }
 
-    @r.get("/v1/usage")
+    @r.get("/v1/usage", openapi_extra={"responses": ERROR_RESPONSES})
     async def usage(request: Request, since: str | None = None, until: str | None = None,
                     group_by: str | None = None, caller: str | None = None,
                     format: str = "json") -> Response:

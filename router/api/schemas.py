@@ -27,9 +27,10 @@ def _number(minimum: float, maximum: float) -> Schema:
     return _or_null({"type": "number", "minimum": minimum, "maximum": maximum})
 
 
-_TOKENS = _or_null({"type": "integer", "minimum": 1})
-_STRINGS = {"type": "array", "minItems": 1, "items": {"type": "string"}}
-_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_TOKENS = _or_null({"type": "integer", "minimum": 1, "maximum": _INT64_MAX})
+_STRINGS: Schema = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+_TOKEN_IDS: Schema = {"type": "array", "minItems": 1,
+                      "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
 
 _SAMPLING: dict[str, Schema] = {
     "temperature": _number(0, 2),
@@ -256,33 +257,42 @@ ERROR: Schema = {
         },
     },
 }
-_ERRORS: Schema = {
+# For any route: every refusal and failure, in OpenAI's shape.
+ERROR_RESPONSES: Schema = {
     "4XX": {"description": "The request was refused (OpenAI's error shape).",
             "content": {"application/json": {"schema": ERROR}}},
-    "5XX": {"description": "No upstream could serve it (OpenAI's error shape).",
+    "5XX": {"description": "The gateway or its upstreams failed (OpenAI's error shape).",
             "content": {"application/json": {"schema": ERROR}}},
+}
+# One server-sent event (OpenAPI 3.1 documents an event stream by its events): a chunk's
+# JSON in `data`, then "[DONE]", or an error payload if the stream fails midway.
+_SSE_EVENT: Schema = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
 }
 _ANSWER: Schema = {
     "description": "The upstream's answer; an event stream when `stream` is true.",
     "content": {"application/json": {"schema": {"type": "object"}},
-                "text/event-stream": {"schema": {"type": "string"}}},
+                "text/event-stream": {"schema": _SSE_EVENT}},
 }
+
+
+def _json_answer(description: str) -> Schema:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
 def _operation(request: Schema, answer: Schema) -> Schema:
     return {
         "requestBody": {"required": True,
                         "content": {"application/json": {"schema": request}}},
-        "responses": {"200": answer, **_ERRORS},
+        "responses": {"200": answer, **ERROR_RESPONSES},
     }
 
 
 CHAT_BODY: Schema = _operation(CHAT_REQUEST, _ANSWER)
 COMPLETIONS_BODY: Schema = _operation(COMPLETION_REQUEST, _ANSWER)
-EMBEDDINGS_BODY: Schema = _operation(EMBEDDING_REQUEST, {
-    "description": "The embeddings.", "content": {"application/json": {"schema": {"type": "object"}}},
-})
-EXPLAIN_BODY: Schema = _operation(CHAT_REQUEST, {
-    "description": "Where the chat completion would go now, and why.",
-    "content": {"application/json": {"schema": {"type": "object"}}},
-})
+EMBEDDINGS_BODY: Schema = _operation(EMBEDDING_REQUEST, _json_answer("The embeddings."))
+EXPLAIN_BODY: Schema = _operation(
+    CHAT_REQUEST, _json_answer("Where the chat completion would go now, and why."))

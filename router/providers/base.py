@@ -85,7 +85,8 @@ def restore_ids(data: dict[str, Any], ids: IdMap, key: str) -> bool:
         msg = choice.get(key) if isinstance(choice, dict) else None
         calls = msg.get("tool_calls") if isinstance(msg, dict) else None
         for call in calls or ():
-            if isinstance(call, dict) and call.get("id") in ids.back:
+            if isinstance(call, dict) and isinstance(call.get("id"), str) \
+                    and call["id"] in ids.back:
                 call["id"] = ids.back[call["id"]]
                 changed = True
     return changed

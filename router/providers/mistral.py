@@ -16,7 +16,7 @@ from typing import Any
 from router.config import Endpoint
 from router.providers.base import IdMap, Prepared, restore_ids
 
-_ID_OK = re.compile(r"^[a-zA-Z0-9]{9}$")
+_ID_OK = re.compile(r"[a-zA-Z0-9]{9}\Z")
 _B62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 _CHAT_FIELDS = frozenset({

@@ -147,8 +147,12 @@ def test_request_over_capacity_waits_for_a_full_bucket() -> None:
     # 250 > capacity: it needs the bucket full (100), not 250 tokens that never fit.
     assert refused(rl.admit("app", 250)) == pytest.approx(30.0)
     clock.advance(30.0)
-    admitted(rl.admit("app", 250))
-    # It left a debt of 150: the next 10 tokens wait for 160.
+    big = admitted(rl.admit("app", 250))
+    # Up front it is charged one minute's allowance at most (a max_tokens of 2**63 must
+    # not sink the bucket for the whole call): the next 10 tokens wait for 10.
+    assert refused(rl.admit("app", 10)) == pytest.approx(6.0)
+    # What it really used is charged when it ends: a debt of 150, so 10 wait for 160.
+    big.settle(250)
     assert refused(rl.admit("app", 10)) == pytest.approx(96.0)
 
 
