@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from router.config import Config, ConfigError, config_path, load_config
-from serving.engine import EngineSpec
+from serving.engine import EngineSpec, EngineSupervisor
 
 log = logging.getLogger("spillover")
 
@@ -146,7 +146,6 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
     import uvicorn
 
     from router.app import Settings, create_app
-    from serving.engine import EngineSupervisor
 
     supervisor: EngineSupervisor | None = None
     if not args.no_engines:
@@ -186,7 +185,22 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
         await server.serve()
     finally:
         if supervisor is not None:
-            await supervisor.stop_all()
+            await _stop_engines(supervisor)
+
+
+async def _stop_engines(supervisor: EngineSupervisor) -> None:
+    """Stop every engine even if this task is cancelled meanwhile: after Ctrl-C, uvicorn
+    re-raises SIGINT and asyncio cancels the main task, which must not leave engines
+    running without a parent."""
+    stopping = asyncio.ensure_future(supervisor.stop_all())
+    cancelled = False
+    while not stopping.done():
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def engine_specs(cfg: Config) -> list[EngineSpec]:

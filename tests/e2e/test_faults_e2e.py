@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -163,7 +164,19 @@ def test_engine_killed_under_load(served: list[Served], tmp_path: Path,
     raw = s.client.chat.completions.with_raw_response.create(
         model="demo", messages=HELLO, max_tokens=8)
     assert raw.headers["x-spillover-route"] == "local"
-    assert s.status()["managed_engines"][0]["pid"] != engine["pid"]
+    restarted = s.status()["managed_engines"][0]["pid"]
+    assert restarted != engine["pid"]
+    # Ctrl-C stops the router and the restarted engine with it: no orphan.
+    s.stop()
+    assert s.proc.returncode is not None
+    assert not _alive(restarted), "the restarted engine outlived the router"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_hosted_storms_stay_bounded(make_router: Any, plateforme: Hosted,
