@@ -57,7 +57,7 @@ class Runtime:
             transport=transport,
             timeout=httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0),
             limits=httpx.Limits(max_connections=server.max_connections,
-                                max_keepalive_connections=server.max_connections,
+                                max_keepalive_connections=server.max_keepalive_connections,
                                 keepalive_expiry=30.0),
             trust_env=False,  # a proxy set for the shell must not capture loopback engines
         )

@@ -129,6 +129,9 @@ def _usage(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # One access line per request is ours to write; httpx would add one per upstream call.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     path = config_path(args.config)
     try:
         cfg = load_config(path)
