@@ -110,37 +110,62 @@ class Conn:
 
 class Pool:
     """Idle keep-alive connections to one server; a new one is opened when none is idle,
-    so an open-loop sender is never held back by the pool."""
+    so an open-loop sender is never held back by the pool.
 
-    def __init__(self, host: str, port: int) -> None:
+    Servers close keep-alive connections that sat idle a while (uvicorn: after 5 s), so a
+    connection idle longer than `max_idle_s` is not reused, and a reused one that turns
+    out closed before any byte of the answer is retried once on a new connection.
+    """
+
+    def __init__(self, host: str, port: int, max_idle_s: float = 3.0) -> None:
         self.host = host
         self.port = port
-        self.idle: list[Conn] = []
+        self.max_idle_s = max_idle_s
+        self.idle: list[tuple[float, Conn]] = []
         self.opened = 0
 
     async def warm(self, n: int) -> None:
         conns = await asyncio.gather(*(Conn.open(self.host, self.port) for _ in range(n)))
         self.opened += n
-        self.idle.extend(conns)
+        at = now()
+        self.idle.extend((at, c) for c in conns)
+
+    async def _get(self) -> tuple[Conn, bool]:
+        while self.idle:
+            since, conn = self.idle.pop()
+            if now() - since <= self.max_idle_s and not conn.reader.at_eof():
+                return conn, True
+            conn.close()
+        self.opened += 1
+        return await Conn.open(self.host, self.port), False
 
     async def post(self, path: str, body: bytes, *, keep_events: bool = False) -> Result:
-        if self.idle:
-            conn = self.idle.pop()
-        else:
-            conn = await Conn.open(self.host, self.port)
-            self.opened += 1
+        conn, reused = await self._get()
         try:
             result = await conn.post(path, body, keep_events=keep_events)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            conn.close()
+            partial = getattr(exc, "partial", b"")
+            if not reused or partial:
+                raise
+            # The server had closed it while it sat idle: nothing was processed.
+            conn = await Conn.open(self.host, self.port)
+            self.opened += 1
+            try:
+                result = await conn.post(path, body, keep_events=keep_events)
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
             conn.close()
             raise
         if conn.reusable:
-            self.idle.append(conn)
+            self.idle.append((now(), conn))
         else:
             conn.close()
         return result
 
     def close(self) -> None:
-        for conn in self.idle:
+        for _, conn in self.idle:
             conn.close()
         self.idle.clear()

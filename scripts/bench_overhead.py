@@ -1,0 +1,680 @@
+#!/usr/bin/env python3
+"""What spillover adds on the hot path: latency, throughput, streaming, open streams.
+
+    .venv/bin/python scripts/bench_overhead.py            # full run, about 5 minutes
+    .venv/bin/python scripts/bench_overhead.py --quick    # about 80 seconds
+    .venv/bin/python scripts/bench_overhead.py --profile 15   # + py-spy on the router
+                                                          # (.venv/bin/pip install py-spy)
+
+Starts a minimal OpenAI-compatible upstream (scripts/benchlib/mockup.py, answering like an
+idle vLLM engine) and `spillover serve --no-engines` in front of it, then measures, each
+time straight to the upstream and through the router in the same run:
+
+- open loop at fixed rates (requests sent on schedule whatever the answers; latency from
+  the scheduled send time): p50 / p99 and what the router adds;
+- closed loop: the most requests/s, with one router worker and (through uvicorn's
+  --factory, since `spillover serve` has no --workers) with several;
+- streams: time to first token and the lateness of every later chunk;
+- many streams held open at once, and the router's RSS while they run;
+- a closed loop again on the routers that just took the overload and the open streams
+  (what their state left behind costs).
+
+Each phase gets a fresh router. This process is the load generator (raw asyncio streams,
+uvloop, keep-alive pool); it prints its own CPU use per request so you can see it is not
+the bottleneck. Numbers on a shared 2-core machine are noisy: compare the columns of one
+run, not runs with each other.
+Prints tables and, last, one JSON line with every figure (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib.httpload import Conn, Pool, now
+from benchlib.meter import CpuMeter
+from benchlib.procs import ROOT, VENV_BIN, Children, free_port, sigterm_as_exit, wait_http
+from benchlib.stats import ms, pct, table
+
+HOST = "127.0.0.1"
+PATH = "/v1/chat/completions"
+ALIAS = "bench"
+PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "Say hello in three languages, briefly please."}]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # "direct" | "router" | "router-xN"
+    port: int
+    pid: int
+
+
+def body(stream: bool = False, mock: dict[str, Any] | None = None) -> bytes:
+    b: dict[str, Any] = {"model": ALIAS, "messages": PROMPT, "max_tokens": 16,
+                         "temperature": 0.7}
+    if stream:
+        b["stream"] = True
+    if mock:
+        b["mock"] = mock
+    return orjson.dumps(b)
+
+
+# --- measurements ---------------------------------------------------------------------
+
+
+async def open_loop(t: Target, rate: float, duration: float, warmup: float,
+                    payload: bytes) -> dict[str, Any]:
+    pool = Pool(HOST, t.port)
+    await pool.warm(16)
+    lat: list[float] = []
+    errors = collections.Counter[str]()
+    n_warm = int(warmup * rate)
+    n_total = n_warm + int(duration * rate)
+    tasks: set[asyncio.Task[None]] = set()
+    late: list[float] = []
+
+    async def one(scheduled: float, record: bool) -> None:
+        try:
+            r = await pool.post(PATH, payload)
+        except Exception as exc:
+            errors[type(exc).__name__] += 1
+            return
+        if r.status != 200:
+            errors[str(r.status)] += 1
+        elif record:
+            lat.append(now() - scheduled)
+
+    start = now() + 0.01
+    for i in range(n_total):
+        scheduled = start + i / rate
+        wait = scheduled - now()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif i >= n_warm:
+            late.append(-wait)
+        task = asyncio.create_task(one(scheduled, i >= n_warm))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    for task in list(tasks):  # still unanswered after 30 s: count them, stop waiting
+        task.cancel()
+        errors["unanswered after 30 s"] += 1
+    pool.close()
+    return {"rate": rate, "n": len(lat), "p50_ms": ms(pct(lat, 50)), "p90_ms": ms(pct(lat, 90)),
+            "p99_ms": ms(pct(lat, 99)), "max_ms": ms(max(lat, default=float("nan"))),
+            "errors": dict(errors), "connections": pool.opened,
+            "send_late_p99_ms": ms(pct(late, 99)) if late else 0.0}
+
+
+async def closed_loop(t: Target, concurrency: int, duration: float, warmup: float,
+                      payload: bytes | None) -> dict[str, Any]:
+    """payload None: GET /healthz (the server and framework alone, no upstream call)."""
+    conns = [await Conn.open(HOST, t.port) for _ in range(concurrency)]
+    lat: list[float] = []
+    errors = 0
+    measuring = False
+    stop_at = now() + warmup + duration
+
+    async def worker(conn: Conn) -> None:
+        nonlocal errors
+        while now() < stop_at:
+            t0 = now()
+            r = await (conn.get("/healthz") if payload is None else conn.post(PATH, payload))
+            if r.status != 200:
+                errors += 1
+            elif measuring:
+                lat.append(now() - t0)
+
+    tasks = [asyncio.create_task(worker(c)) for c in conns]
+    await asyncio.sleep(warmup)
+    measuring = True
+    n0, t_start = len(lat), now()
+    await asyncio.gather(*tasks)
+    elapsed = now() - t_start
+    for c in conns:
+        c.close()
+    n = len(lat) - n0
+    return {"concurrency": concurrency, "rps": round(n / elapsed, 1), "n": n,
+            "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99)), "errors": errors}
+
+
+async def streams(t: Target, rate: float, duration: float, tokens: int,
+                  interval: float) -> dict[str, Any]:
+    """Open-loop streams; TTFT and each later chunk's lateness against its schedule."""
+    pool = Pool(HOST, t.port)
+    await pool.warm(8)
+    payload = body(stream=True, mock={"tokens": tokens, "interval_s": interval, "ttft_s": 0})
+    ttft: list[float] = []
+    chunk_lag: list[float] = []
+    gaps: list[float] = []
+    errors = 0
+    bad_count = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors, bad_count
+        try:
+            r = await pool.post(PATH, payload)
+        except Exception:
+            errors += 1
+            return
+        ev = r.event_times
+        if r.status != 200 or not ev:
+            errors += 1
+            return
+        if len(ev) != tokens + 1:  # every token and the finish chunk
+            bad_count += 1
+        ttft.append(ev[0] - scheduled)
+        for i in range(1, min(tokens, len(ev))):
+            chunk_lag.append(ev[i] - scheduled - i * interval)
+            gaps.append(ev[i] - ev[i - 1])
+
+    n = int(duration * rate)
+    start = now() + 0.01
+    for i in range(n):
+        scheduled = start + i / rate
+        wait = scheduled - now()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        task = asyncio.create_task(one(scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=60)
+    pool.close()
+    return {"rate": rate, "n": len(ttft), "errors": errors, "wrong_chunk_count": bad_count,
+            "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
+            "chunk_lag_p50_ms": ms(pct(chunk_lag, 50)),
+            "chunk_lag_p99_ms": ms(pct(chunk_lag, 99)),
+            "gap_p50_ms": ms(pct(gaps, 50)), "gap_p99_ms": ms(pct(gaps, 99))}
+
+
+async def many_streams(t: Target, n: int, tokens: int, interval: float,
+                       ramp_s: float) -> dict[str, Any]:
+    """n streams open at once (each `tokens` chunks `interval` apart); the RSS of t.pid."""
+    proc = psutil.Process(t.pid)
+    family = [proc, *proc.children(recursive=True)]
+
+    def rss() -> int:
+        total = 0
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    rss_before = rss()
+    payload = body(stream=True, mock={"tokens": tokens, "interval_s": interval, "ttft_s": 0})
+    live = 0
+    peak_live = 0
+    peak_rss = rss_before
+    rss_at_peak_live = rss_before
+    lags: list[float] = []
+    counts = collections.Counter[str]()
+    done = asyncio.Event()
+
+    async def one() -> None:
+        nonlocal live, peak_live
+        conn: Conn | None = None
+        started = False
+        try:
+            conn = await Conn.open(HOST, t.port)
+            t0 = now()
+
+            def on_event(at: float) -> None:
+                nonlocal live, peak_live, started
+                if not started:
+                    started = True
+                    live += 1
+                    peak_live = max(peak_live, live)
+
+            r = await conn.post(PATH, payload, on_event=on_event)
+            ev = r.event_times
+            if r.status != 200:
+                counts[f"status {r.status}"] += 1
+            elif len(ev) != tokens + 1:
+                counts["short"] += 1
+            else:
+                counts["ok"] += 1
+                lags.extend(e - ev[0] - i * interval for i, e in enumerate(ev[:tokens]))
+            _ = t0
+        except Exception as exc:
+            counts[type(exc).__name__] += 1
+        finally:
+            if started:
+                live -= 1
+            if conn is not None:
+                conn.close()
+
+    async def sampler() -> None:
+        nonlocal peak_rss, rss_at_peak_live
+        while not done.is_set():
+            r = rss()
+            peak_rss = max(peak_rss, r)
+            if live >= peak_live:
+                rss_at_peak_live = max(rss_at_peak_live, r)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.1)
+
+    sampling = asyncio.create_task(sampler())
+    tasks = []
+    batch = max(1, n // 20)
+    t_start = now()
+    for i in range(0, n, batch):
+        tasks += [asyncio.create_task(one()) for _ in range(min(batch, n - i))]
+        await asyncio.sleep(ramp_s / 20)
+    await asyncio.wait(tasks, timeout=tokens * interval + 60)
+    wall = now() - t_start
+    done.set()
+    await sampling
+    await asyncio.sleep(1.0)
+    rss_after = rss()
+    return {"streams": n, "peak_open": peak_live, "outcomes": dict(counts),
+            "wall_s": round(wall, 2),
+            "chunk_lag_p50_ms": ms(pct(lags, 50)), "chunk_lag_p99_ms": ms(pct(lags, 99)),
+            "rss_before_mb": round(rss_before / 2**20, 1),
+            "rss_peak_mb": round(peak_rss / 2**20, 1),
+            "rss_after_mb": round(rss_after / 2**20, 1),
+            "kb_per_open_stream": round((rss_at_peak_live - rss_before) / 1024
+                                        / max(1, peak_live), 1)}
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+def write_config(path: Path, upstream_port: int, max_connections: int) -> None:
+    from router.config import Server
+
+    server: dict[str, Any] = {"max_connections": max_connections, "request_timeout_s": 120,
+                              "metrics_interval_s": 0.5}
+    if "ledger_path" in Server.model_fields:
+        # Not the repository's .spillover/ledger.db: a benchmark's rows are not real calls.
+        server["ledger_path"] = str(path.parent / "ledger.db")
+    cfg = {
+        "server": server,
+        "aliases": {ALIAS: {"local": [{
+            "name": "bench-local", "model": ALIAS, "license": "apache-2.0",
+            "base_url": f"http://{HOST}:{upstream_port}/v1",
+            "saturation": {"max_inflight": 100000, "max_waiting": 1000000,
+                           "max_kv_cache": 1.0},
+        }]}},
+    }
+    path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+
+
+def cli_has_workers() -> bool:
+    out = subprocess.run([str(VENV_BIN / "spillover"), "serve", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60).stdout
+    return "--workers" in out
+
+
+def start_router(kids: Children, name: str, config: Path, workers: int = 1,
+                 via: str = "cli") -> Target:
+    """`spillover serve` (via "cli"), or uvicorn with the app factory (via "uvicorn"):
+    uvicorn's own runner picks uvloop and can fork workers."""
+    port = free_port()
+    serve = [str(VENV_BIN / "spillover"), "serve", "--no-engines", "--config", str(config),
+             "--port", str(port), "--log-level", "warning"]
+    if via == "cli" and workers > 1 and not cli_has_workers():
+        via = "uvicorn"
+    if via == "cli":
+        argv = serve + (["--workers", str(workers)] if workers > 1 else [])
+    else:
+        argv = [sys.executable, "-m", "uvicorn", "benchlib.routerapp:app", "--factory",
+                "--app-dir", str(ROOT / "scripts"), "--host", HOST, "--port", str(port),
+                "--workers", str(workers), "--log-level", "warning", "--no-access-log",
+                "--timeout-graceful-shutdown", "5"]
+    proc = kids.start(name, argv, env={"SPILLOVER_CONFIG": str(config)})
+    try:
+        wait_http(f"http://{HOST}:{port}/readyz", 60, proc, name)
+    except RuntimeError:
+        print(kids.log_tail(name), file=sys.stderr)
+        raise
+    if workers > 1:
+        time.sleep(1.5)  # every worker's monitor has probed the engine
+    return Target(name, port, proc.pid)
+
+
+# --- profile --------------------------------------------------------------------------
+
+
+_FRAME = re.compile(r"^(?P<fn>.*) \((?P<file>[^()]*):(?P<line>\d+)\)$")
+
+
+def _short(path: str) -> str:
+    for marker in ("/site-packages/", str(ROOT) + "/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def _module(path: str) -> str:
+    """router/x.py as is; a library by its package; the standard library by its module."""
+    short = _short(path)
+    if short.startswith(("router/", "serving/")) or "/" not in short:
+        return short
+    if short != path:
+        return short.split("/")[0]
+    return "/".join(Path(path).parts[-2:]) if "asyncio" in path else Path(path).name
+
+
+def summarise_profile(raw: Path, top: int) -> dict[str, Any]:
+    """Self and inclusive sample shares per frame (and inclusive per file) from py-spy's
+    collapsed-stack output."""
+    self_n: collections.Counter[str] = collections.Counter()
+    incl_n: collections.Counter[str] = collections.Counter()
+    file_n: collections.Counter[str] = collections.Counter()
+    self_mod: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = []
+        for f in stack.split(";"):
+            m = _FRAME.match(f)
+            frames.append(f"{m['fn']} ({_short(m['file'])}:{m['line']})" if m else f)
+        self_n[frames[-1]] += n
+        leaf = _FRAME.match(stack.rsplit(";", 1)[-1])
+        self_mod[_module(leaf["file"]) if leaf else "?"] += n
+        for f in set(frames):
+            incl_n[f] += n
+        for f in {_module(m["file"]) for m in map(_FRAME.match, stack.split(";")) if m}:
+            file_n[f] += n
+
+    def share(c: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(k, round(100.0 * v / max(1, total), 1)) for k, v in c.most_common(top)]
+
+    return {"samples": total, "self": share(self_n), "inclusive": share(incl_n),
+            "self_by_module": share(self_mod), "inclusive_by_module": share(file_n)}
+
+
+async def profiled_closed_loop(t: Target, seconds: float, concurrency: int, out: Path,
+                               rate: int) -> dict[str, Any]:
+    spy = VENV_BIN / "py-spy"
+    if not spy.exists():
+        return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
+    proc = await asyncio.create_subprocess_exec(
+        str(spy), "record", "--pid", str(t.pid), "--duration", str(int(seconds)),
+        "--rate", str(rate), "--format", "raw", "--output", str(out), "--nonblocking",
+        # Only samples holding the GIL: where Python time goes, not threads waiting for it.
+        "--gil",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(0.5)
+        load = await closed_loop(t, concurrency, seconds, 0.0, body())
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        return {"error": f"py-spy failed: {err.decode(errors='replace')[-500:]}"}
+    return {"load": load, **await asyncio.to_thread(summarise_profile, out, 30)}
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, Any]:
+    up_port = free_port()
+    upstream = kids.start("upstream", [sys.executable,
+                                       str(ROOT / "scripts/benchlib/mockup.py"),
+                                       "--port", str(up_port)])
+    await asyncio.to_thread(wait_http, f"http://{HOST}:{up_port}/health", 30, upstream,
+                            "upstream")
+    config = tmp / "models.yaml"
+    write_config(config, up_port, args.max_connections)
+    direct = Target("direct", up_port, upstream.pid)
+    me = os.getpid()
+    out: dict[str, Any] = {"bench": "overhead", "quick": args.quick,
+                           "cpus": os.cpu_count(), "workers_flag": cli_has_workers()}
+    payload = body()
+    dur, warm = args.duration, min(2.0, args.duration / 3)
+    current: list[str] = []
+
+    async def fresh(name: str, workers: int = 1, via: str = "cli") -> Target:
+        """Each phase gets a router of its own: an earlier phase's overload leaves state
+        behind (idle upstream connections) that slows the next one down."""
+        while current:
+            kids.stop(current.pop())
+        t = await asyncio.to_thread(start_router, kids, name, config, workers, via)
+        current.append(name)
+        return t
+
+    # 1. Closed loop: direct, `spillover serve`, the same app under uvicorn's own runner
+    # (uvloop) with N workers, and GET /healthz (server + framework, no upstream call).
+    closed_rows: list[list[Any]] = []
+    out["closed_loop"] = {}
+
+    async def closed(t: Target, label: str, what: bytes | None = payload,
+                     concurrency: list[int] | None = None) -> None:
+        best: dict[str, Any] | None = None
+        for c in concurrency or args.concurrency:
+            meter = CpuMeter({"target": t.pid, "loadgen": me})
+            meter.start()
+            r = await closed_loop(t, c, args.closed_duration, 1.0, what)
+            cpu = meter.stop()
+            r["cpu_us_per_req"] = {k: round(v / max(1, r["n"]) * 1e6) for k, v in cpu.items()}
+            closed_rows.append([label, c, r["rps"], r["p50_ms"], r["p99_ms"], r["errors"],
+                                r["cpu_us_per_req"]["target"],
+                                r["cpu_us_per_req"]["loadgen"]])
+            if best is None or r["rps"] > best["rps"]:
+                best = r
+        assert best is not None
+        out["closed_loop"][label] = {"max_rps": best["rps"], "best": best}
+
+    def print_closed(title: str) -> None:
+        print(f"\n{title}", flush=True)
+        print(table(["target", "conns", "req/s", "p50 ms", "p99 ms", "errors",
+                     "target cpu us/req", "loadgen cpu us/req"], closed_rows))
+        closed_rows.clear()
+
+    await closed(direct, "direct")
+    router = await fresh("router")
+    await closed(router, "router")
+    await closed(router, "router GET /healthz", None)
+    for w in args.workers:
+        t = await fresh(f"router-uvicorn-x{w}", w, "uvicorn")
+        await closed(t, t.name)
+    print_closed("Closed loop (each connection sends its next request when the answer is in)")
+
+    # 2. Open loop, direct then router at each rate; then a closed loop on that router.
+    router = await fresh("router")
+    rows = []
+    out["open_loop"] = []
+    for rate in args.rates:
+        pair: dict[str, Any] = {"rate": rate}
+        for t in (direct, router):
+            meter = CpuMeter({"target": t.pid, "loadgen": me})
+            meter.start()
+            r = await open_loop(t, rate, dur, warm, payload)
+            cpu = meter.stop()
+            n = max(1, int((dur + warm) * rate))
+            r["cpu_us_per_req"] = {k: round(v / n * 1e6) for k, v in cpu.items()}
+            pair[t.name] = r
+            rows.append([rate, t.name, r["n"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
+                         r["max_ms"], sum(r["errors"].values()),
+                         r["cpu_us_per_req"]["target"], r["cpu_us_per_req"]["loadgen"]])
+        pair["added_p50_ms"] = round(pair["router"]["p50_ms"] - pair["direct"]["p50_ms"], 3)
+        pair["added_p99_ms"] = round(pair["router"]["p99_ms"] - pair["direct"]["p99_ms"], 3)
+        out["open_loop"].append(pair)
+    print("\nOpen loop (latency from the scheduled send time, ms)", flush=True)
+    print(table(["req/s", "target", "n", "p50", "p90", "p99", "max", "errors",
+                 "target cpu us/req", "loadgen cpu us/req"], rows))
+    for pair in out["open_loop"]:
+        print(f"  added at {pair['rate']:g} req/s: p50 {pair['added_p50_ms']:+.3f} ms, "
+              f"p99 {pair['added_p99_ms']:+.3f} ms")
+    await closed(router, "router-after-open-loop", concurrency=[8])
+
+    # 3. Streams.
+    router = await fresh("router")
+    rows = []
+    out["streams"] = {}
+    for t in (direct, router):
+        meter = CpuMeter({"target": t.pid})
+        meter.start()
+        r = await streams(t, args.stream_rate, dur, args.stream_tokens, args.stream_interval)
+        used = meter.stop()["target"]
+        r["cpu_us_per_stream"] = round(used / max(1, r["n"]) * 1e6)
+        r["cpu_us_per_chunk"] = round(used / max(1, r["n"] * (args.stream_tokens + 1)) * 1e6)
+        out["streams"][t.name] = r
+        rows.append([t.name, r["n"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["chunk_lag_p50_ms"],
+                     r["chunk_lag_p99_ms"], r["errors"] + r["wrong_chunk_count"],
+                     r["cpu_us_per_stream"], r["cpu_us_per_chunk"]])
+    s = out["streams"]
+    for key in ("ttft_p50", "ttft_p99", "chunk_lag_p50", "chunk_lag_p99"):
+        s[f"added_{key}_ms"] = round(s["router"][f"{key}_ms"] - s["direct"][f"{key}_ms"], 3)
+    print(f"\nStreams ({args.stream_rate:g}/s, {args.stream_tokens} chunks "
+          f"{args.stream_interval * 1000:g} ms apart; chunk lag = arrival - send - i*interval)",
+          flush=True)
+    print(table(["target", "n", "ttft p50", "ttft p99", "chunk lag p50", "chunk lag p99",
+                 "errors", "cpu us/stream", "cpu us/chunk"], rows))
+    print(f"  added: TTFT p50 {s['added_ttft_p50_ms']:+.3f} ms / p99 "
+          f"{s['added_ttft_p99_ms']:+.3f} ms, per chunk p50 {s['added_chunk_lag_p50_ms']:+.3f}"
+          f" ms / p99 {s['added_chunk_lag_p99_ms']:+.3f} ms")
+
+    # 4. Many open streams, on a fresh router so its RSS starts from idle; then a closed
+    # loop on that router, whose upstream pool now holds as many idle connections as
+    # there were streams.
+    router = await fresh("router")
+    await asyncio.sleep(1.0)
+    rows = []
+    out["open_streams"] = {}
+    for t in (direct, router):
+        r = await many_streams(t, args.open_streams, args.hold_chunks, args.hold_interval,
+                               args.ramp_s)
+        out["open_streams"][t.name] = r
+        rows.append([t.name, r["streams"], r["peak_open"], json.dumps(r["outcomes"]),
+                     r["chunk_lag_p50_ms"], r["chunk_lag_p99_ms"], r["rss_before_mb"],
+                     r["rss_peak_mb"], r["rss_after_mb"], r["kb_per_open_stream"]])
+    print(f"\n{args.open_streams} streams held open ({args.hold_chunks} chunks "
+          f"{args.hold_interval:g} s apart; lag = chunk i arrival - first chunk - i*interval;"
+          " RSS of that target's process tree)", flush=True)
+    print(table(["target", "streams", "peak open", "outcomes", "lag p50 ms", "lag p99 ms",
+                 "RSS MB before", "peak", "after", "KB/stream"], rows))
+    await closed(router, "router-after-open-streams", concurrency=[8])
+    print_closed("Closed loop on the routers of phases 2 and 4, right after their load")
+    while current:
+        kids.stop(current.pop())
+
+    if args.profile:
+        prof_router = await fresh("router-profiled")
+        raw = tmp / "router.prof.txt"
+        prof = await profiled_closed_loop(prof_router, args.profile, max(args.concurrency),
+                                          raw, args.profile_rate)
+        out["profile"] = prof
+        if "error" in prof:
+            print(f"\nprofile: {prof['error']}")
+        else:
+            print(f"\nRouter profile under closed loop ({prof['samples']} samples, "
+                  f"{prof['load']['rps']} req/s while sampled; % of samples)")
+            for key in ("self", "self_by_module", "inclusive", "inclusive_by_module"):
+                print(f"  top {key}:")
+                for frame, share in prof[key][:args.profile_top]:
+                    print(f"    {share:5.1f}  {frame}")
+            if args.profile_out:
+                args.profile_out.write_bytes(raw.read_bytes())
+    return out
+
+
+def summary(out: dict[str, Any]) -> dict[str, Any]:
+    by_rate = {p["rate"]: p for p in out["open_loop"]}
+    r300 = by_rate.get(300)
+    cl = out["closed_loop"]
+    return {
+        "added_p50_ms_at_300": r300["added_p50_ms"] if r300 else None,
+        "added_p99_ms_at_300": r300["added_p99_ms"] if r300 else None,
+        "closed_loop_rps": {k: v["max_rps"] for k, v in cl.items()},
+        "added_ttft_p50_ms": out["streams"]["added_ttft_p50_ms"],
+        "added_chunk_p50_ms": out["streams"]["added_chunk_lag_p50_ms"],
+        "router_rss_peak_mb_open_streams": out["open_streams"]["router"]["rss_peak_mb"],
+        "targets_met": {
+            "added_p50_le_1ms_at_300": bool(r300 and r300["added_p50_ms"] <= 1.0),
+            "added_p99_le_3ms_at_300": bool(r300 and r300["added_p99_ms"] <= 3.0),
+            "closed_loop_ge_1500": cl["router"]["max_rps"] >= 1500,
+            "stream_ttft_added_le_1ms": out["streams"]["added_ttft_p50_ms"] <= 1.0,
+        },
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short run (about 80 s)")
+    p.add_argument("--rates", type=float, nargs="+", default=[100, 300])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per open-loop rate")
+    p.add_argument("--closed-duration", type=float, default=6.0)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                   help="worker counts of the uvicorn-runner routers in the closed loop")
+    p.add_argument("--stream-rate", type=float, default=50.0)
+    p.add_argument("--stream-tokens", type=int, default=10)
+    p.add_argument("--stream-interval", type=float, default=0.01)
+    p.add_argument("--open-streams", type=int, default=1000)
+    p.add_argument("--hold-chunks", type=int, default=8, help="chunks per held-open stream")
+    p.add_argument("--hold-interval", type=float, default=0.5)
+    p.add_argument("--ramp-s", type=float, default=1.0)
+    p.add_argument("--max-connections", type=int, default=2048,
+                   help="server.max_connections of the router (its upstream pool)")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                   help="also py-spy the router under closed-loop load this long")
+    p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    p.add_argument("--profile-top", type=int, default=20)
+    p.add_argument("--profile-out", type=Path, help="keep py-spy's collapsed stacks here")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "overhead.json")
+    p.add_argument("--keep-logs", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.closed_duration = 3.0, 3.0
+        args.concurrency = [16]
+        args.open_streams, args.hold_chunks = 300, 6
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="spillover-bench-"))
+    try:
+        with sigterm_as_exit(), Children(tmp / "logs") as kids:
+            out = uvloop.run(run(args, kids, tmp))
+    except KeyboardInterrupt:
+        print("interrupted; children stopped", file=sys.stderr)
+        return 130
+    finally:
+        if not args.keep_logs:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs in {tmp}/logs", file=sys.stderr)
+    out["summary"] = summary(out)
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    print("\nsummary:", json.dumps(out["summary"], indent=1))
+    line = json.dumps(out, separators=(",", ":"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
