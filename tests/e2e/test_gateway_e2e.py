@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -135,9 +136,10 @@ def _long_streams(router: Router, n: int, routes: list[str], stop: threading.Eve
                   started: threading.Semaphore) -> list[threading.Thread]:
     """Long generations through the router, held open until `stop` is set.
 
-    A warm engine writes a 1,800-token stream in a second or two, faster than a test can
-    look at it; the reader here is slow and its socket buffers small (so are the
-    router's), so each stream stays in flight as long as the reader wants, as with a
+    A warm engine writes a 1,800-token stream in a second or two, faster than a busy
+    machine lets a test look at it. Four sequences per request make each stream ~1.4 MB,
+    far more than the small socket buffers of this reader and of the router hold, and the
+    reader is slow: each stream stays in flight as long as the reader wants, as with a
     slow client over a real network.
     """
     http = httpx.Client(timeout=60, transport=httpx.HTTPTransport(
@@ -146,7 +148,7 @@ def _long_streams(router: Router, n: int, routes: list[str], stop: threading.Eve
 
     def one() -> None:
         with client.chat.completions.with_streaming_response.create(
-                model="demo", messages=HELLO, max_tokens=1800, stream=True,
+                model="demo", messages=HELLO, max_tokens=1800, n=4, stream=True,
                 extra_body={"ignore_eos": True}) as s:
             routes.append(s.headers["x-spillover-route"])
             started.release()
@@ -171,7 +173,7 @@ def test_saturated_engine_spills_then_returns(make_router: Any, plateforme: Host
             assert started.acquire(timeout=60)
         assert routes == ["local"] * 4
         status = router.get("/readyz").json()["engines"]["demo-local"]
-        assert status["saturated"] and status["inflight"] == 4, status
+        assert status["saturated"] and status["inflight"] == 4, json.dumps(status)
         raw = router.client.chat.completions.with_raw_response.create(
             model="demo", messages=HELLO, max_tokens=8)
         assert raw.headers["x-spillover-route"] == "hosted"
