@@ -2,7 +2,7 @@
 """Does spilling over keep latency inside the SLO while paying for as little hosted as
 possible? A bursty trace against the real vLLM CPU engine and a fake hosted API.
 
-    .venv/bin/python scripts/bench_offload.py            # about 17 minutes
+    .venv/bin/python scripts/bench_offload.py            # about 15 minutes
     .venv/bin/python scripts/bench_offload.py --quick    # about 7 minutes
     .venv/bin/python scripts/bench_offload.py --engine-url http://127.0.0.1:8101/v1
                                                           # reuse a running demo engine
@@ -830,6 +830,7 @@ def main() -> int:
                    "requests take; default) or straight to the engine")
     p.add_argument("--start-rate", type=float, default=2.0)
     p.add_argument("--max-rate", type=float, default=64.0)
+    p.add_argument("--step-s", type=float, default=20.0, help="seconds per capacity step")
     p.add_argument("--refine-steps", type=int, default=2,
                    help="bisection steps between the last rate within the SLO and the first "
                    "over it (the rates double until one is over)")
