@@ -28,6 +28,7 @@ from router.ratelimit import RateLimiter
 from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy
 from router.signals import LoadMonitor
+from router.upstream import AiohttpUpstream, HttpxUpstream, Upstream
 from serving.engine import EngineSupervisor
 from serving.gpu import GpuProbe, read_host
 
@@ -61,6 +62,11 @@ class Runtime:
                                 keepalive_expiry=30.0),
             trust_env=False,  # a proxy set for the shell must not capture loopback engines
         )
+        # The probes use the httpx client; requests go through the hot-path client, or
+        # through httpx too when a transport is injected (tests, embedders).
+        self.upstream: Upstream = (
+            HttpxUpstream(self.client) if transport is not None
+            else AiohttpUpstream(max_connections=server.max_connections))
         self.ledger = Ledger(server.ledger_path)
         self.recorder = Recorder(self.ledger)
         self.gpu: GpuProbe | None = None
@@ -90,7 +96,7 @@ class Runtime:
                 r.breaker_failures, r.breaker_cooldown_s):
             breakers = Breakers.from_routing(r)
         dispatcher = Dispatcher(
-            self.client, monitor, translators, api_keys,
+            self.upstream, monitor, translators, api_keys,
             breakers=breakers, retry=RetryPolicy.from_routing(r),
             budgets=budgets, local_price=self.local_price,
             hosted_price=catalog.hosted_price, recorder=self.recorder,
@@ -127,6 +133,7 @@ class Runtime:
         return None if rate is None else Price(input_per_mtok=0.0, output_per_mtok=rate)
 
     async def start(self) -> None:
+        await self.upstream.start()
         await self.ledger.start()
         self.budgets.load(self.ledger)
         self.gpu = GpuProbe()
@@ -144,6 +151,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.monitor.stop()
+        await self.upstream.aclose()
         await self.client.aclose()
         await self.ledger.stop()
         if self.gpu is not None:

@@ -183,9 +183,9 @@ class Server(_Strict):
     metrics_stale_s: float = Field(default=5.0, gt=0)
     engine_start_timeout_s: float = Field(default=600.0, gt=0)
     max_connections: int = Field(default=512, ge=1)
-    # Idle upstream connections kept open. httpx scans every pooled connection on each
-    # request, so a large idle pool costs CPU on every call (measured: 512 idle
-    # connections after a burst of streams cut the router to a few requests/s).
+    # Idle connections the httpx client keeps (engine probes, injected test transports).
+    # httpx scans every pooled connection on each request, so a large idle pool costs CPU
+    # on every call; the hot path's aiohttp pool does not (max_connections bounds it).
     max_keepalive_connections: int = Field(default=32, ge=0)
     log_dir: str = ".spillover/logs"
     # One row per call (SQLite, WAL). Budgets read their spend from it at start, so a

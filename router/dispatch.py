@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 import orjson
 from starlette.responses import Response, StreamingResponse
 
@@ -38,6 +37,7 @@ from router.providers import Prepared, Translator
 from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy, parse_retry_after
 from router.signals import LoadMonitor
+from router.upstream import TransportError, Upstream, UpstreamResponse
 
 log = logging.getLogger("spillover.dispatch")
 access = logging.getLogger("spillover.access")
@@ -58,7 +58,7 @@ class _Failure:
 class Dispatcher:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         monitor: LoadMonitor,
         translators: Mapping[str, Translator],
         api_keys: Mapping[str, str | None],
@@ -70,7 +70,7 @@ class Dispatcher:
         hosted_price: Callable[[str], Price | None],
         recorder: Recorder,
     ) -> None:
-        self._client = client
+        self._upstream = upstream
         self._monitor = monitor
         self._translators = translators
         self._keys = api_keys
@@ -158,35 +158,40 @@ class Dispatcher:
             headers["authorization"] = f"Bearer {key}"
         return headers
 
-    def _timeout(self, call: Call, b: Backend) -> httpx.Timeout:
-        left = max(0.001, call.remaining())
-        t = b.timeouts
-        return httpx.Timeout(connect=min(t.connect, left), read=min(t.read, left),
-                             write=min(t.write, left), pool=min(t.pool, left))
+    async def _send(self, call: Call, b: Backend, prep: Prepared, content: bytes,
+                    headers: dict[str, str]) -> UpstreamResponse | _Failure:
+        try:
+            return await self._upstream.post(b.base_url + prep.path, content, headers,
+                                             b.timeouts, call.remaining())
+        except TransportError as exc:
+            return self._transport_failure(b, exc)
 
     async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
                     headers: dict[str, str]) -> Response | _Failure:
         self._monitor.acquire(b.name)
         try:
-            resp = await self._client.post(b.base_url + prep.path, content=content,
-                                           headers=headers, timeout=self._timeout(call, b))
-        except httpx.HTTPError as exc:
-            return self._transport_failure(b, exc)
+            resp = await self._send(call, b, prep, content, headers)
+            if isinstance(resp, _Failure):
+                return resp
+            try:
+                body = await resp.read()
+            except TransportError as exc:
+                return self._transport_failure(b, exc)
         finally:
             self._monitor.release(b.name)
-        if resp.status_code in RETRYABLE:
-            return _Failure(b, f"answered {resp.status_code}", resp.status_code,
-                            resp.headers.get("retry-after"))
+        status = resp.status
+        if status in RETRYABLE:
+            return _Failure(b, f"answered {status}", status, resp.headers.get("retry-after"))
         self._started(call, b)
-        if resp.status_code >= 400:
-            err = from_upstream(resp.status_code, resp.content)
+        if status >= 400:
+            err = from_upstream(status, body)
             await self._finish(call, err.status)
             return to_response(err, self._route_headers(call))
         try:
-            data = orjson.loads(resp.content)
+            data = orjson.loads(body)
         except orjson.JSONDecodeError:
             return _Failure(b, "answered with a body that is not JSON", 502)
-        payload = resp.content
+        payload = body
         if isinstance(data, dict):
             if self._translators[b.name].response(prep, data):
                 payload = orjson.dumps(data)
@@ -209,26 +214,22 @@ class Dispatcher:
                 released = True
                 self._monitor.release(b.name)
 
-        req = self._client.build_request("POST", b.base_url + prep.path, content=content,
-                                         headers=headers, timeout=self._timeout(call, b))
-        try:
-            resp = await self._client.send(req, stream=True)
-        except httpx.HTTPError as exc:
+        resp = await self._send(call, b, prep, content, headers)
+        if isinstance(resp, _Failure):
             release()
-            return self._transport_failure(b, exc)
-        if resp.status_code != 200:
+            return resp
+        if resp.status != 200:
             try:
-                body = await resp.aread()
-            except httpx.HTTPError:
+                body = await resp.read()
+            except TransportError:
                 body = b""
             finally:
-                await resp.aclose()
                 release()
-            if resp.status_code in RETRYABLE:
-                return _Failure(b, f"answered {resp.status_code}", resp.status_code,
+            if resp.status in RETRYABLE:
+                return _Failure(b, f"answered {resp.status}", resp.status,
                                 resp.headers.get("retry-after"))
             self._started(call, b)
-            err = from_upstream(resp.status_code, body)
+            err = from_upstream(resp.status, body)
             await self._finish(call, err.status)
             return to_response(err, self._route_headers(call))
         # Hold the response until the first event has arrived: until then a failure can
@@ -236,10 +237,10 @@ class Dispatcher:
         events = _sse_events(resp)
         try:
             first = await anext(events)
-        except (httpx.HTTPError, StopAsyncIteration) as exc:
+        except (TransportError, StopAsyncIteration) as exc:
             await resp.aclose()
             release()
-            if isinstance(exc, httpx.HTTPError):
+            if isinstance(exc, TransportError):
                 return self._transport_failure(b, exc)
             return _Failure(b, "closed the stream before its first event", 502)
         self._started(call, b)
@@ -248,7 +249,7 @@ class Dispatcher:
         return StreamingResponse(relay, 200, self._route_headers(call),
                                  media_type="text/event-stream")
 
-    async def _relay(self, call: Call, b: Backend, prep: Prepared, resp: httpx.Response,
+    async def _relay(self, call: Call, b: Backend, prep: Prepared, resp: UpstreamResponse,
                      events: AsyncIterator[bytes], first: bytes,
                      release: Callable[[], None]) -> AsyncIterator[bytes]:
         translator = self._translators[b.name]
@@ -274,12 +275,12 @@ class Dispatcher:
         except TimeoutError:
             status = 504
             yield sse_event(GatewayTimeout("the request passed its deadline mid-stream"))
-        except httpx.HTTPError as exc:
+        except TransportError as exc:
             status = 502
             log.warning("request %s: stream from %s broke: %s", call.request_id, b.name,
-                        type(exc).__name__)
+                        exc.kind)
             yield sse_event(UpstreamError(f"the upstream stream from {b.label} broke off "
-                                          f"({type(exc).__name__})"))
+                                          f"({exc.kind})"))
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the caller went away; closing the upstream cancels it there
             raise
@@ -329,12 +330,12 @@ class Dispatcher:
             payload = orjson.dumps(data)
         return b"data: " + payload + b"\n\n"
 
-    def _transport_failure(self, b: Backend, exc: httpx.HTTPError) -> _Failure:
-        connect = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-        if connect and b.route == "local":
-            self._monitor.mark_down(b.name, f"connect failed: {type(exc).__name__}")
-        what = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
-        return _Failure(b, what, connect=connect)
+    def _transport_failure(self, b: Backend, exc: TransportError) -> _Failure:
+        # Refused means no engine there; a connect that timed out may only be a full
+        # connection pool or a busy host, which the probes judge better.
+        if exc.connect and not exc.timeout and b.route == "local":
+            self._monitor.mark_down(b.name, f"connect failed: {exc.kind}")
+        return _Failure(b, "timed out" if exc.timeout else exc.kind, connect=exc.connect)
 
     async def _give_up(self, call: Call, failures: list[_Failure]) -> Response:
         err: SpilloverError
@@ -435,10 +436,10 @@ def _reason(planned: str, failures: list[_Failure]) -> str:
     return "failover"
 
 
-async def _sse_events(resp: httpx.Response) -> AsyncIterator[bytes]:
+async def _sse_events(resp: UpstreamResponse) -> AsyncIterator[bytes]:
     """Whole SSE events (the bytes between blank lines), without their separators."""
     buf = b""
-    async for chunk in resp.aiter_bytes():
+    async for chunk in resp.chunks():
         buf += chunk
         while True:
             cut = _boundary(buf)
