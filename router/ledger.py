@@ -17,9 +17,8 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any, Self, TypeAlias
+from typing import Any, NamedTuple, Self, TypeAlias
 
 log = logging.getLogger("spillover.ledger")
 
@@ -31,8 +30,9 @@ _MAX_BATCH = 2048
 _BUSY_TIMEOUT_MS = 5000
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerRow:
+class LedgerRow(NamedTuple):
+    """A tuple, so sqlite binds it as it is: no per-row copy on the hot path."""
+
     ts: float  # unix time the call started
     request_id: str
     caller: str
@@ -51,7 +51,7 @@ class LedgerRow:
     endpoint: str  # chat | completions | fim | embeddings
 
 
-_COLUMNS = tuple(f.name for f in fields(LedgerRow))
+_COLUMNS = LedgerRow._fields
 _INSERT = (
     f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 )
@@ -230,14 +230,14 @@ class Ledger:
         errors: list[str | None] = [None] * len(batch)
         try:
             with lock, conn:  # one transaction: committed, or rolled back on error
-                conn.executemany(_INSERT, [astuple(row) for row, _, _ in batch])
+                conn.executemany(_INSERT, [row for row, _, _ in batch])
         except Exception:
             # One bad row must not cost the others theirs: retry them one by one, so only
             # the rows that cannot be written (or all of them, when the disk is full) fail.
             for i, (row, _, _) in enumerate(batch):
                 try:
                     with lock, conn:
-                        conn.execute(_INSERT, astuple(row))
+                        conn.execute(_INSERT, row)
                 except Exception as exc:
                     # The writer thread must survive anything: waiters would hang forever.
                     log.exception("ledger: row %s not committed", row.request_id)

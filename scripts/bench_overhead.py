@@ -433,8 +433,8 @@ def summarise_profile(raw: Path, top: int) -> dict[str, Any]:
             "inclusive_by_module": share(file_n)}
 
 
-async def profiled_closed_loop(t: Target, seconds: float, concurrency: int, out: Path,
-                               rate: int) -> dict[str, Any]:
+async def profiled_load(t: Target, seconds: float, concurrency: int, out: Path,
+                        rate: int, load_kind: str, args: argparse.Namespace) -> dict[str, Any]:
     spy = VENV_BIN / "py-spy"
     if not spy.exists():
         return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
@@ -446,7 +446,11 @@ async def profiled_closed_loop(t: Target, seconds: float, concurrency: int, out:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         await asyncio.sleep(0.5)
-        load = await closed_loop(t, concurrency, seconds, 0.0, body())
+        if load_kind == "streams":
+            load = await streams(t, args.stream_rate, seconds, args.stream_tokens,
+                                 args.stream_interval)
+        else:
+            load = await closed_loop(t, concurrency, seconds, 0.0, body())
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         if proc.returncode is None:
@@ -605,14 +609,15 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
     if args.profile:
         prof_router = await fresh("router-profiled")
         raw = tmp / "router.prof.txt"
-        prof = await profiled_closed_loop(prof_router, args.profile, max(args.concurrency),
-                                          raw, args.profile_rate)
+        prof = await profiled_load(prof_router, args.profile, max(args.concurrency),
+                                   raw, args.profile_rate, args.profile_load, args)
         out["profile"] = prof
         if "error" in prof:
             print(f"\nprofile: {prof['error']}")
         else:
-            print(f"\nRouter profile under closed loop ({prof['samples']} samples, "
-                  f"{prof['load']['rps']} req/s while sampled; % of samples)")
+            rate = prof["load"].get("rps", prof["load"].get("rate"))
+            print(f"\nRouter profile under {args.profile_load} load ({prof['samples']} "
+                  f"samples, {rate} req/s while sampled; % of samples)")
             print("  (py-spy does not always unwind to the root of a stack: inclusive shares of"
                   " outer frames are undercounts, self shares are not)")
             for key in ("self_by_layer", "self", "self_by_module", "inclusive",
@@ -667,6 +672,8 @@ def main() -> int:
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="also py-spy the router under closed-loop load this long")
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    p.add_argument("--profile-load", choices=("closed", "streams"), default="closed",
+                   help="the load under which the router is profiled")
     p.add_argument("--profile-top", type=int, default=20)
     p.add_argument("--profile-out", type=Path, help="keep py-spy's collapsed stacks here")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "overhead.json")
