@@ -125,6 +125,11 @@ class _AiohttpResponse:
             except BaseException as exc:
                 raise _aiohttp_error(exc) from None
             yield chunk
+            # aiohttp hands out buffered data without suspending, so a fast upstream would
+            # keep this task running: other requests would wait, and a cancellation (the
+            # caller hung up) is never delivered while a read is always ready (anyio skips
+            # tasks whose awaited future is already done). One yield per chunk prevents both.
+            await asyncio.sleep(0)
 
     async def aclose(self) -> None:
         if self._resp.content.at_eof():

@@ -8,7 +8,9 @@
 
 Starts a minimal OpenAI-compatible upstream (scripts/benchlib/mockup.py, answering like an
 idle vLLM engine) and `spillover serve --no-engines` in front of it, then measures, each
-time straight to the upstream and through the router in the same run:
+time straight to the upstream, through a bare pass-through proxy (scripts/benchlib/
+bareproxy.py: the cost of one more process hop, the floor for any proxy) and through the
+router, in the same run:
 
 - open loop at fixed rates (requests sent on schedule whatever the answers; latency from
   the scheduled send time): p50 / p99 and what the router adds;
@@ -474,6 +476,15 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
     config = tmp / "models.yaml"
     write_config(config, up_port, args.max_connections)
     direct = Target("direct", up_port, upstream.pid)
+    bare_port = free_port()
+    bare_proc = kids.start("bare-proxy", [sys.executable,
+                                          str(ROOT / "scripts/benchlib/bareproxy.py"),
+                                          "--port", str(bare_port),
+                                          "--upstream", f"http://{HOST}:{up_port}"])
+    await asyncio.to_thread(wait_http, f"http://{HOST}:{bare_port}/health", 30, bare_proc,
+                            "bare-proxy")
+    # The floor: one more process hop and nothing else (scripts/benchlib/bareproxy.py).
+    bare = Target("bare-proxy", bare_port, bare_proc.pid)
     me = os.getpid()
     out: dict[str, Any] = {"bench": "overhead", "quick": args.quick,
                            "cpus": os.cpu_count(), "workers_flag": cli_has_workers()}
@@ -519,6 +530,7 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
         closed_rows.clear()
 
     await closed(direct, "direct")
+    await closed(bare, "bare-proxy")
     router = await fresh("router")
     await closed(router, "router")
     await closed(router, "router GET /healthz", None)
@@ -533,7 +545,7 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
     out["open_loop"] = []
     for rate in args.rates:
         pair: dict[str, Any] = {"rate": rate}
-        for t in (direct, router):
+        for t in (direct, bare, router):
             meter = CpuMeter({"target": t.pid, "loadgen": me})
             meter.start()
             r = await open_loop(t, rate, dur, warm, payload)
@@ -546,20 +558,24 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
                          r["cpu_us_per_req"]["target"], r["cpu_us_per_req"]["loadgen"]])
         pair["added_p50_ms"] = round(pair["router"]["p50_ms"] - pair["direct"]["p50_ms"], 3)
         pair["added_p99_ms"] = round(pair["router"]["p99_ms"] - pair["direct"]["p99_ms"], 3)
+        for q in ("p50", "p99"):
+            pair[f"bare_added_{q}_ms"] = round(
+                pair["bare-proxy"][f"{q}_ms"] - pair["direct"][f"{q}_ms"], 3)
         out["open_loop"].append(pair)
     print("\nOpen loop (latency from the scheduled send time, ms)", flush=True)
     print(table(["req/s", "target", "n", "p50", "p90", "p99", "max", "errors",
                  "target cpu us/req", "loadgen cpu us/req"], rows))
     for pair in out["open_loop"]:
         print(f"  added at {pair['rate']:g} req/s: p50 {pair['added_p50_ms']:+.3f} ms, "
-              f"p99 {pair['added_p99_ms']:+.3f} ms")
+              f"p99 {pair['added_p99_ms']:+.3f} ms (bare proxy: p50 "
+              f"{pair['bare_added_p50_ms']:+.3f} ms, p99 {pair['bare_added_p99_ms']:+.3f} ms)")
     await closed(router, "router-after-open-loop", concurrency=[8])
 
     # 3. Streams.
     router = await fresh("router")
     rows = []
     out["streams"] = {}
-    for t in (direct, router):
+    for t in (direct, bare, router):
         meter = CpuMeter({"target": t.pid})
         meter.start()
         r = await streams(t, args.stream_rate, dur, args.stream_tokens, args.stream_interval)
@@ -573,6 +589,8 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
     s = out["streams"]
     for key in ("ttft_p50", "ttft_p99", "chunk_lag_p50", "chunk_lag_p99"):
         s[f"added_{key}_ms"] = round(s["router"][f"{key}_ms"] - s["direct"][f"{key}_ms"], 3)
+        s[f"bare_added_{key}_ms"] = round(
+            s["bare-proxy"][f"{key}_ms"] - s["direct"][f"{key}_ms"], 3)
     print(f"\nStreams ({args.stream_rate:g}/s, {args.stream_tokens} chunks "
           f"{args.stream_interval * 1000:g} ms apart; chunk lag = arrival - send - i*interval)",
           flush=True)
@@ -581,6 +599,8 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
     print(f"  added: TTFT p50 {s['added_ttft_p50_ms']:+.3f} ms / p99 "
           f"{s['added_ttft_p99_ms']:+.3f} ms, per chunk p50 {s['added_chunk_lag_p50_ms']:+.3f}"
           f" ms / p99 {s['added_chunk_lag_p99_ms']:+.3f} ms")
+    print(f"  bare proxy: TTFT p50 {s['bare_added_ttft_p50_ms']:+.3f} ms, per chunk p50 "
+          f"{s['bare_added_chunk_lag_p50_ms']:+.3f} ms")
 
     # 4. Many open streams, on a fresh router so its RSS starts from idle; then a closed
     # loop on that router, whose upstream pool now holds as many idle connections as
@@ -640,6 +660,8 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         "closed_loop_rps": {k: v["max_rps"] for k, v in cl.items()},
         "added_ttft_p50_ms": out["streams"]["added_ttft_p50_ms"],
         "added_chunk_p50_ms": out["streams"]["added_chunk_lag_p50_ms"],
+        "bare_proxy_added_p50_ms_at_300": r300["bare_added_p50_ms"] if r300 else None,
+        "bare_proxy_added_ttft_p50_ms": out["streams"]["bare_added_ttft_p50_ms"],
         "router_rss_peak_mb_open_streams": out["open_streams"]["router"]["rss_peak_mb"],
         "targets_met": {
             "added_p50_le_1ms_at_300": bool(r300 and r300["added_p50_ms"] <= 1.0),

@@ -1,0 +1,152 @@
+"""The gateway as it runs in production: uvicorn in front, the aiohttp client behind,
+a real loopback engine (no MockTransport), so socket-level behaviour is what is tested:
+a caller hanging up mid-stream must reach the engine at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import uvloop
+from aiohttp import web
+
+from router.app import Settings, create_app
+from tests.unit.helpers import BASE_YAML, METRICS_IDLE, completion, config
+
+STREAM_CHUNKS = 20_000
+
+
+@dataclass
+class Engine:
+    port: int = 0
+    chunks_sent: int = 0
+    hung_up: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _engine_app(engine: Engine) -> web.Application:
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=METRICS_IDLE % {"waiting": 0, "kv": 0.1})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response(completion("demo", "local answer"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        piece = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "demo",
+                 "choices": [{"index": 0, "delta": {"content": "tok"}, "finish_reason": None}]}
+        event = b"data: " + json.dumps(piece).encode() + b"\n\n"
+        try:
+            # Fast, like a warm engine on a GPU (~10k events/s), yet paced, so the stream
+            # lasts longer than any socket buffer can hide.
+            for i in range(STREAM_CHUNKS):
+                await resp.write(event)
+                engine.chunks_sent += 1
+                if i % 10 == 9:
+                    await asyncio.sleep(0.001)
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            engine.hung_up.set()
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[tuple[Engine, str, Any]]:
+    """A loopback engine and the router in front of it, served by uvicorn."""
+    engine = Engine()
+    runner = web.AppRunner(await _engine_app(engine), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    engine.port = runner.addresses[0][1]
+    cfg = config(BASE_YAML.replace("port: 8101", f"port: {engine.port}"))
+    app = create_app(Settings(env={}), config=cfg)  # no transport: the aiohttp client
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on",
+                                           log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(250):
+            if server.started:
+                break
+            await asyncio.sleep(0.02)
+        assert server.started
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield engine, f"http://127.0.0.1:{port}", app.state.runtime
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        await runner.cleanup()
+
+
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
+# Production runs uvloop (spillover serve); the default loop is what embedders get.
+LOOPS = pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop,
+                                                 uvloop.new_event_loop],
+                                ids=["asyncio", "uvloop"])
+
+
+def run(loop_factory: Callable[[], asyncio.AbstractEventLoop],
+        scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))
+
+
+@LOOPS
+def test_whole_answer_through_the_aiohttp_client(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def scenario() -> None:
+        async with serving() as (_, url, _runtime), httpx.AsyncClient(
+                base_url=url, trust_env=False) as c:
+            r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "local answer"
+        assert r.headers["x-spillover-route"] == "local"
+
+    run(loop_factory, scenario)
+
+
+@LOOPS
+def test_caller_hanging_up_mid_stream_stops_the_engine(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def scenario() -> None:
+        async with serving() as (engine, url, runtime):
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            body = json.dumps({**CHAT, "stream": True}).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            got = b""
+            while got.count(b"data: ") < 5:
+                got += await asyncio.wait_for(reader.read(4096), 5)
+            assert got.startswith(b"HTTP/1.1 200")
+            writer.close()  # the caller hangs up, having read a few events
+            await asyncio.wait_for(engine.hung_up.wait(), 5)
+            assert engine.chunks_sent < STREAM_CHUNKS
+            for _ in range(100):
+                if runtime.recorder.recent:
+                    break
+                await asyncio.sleep(0.05)
+            last = runtime.recorder.recent[0]
+            assert last["status"] == 499, last
+            assert last["completion_tokens"] > 0  # an estimate: the engine billed them
+
+    run(loop_factory, scenario)
