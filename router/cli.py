@@ -99,7 +99,9 @@ def _keys_add(name: str) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     from router.errors import SpilloverError
-    from router.ledger import Ledger
+    from router.ledger import LedgerError
+    from router.pg import PgConfigError
+    from router.storage import database_target, open_ledger
     from router.usage import query, report, to_csv, to_table
 
     path = config_path(args.config)
@@ -109,8 +111,13 @@ def _usage(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(f"{path}: {p}", file=sys.stderr)
         return 1
+    try:
+        shared = database_target(cfg.server, os.environ) is not None
+    except PgConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
     ledger_path = cfg.server.ledger_path
-    if ledger_path != ":memory:" and not Path(ledger_path).exists():
+    if not shared and ledger_path != ":memory:" and not Path(ledger_path).exists():
         print(f"no ledger at {ledger_path} yet: nothing has been served", file=sys.stderr)
         return 1
     try:
@@ -118,7 +125,11 @@ def _usage(args: argparse.Namespace) -> int:
     except SpilloverError as exc:
         print(exc.message, file=sys.stderr)
         return 2
-    ledger = Ledger(ledger_path)
+    try:
+        ledger = open_ledger(cfg.server, os.environ)
+    except LedgerError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     try:
         rows = report(ledger, q)
     finally:
