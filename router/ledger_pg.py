@@ -69,7 +69,11 @@ class HoldReleased(NamedTuple):
     hold_id: int
 
 
-_Item: TypeAlias = LedgerRow | HoldSettled | HoldReleased
+class _Barrier(NamedTuple):
+    """Writes nothing: its waiter wakes once everything queued before it is committed."""
+
+
+_Item: TypeAlias = LedgerRow | HoldSettled | HoldReleased | _Barrier
 _Pending: TypeAlias = tuple[
     _Item, asyncio.AbstractEventLoop | None, asyncio.Future[None] | None
 ]
@@ -173,6 +177,14 @@ class PgLedger:
         """Queue a hold's outcome; committed with the next batch (milliseconds)."""
         self._check_accepting()
         self._queue.put((outcome, None, None))
+
+    async def flush(self) -> None:
+        """Return once everything queued so far (rows, hold outcomes) is committed."""
+        self._check_accepting()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put((_Barrier(), loop, done))
+        await done
 
     def _check_accepting(self) -> None:
         if not self._accepting:
@@ -335,7 +347,7 @@ class PgLedger:
 def _apply(conn: Conn, items: Sequence[_Item]) -> None:
     """Everything a batch does, inside the caller's transaction."""
     rows = [item for item in items if isinstance(item, LedgerRow)]
-    gone = [item.hold_id for item in items if not isinstance(item, LedgerRow)]
+    gone = [item.hold_id for item in items if isinstance(item, HoldSettled | HoldReleased)]
     spend: dict[tuple[str, str, float], float] = {}
     for item in items:
         if isinstance(item, HoldSettled) and item.amount_usd > 0:
@@ -357,6 +369,8 @@ def _apply(conn: Conn, items: Sequence[_Item]) -> None:
 def _describe(item: _Item) -> str:
     if isinstance(item, LedgerRow):
         return f"row {item.request_id}"
+    if isinstance(item, _Barrier):
+        return "flush"
     return f"budget hold {item.hold_id}"
 
 
