@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -252,3 +253,20 @@ async def test_two_router_apps_share_one_budget(pg_url: str) -> None:
     assert (hosted["requests"], hosted["errors"]) == (24, 19)  # refusals are rows too
     assert hosted["cost_usd"] == pytest.approx(5 * WORST_USD)
     assert holds(pg_url) == 0
+
+
+@pytest.mark.parametrize("command", ["check", "usage"])
+def test_commands_refuse_a_named_but_empty_url_variable(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from router.cli import main
+
+    data = yaml.safe_load(BASE_YAML)
+    data["server"]["database_url_env"] = "SPILLOVER_TEST_DB"
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    monkeypatch.delenv("SPILLOVER_TEST_DB", raising=False)
+    assert main([command, "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "SPILLOVER_TEST_DB, which is not set or empty" in err
