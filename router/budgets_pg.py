@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import psycopg
+
 from router.accounting import (
     _TOLERANCE_USD,
     BudgetBook,
@@ -130,8 +132,14 @@ class PgBudgetBook(BudgetBook):
                 return int(inserted[0]), (c_day, c_month, c_held + amount_usd,
                                           g_day, g_month, g_held + amount_usd)
 
-        hold_id, (c_day, c_month, c_held, g_day, g_month, g_held) = (
-            await self._ledger.budget_call(transaction))
+        try:
+            hold_id, (c_day, c_month, c_held, g_day, g_month, g_held) = (
+                await self._ledger.budget_call(transaction))
+        except (psycopg.Error, LedgerError, ConnectionError) as exc:
+            # Fail closed: a budget that cannot be checked is not spent. The request still
+            # runs locally where it can, else it is refused as over budget.
+            log.error("budget reservation refused, the database did not answer: %s", exc)
+            return None
         if self._view.day == day and self._view.month == month:
             # Fresher than the view for these two scopes: what planning should see next.
             self._view.scopes[scope_of(caller)] = _Scope(c_day, c_month, c_held)

@@ -136,7 +136,8 @@ class PgLedger:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         if self._budget_pool is not None:
-            self._budget_pool.shutdown(wait=True)
+            # A reservation in flight finishes (bounded by its statement timeout) first.
+            await asyncio.to_thread(self._budget_pool.shutdown, True)
             self._budget_pool = None
         if self._budget_conn is not None:
             self._budget_conn.close()
@@ -270,9 +271,15 @@ class PgLedger:
         with self._read_lock:
             if self._closed:
                 raise LedgerError("the ledger is closed")
-            if self._read.broken:
-                self._read.close()
-                self._read = self._connect(READ_STATEMENT_TIMEOUT_MS, autocommit=True)
+            try:
+                return fn(self._read)
+            except psycopg.OperationalError:
+                if not self._read.broken:
+                    raise
+            # The server dropped the connection (a restart, a failover): reads are
+            # idempotent, so one retry on a fresh connection.
+            self._read.close()
+            self._read = self._connect(READ_STATEMENT_TIMEOUT_MS, autocommit=True)
             return fn(self._read)
 
     # -- reads ---------------------------------------------------------------------

@@ -270,3 +270,25 @@ def test_commands_refuse_a_named_but_empty_url_variable(
     assert main([command, "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "SPILLOVER_TEST_DB, which is not set or empty" in err
+
+
+async def test_a_database_that_does_not_answer_refuses_rather_than_overspends(
+        replica: Replica) -> None:
+    book, ledger = await replica(daily=1.0)
+    await ledger.stop()
+    assert await book.reserve("app", 0.1) is None
+
+
+async def test_lost_connections_are_reopened(replica: Replica, pg_url: str) -> None:
+    book, ledger = await replica(daily=1.0)
+    assert await book.reserve("app", 0.1) is not None
+    with psycopg.connect(pg_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE application_name = 'spillover'")
+    # The writer finds its connection dead and commits on a new one; the row is not lost.
+    from tests.unit.test_ledger import row
+    await ledger.record(row("after-restart"))
+    assert [r.request_id for r in ledger.rows(since=0, until=2e9)] == ["after-restart"]
+    # A reservation may fail once on the dead connection (refused: fail closed), then works.
+    got = [await book.reserve("app", 0.1) for _ in range(2)]
+    assert got[-1] is not None
