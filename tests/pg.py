@@ -33,7 +33,8 @@ def bin_dir() -> Path:
 
 
 class PgCluster:
-    def __init__(self) -> None:
+    def __init__(self, *, fsync: bool = False) -> None:
+        self._fsync = fsync  # off for tests: speed; on to measure what production pays
         self._bin = bin_dir()
         self._as_root = os.geteuid() == 0
         self.dir = Path(tempfile.mkdtemp(prefix="spillover-pg-"))
@@ -64,7 +65,7 @@ class PgCluster:
         self._proc = subprocess.Popen(
             self._cmd(str(self._bin / "postgres"), "-D", str(self.data),
                       "-k", str(self.socket_dir), "-c", "listen_addresses=",
-                      "-c", "fsync=off", "-c", "max_connections=200"),
+                      "-c", f"fsync={'on' if self._fsync else 'off'}", "-c", "max_connections=200"),
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + _START_TIMEOUT_S
