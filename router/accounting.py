@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from router.config import Budget, Config
-from router.ledger import Ledger
+from router.ledger import CallLedger
 
 _DAY_S = 86400.0
 # Reservations are sums of floats: 3 x 0.1 must fit a 0.3 budget. A billionth of a
@@ -124,7 +124,7 @@ class _Account:
 class BudgetBook:
     """Hosted spend against budgets per caller and global, per UTC day and month.
 
-    reserve() checks and books in one synchronous step (no await in between), so concurrent
+    reserve() checks and books in one step (no await in between), so concurrent
     requests in one process cannot overspend by more than one reservation. Not thread-safe:
     use it from the event loop only.
     """
@@ -171,7 +171,7 @@ class BudgetBook:
             account.roll(today, this_month)
         return account, self._global
 
-    def load(self, ledger: Ledger) -> None:
+    def load(self, ledger: CallLedger) -> None:
         """Seed today's and this month's hosted spend from the ledger: a restart forgets
         nothing. Replaces what the book had counted; call it before taking reservations."""
         today, this_month = self._roll()
@@ -190,8 +190,15 @@ class BudgetBook:
         lefts = [left for account in accounts if (left := account.left()) is not None]
         return max(0.0, min(lefts)) if lefts else None
 
-    def reserve(self, caller: str, amount_usd: float) -> Reservation | None:
-        """Hold `amount_usd` for a hosted call; None when the budgets cannot cover it."""
+    async def reserve(self, caller: str, amount_usd: float) -> Reservation | None:
+        """Hold `amount_usd` for a hosted call; None when the budgets cannot cover it.
+
+        Async because a shared book (PgBudgetBook) asks its database; this one does not
+        await, so in one process it is still one step with no thread hop."""
+        return self.reserve_now(caller, amount_usd)
+
+    def reserve_now(self, caller: str, amount_usd: float) -> Reservation | None:
+        """`reserve` for synchronous callers of an in-process book."""
         if not amount_usd >= 0:
             raise ValueError(f"a reservation must be a non-negative amount, not {amount_usd}")
         allowance = self.allowance(caller)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI
 
-from router.accounting import BudgetBook, local_cost_per_mtok
+from router.accounting import local_cost_per_mtok
 from router.api import build_routes, install_error_handlers
 from router.auth import Authenticator
 from router.catalog import Backend, Catalog
@@ -21,13 +21,13 @@ from router.config import Config, Price, load_config
 from router.dashboard import dashboard_routes
 from router.dispatch import Dispatcher
 from router.gateway import Gateway
-from router.ledger import Ledger
 from router.metrics import Metrics
 from router.providers import translator_for
 from router.ratelimit import RateLimiter
 from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy
 from router.signals import LoadMonitor
+from router.storage import budget_book, open_ledger
 from router.upstream import AiohttpUpstream, HttpxUpstream, Upstream
 from serving.engine import EngineSupervisor
 from serving.gpu import GpuProbe, read_host
@@ -67,7 +67,7 @@ class Runtime:
         self.upstream: Upstream = (
             HttpxUpstream(self.client) if transport is not None
             else AiohttpUpstream(max_connections=server.max_connections))
-        self.ledger = Ledger(server.ledger_path)
+        self.ledger = open_ledger(server, env)
         self.recorder = Recorder(self.ledger)
         self.gpu: GpuProbe | None = None
         # Set by `spillover serve` when it manages the engines: their pids and restarts.
@@ -87,7 +87,7 @@ class Runtime:
         key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
         api_keys = {name: self.env.get(name) for name in key_envs}
         translators = {b.name: translator_for(b.flavour) for b in catalog.all()}
-        budgets = BudgetBook(config.budget, {n: c.budget for n, c in config.callers.items()})
+        budgets = budget_book(config, self.ledger)
         if started:
             budgets.load(self.ledger)
         limiter = RateLimiter({name: c.rate_limit for name, c in config.callers.items()})

@@ -76,11 +76,26 @@ def _check(explicit: str | None) -> int:
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
         return 1
+    if (db_problem := _database_problem(cfg)) is not None:
+        print(f"{path}: {db_problem}", file=sys.stderr)
+        return 1
     n_local = sum(len(a.local) for a in cfg.aliases.values())
     n_hosted = sum(len(a.hosted) for a in cfg.aliases.values())
     print(f"{path}: ok ({len(cfg.aliases)} aliases, {n_local} local deployments, "
           f"{n_hosted} hosted offerings, {len(cfg.providers)} providers)")
     return 0
+
+
+def _database_problem(cfg: Config) -> str | None:
+    """What is wrong with the PostgreSQL setting, checked before anything starts."""
+    from router.pg import PgConfigError
+    from router.storage import database_target
+
+    try:
+        database_target(cfg.server, os.environ)
+    except PgConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _keys_add(name: str) -> int:
@@ -99,7 +114,8 @@ def _keys_add(name: str) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     from router.errors import SpilloverError
-    from router.ledger import Ledger
+    from router.ledger import LedgerError
+    from router.storage import open_ledger
     from router.usage import query, report, to_csv, to_table
 
     path = config_path(args.config)
@@ -109,8 +125,12 @@ def _usage(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(f"{path}: {p}", file=sys.stderr)
         return 1
+    if (db_problem := _database_problem(cfg)) is not None:
+        print(f"{path}: {db_problem}", file=sys.stderr)
+        return 1
+    shared = cfg.server.database_url_env is not None
     ledger_path = cfg.server.ledger_path
-    if ledger_path != ":memory:" and not Path(ledger_path).exists():
+    if not shared and ledger_path != ":memory:" and not Path(ledger_path).exists():
         print(f"no ledger at {ledger_path} yet: nothing has been served", file=sys.stderr)
         return 1
     try:
@@ -118,7 +138,11 @@ def _usage(args: argparse.Namespace) -> int:
     except SpilloverError as exc:
         print(exc.message, file=sys.stderr)
         return 2
-    ledger = Ledger(ledger_path)
+    try:
+        ledger = open_ledger(cfg.server, os.environ)
+    except LedgerError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     try:
         rows = report(ledger, q)
     finally:
@@ -139,6 +163,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for p in exc.problems:
             print(f"{path}: {p}", file=sys.stderr)
+        return 1
+    if (db_problem := _database_problem(cfg)) is not None:
+        print(f"{path}: {db_problem}", file=sys.stderr)
         return 1
     # uvicorn turns Ctrl-C into a clean shutdown; a second one may still land here.
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(

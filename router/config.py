@@ -191,6 +191,10 @@ class Server(_Strict):
     # One row per call (SQLite, WAL). Budgets read their spend from it at start, so a
     # restart forgets nothing. ":memory:" keeps it in this process only.
     ledger_path: str = ".spillover/ledger.db"
+    # The NAME of an environment variable holding a postgresql:// URL (the URL carries a
+    # password, so it never lives in this file). When set, the ledger and the budgets live
+    # in that database, shared by every replica pointed at it, and ledger_path is unused.
+    database_url_env: str | None = Field(default=None, min_length=1)
 
 
 DEFAULT_LICENSES: dict[str, License] = {

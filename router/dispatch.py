@@ -113,8 +113,8 @@ class Dispatcher:
                                          kind="breaker"))
                 return None
             if hosted:
-                call.reservation = self._budgets.reserve(call.caller,
-                                                         call.facts.worst_case_usd(b))
+                call.reservation = await self._budgets.reserve(call.caller,
+                                                               call.facts.worst_case_usd(b))
                 if call.reservation is None:
                     if breaker is not None:
                         breaker.release()

@@ -121,6 +121,8 @@ class Gateway:
             commercial_use=policy.use == "commercial",
             mode=policy.mode or alias.mode or self.config.routing.mode,
             max_request_usd=policy.max_request_usd,
+            # A planning hint: with PostgreSQL it reads a view refreshed in the background
+            # (no round trip here); the reservation before a hosted attempt is the check.
             hosted_allowance_usd=self.budgets.allowance(principal.name),
         )
         return Planned(principal, facts, backends, self._decide(facts, backends))

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Self, TypeAlias
+from typing import Any, NamedTuple, Protocol, Self, TypeAlias
 
 log = logging.getLogger("spillover.ledger")
 
@@ -78,19 +78,42 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
     "CREATE INDEX IF NOT EXISTS calls_caller_ts ON calls (caller, ts)",
 )
-# Only these expressions are ever spliced into SQL; every value is a bound parameter.
-_GROUP_SQL = {
-    "caller": "caller",
-    "alias": "alias",
-    "route": "route",
-    "backend": "backend",
-    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
-}
+
+
+class Dialect(NamedTuple):
+    """What the usage query spells differently in SQLite and PostgreSQL."""
+
+    param: str
+    day: str
+    errors: str
+
+
+_SQLITE = Dialect("?", "strftime('%Y-%m-%d', ts, 'unixepoch')", "COALESCE(SUM(status >= 400), 0)")
 
 # A queued row: the loop and future are None for record_nowait; None itself means stop.
 _Pending: TypeAlias = tuple[
     LedgerRow, asyncio.AbstractEventLoop | None, asyncio.Future[None] | None
 ]
+
+
+class CallLedger(Protocol):
+    """What the gateway, the budgets and the usage reports need of a ledger: `Ledger`
+    (SQLite, one process) or `PgLedger` (PostgreSQL, shared by replicas)."""
+
+    @property
+    def path(self) -> str: ...  # where the rows live, safe to log (no password)
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def close(self) -> None: ...
+    async def record(self, row: LedgerRow) -> None: ...
+    def record_nowait(self, row: LedgerRow) -> None: ...
+    def spend(self, *, since: float, caller: str | None = None,
+              route: str = "hosted") -> float: ...
+    def spend_by_caller(self, *, since: float, route: str = "hosted") -> dict[str, float]: ...
+    def usage(self, *, since: float, until: float, group_by: Sequence[str],
+              caller: str | None = None) -> list[dict[str, object]]: ...
+    def rows(self, *, since: float, until: float, caller: str | None = None,
+             limit: int = 1000) -> list[LedgerRow]: ...
 
 
 class LedgerError(RuntimeError):
@@ -285,50 +308,8 @@ class Ledger:
 
         `group_by` is a subset of caller, alias, route, backend and day (UTC, YYYY-MM-DD).
         """
-        if isinstance(group_by, str):
-            raise ValueError("group_by must be a sequence of keys, not a string")
-        unknown = [k for k in group_by if k not in GROUP_KEYS]
-        if unknown:
-            raise ValueError(
-                f"cannot group by {', '.join(map(repr, unknown))} "
-                f"(known: {', '.join(sorted(GROUP_KEYS))})"
-            )
-        keys = list(dict.fromkeys(group_by))
-        exprs = [_GROUP_SQL[k] for k in keys]
-        select = [f"{expr} AS {key}" for key, expr in zip(keys, exprs, strict=True)]
-        select += [
-            "COUNT(*)",
-            "COALESCE(SUM(prompt_tokens), 0)",
-            "COALESCE(SUM(completion_tokens), 0)",
-            "COALESCE(SUM(cost_usd), 0.0)",
-            "COALESCE(SUM(hosted_equiv_usd), 0.0)",
-            "COALESCE(SUM(hosted_equiv_usd - cost_usd), 0.0)",
-            "COALESCE(SUM(status >= 400), 0)",
-        ]
-        sql = f"SELECT {', '.join(select)} FROM calls WHERE ts >= ? AND ts < ?"
-        params: list[object] = [since, until]
-        if caller is not None:
-            sql += " AND caller = ?"
-            params.append(caller)
-        if keys:
-            sql += f" GROUP BY {', '.join(exprs)} ORDER BY {', '.join(exprs)}"
-        out: list[dict[str, object]] = []
-        for record in self._query(sql, params):
-            values = dict(zip(keys, record, strict=False))
-            requests, prompt, completion, cost, equiv, saving, errors = record[len(keys):]
-            if requests == 0:
-                continue  # no GROUP BY: SQL answers one row of zeros for no calls
-            values.update(
-                requests=requests,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cost_usd=cost,
-                hosted_equiv_usd=equiv,
-                saving_usd=saving,
-                errors=errors,
-            )
-            out.append(values)
-        return out
+        keys, sql, params = usage_sql(_SQLITE, since, until, group_by, caller)
+        return usage_totals(keys, self._query(sql, params))
 
     def rows(
         self, *, since: float, until: float, caller: str | None = None, limit: int = 1000
@@ -378,6 +359,66 @@ class Ledger:
                 return cursor.fetchall()
             finally:
                 cursor.close()
+
+
+def usage_sql(
+    dialect: Dialect,
+    since: float,
+    until: float,
+    group_by: Sequence[str],
+    caller: str | None,
+) -> tuple[list[str], str, list[object]]:
+    """The grouped totals query: (group keys, SQL, parameters)."""
+    if isinstance(group_by, str):
+        raise ValueError("group_by must be a sequence of keys, not a string")
+    unknown = [k for k in group_by if k not in GROUP_KEYS]
+    if unknown:
+        raise ValueError(
+            f"cannot group by {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(sorted(GROUP_KEYS))})"
+        )
+    keys = list(dict.fromkeys(group_by))
+    # Only these expressions are ever spliced into SQL; every value is a bound parameter.
+    exprs = [dialect.day if k == "day" else k for k in keys]
+    select = [f"{expr} AS {key}" for key, expr in zip(keys, exprs, strict=True)]
+    select += [
+        "COUNT(*)",
+        "COALESCE(SUM(prompt_tokens), 0)",
+        "COALESCE(SUM(completion_tokens), 0)",
+        "COALESCE(SUM(cost_usd), 0.0)",
+        "COALESCE(SUM(hosted_equiv_usd), 0.0)",
+        "COALESCE(SUM(hosted_equiv_usd - cost_usd), 0.0)",
+        dialect.errors,
+    ]
+    p = dialect.param
+    sql = f"SELECT {', '.join(select)} FROM calls WHERE ts >= {p} AND ts < {p}"
+    params: list[object] = [since, until]
+    if caller is not None:
+        sql += f" AND caller = {p}"
+        params.append(caller)
+    if keys:
+        sql += f" GROUP BY {', '.join(exprs)} ORDER BY {', '.join(exprs)}"
+    return keys, sql, params
+
+
+def usage_totals(keys: list[str], records: Sequence[tuple[Any, ...]]) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for record in records:
+        values = dict(zip(keys, record, strict=False))
+        requests, prompt, completion, cost, equiv, saving, errors = record[len(keys):]
+        if requests == 0:
+            continue  # no GROUP BY: SQL answers one row of zeros for no calls
+        values.update(
+            requests=requests,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost_usd=cost,
+            hosted_equiv_usd=equiv,
+            saving_usd=saving,
+            errors=errors,
+        )
+        out.append(values)
+    return out
 
 
 def _resolve(outcomes: list[tuple[asyncio.Future[None], str | None]]) -> None:

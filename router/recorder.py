@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from router.call import Call
-from router.ledger import Ledger, LedgerError, LedgerRow
+from router.ledger import CallLedger, LedgerError, LedgerRow
 
 access = logging.getLogger("spillover.access")
 log = logging.getLogger("spillover.recorder")
@@ -23,7 +23,7 @@ BUCKETS = 90  # 15 minutes of history for the dashboard
 
 
 class Recorder:
-    def __init__(self, ledger: Ledger | None = None, recent: int = 50,
+    def __init__(self, ledger: CallLedger | None = None, recent: int = 50,
                  clock: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
         self.observers: list[Callable[[Call], None]] = []

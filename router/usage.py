@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from router.accounting import day_start
 from router.errors import InvalidRequest
-from router.ledger import GROUP_KEYS, Ledger
+from router.ledger import GROUP_KEYS, CallLedger
 
 _METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd",
             "hosted_equiv_usd", "saving_usd")
@@ -68,7 +68,7 @@ def query(since: str | None, until: str | None, group_by: str | None,
     return UsageQuery(start, end, parse_group_by(group_by), caller)
 
 
-def report(ledger: Ledger, q: UsageQuery) -> list[dict[str, object]]:
+def report(ledger: CallLedger, q: UsageQuery) -> list[dict[str, object]]:
     return ledger.usage(since=q.since, until=q.until, group_by=list(q.group_by),
                         caller=q.caller)
 

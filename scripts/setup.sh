@@ -56,5 +56,20 @@ if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# The ledger tests run a throwaway PostgreSQL cluster of their own: Debian's server binaries.
+if [[ ",$extras," == *",dev,"* ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing postgresql for the ledger tests"
+    sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    # The tests need the binaries only: no system cluster created (nor started) on install.
+    "${sudo_cmd[@]}" mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" \
+      | "${sudo_cmd[@]}" tee /etc/postgresql-common/createcluster.d/spillover.conf >/dev/null
+    "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends postgresql >/dev/null \
+      || { "${sudo_cmd[@]}" apt-get update -q >/dev/null \
+           && "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends postgresql >/dev/null; }
+  fi
+fi
+
 # The embedded default model: built locally, nothing downloaded.
 .venv/bin/spillover demo-model .spillover/demo-model >/dev/null

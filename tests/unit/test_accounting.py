@@ -82,7 +82,7 @@ def test_window_starts() -> None:
 def test_no_budget_means_no_allowance_and_reserve_always_succeeds() -> None:
     b = book()
     assert b.allowance("app") is None
-    r = held(b.reserve("app", 1e6))
+    r = held(b.reserve_now("app", 1e6))
     b.settle(r, 1e6)
     assert b.allowance("app") is None
 
@@ -91,37 +91,37 @@ def test_allowance_is_the_least_left_across_windows() -> None:
     b = book(daily=10.0, monthly=100.0, callers={"app": Budget(daily_usd=3.0, monthly_usd=50)})
     assert b.allowance("app") == pytest.approx(3.0)
     assert b.allowance("other") == pytest.approx(10.0)  # only the global budget applies
-    b.settle(held(b.reserve("other", 0.0)), 8.0)
+    b.settle(held(b.reserve_now("other", 0.0)), 8.0)
     assert b.allowance("app") == pytest.approx(2.0)  # global daily now the tightest
-    b.settle(held(b.reserve("app", 2.0)), 2.0)
+    b.settle(held(b.reserve_now("app", 2.0)), 2.0)
     assert b.allowance("app") == 0.0
     assert b.allowance("other") == 0.0
 
 
 def test_reserve_refuses_over_allowance_and_counts_reservations() -> None:
     b = book(daily=1.0)
-    first = held(b.reserve("app", 0.6))
+    first = held(b.reserve_now("app", 0.6))
     assert b.allowance("app") == pytest.approx(0.4)
-    assert b.reserve("app", 0.5) is None
+    assert b.reserve_now("app", 0.5) is None
     assert b.allowance("app") == pytest.approx(0.4)  # a refusal books nothing
     assert first.amount_usd == 0.6 and first.caller == "app"
     with pytest.raises(ValueError):
-        b.reserve("app", -0.1)
+        b.reserve_now("app", -0.1)
 
 
 def test_float_sums_do_not_refuse_an_exact_fit() -> None:
     b = book(daily=0.3)
-    assert all(b.reserve("app", 0.1) is not None for _ in range(3))
-    assert b.reserve("app", 1e-6) is None
+    assert all(b.reserve_now("app", 0.1) is not None for _ in range(3))
+    assert b.reserve_now("app", 1e-6) is None
 
 
 def test_settle_with_less_or_more_than_reserved() -> None:
     b = book(daily=1.0)
-    b.settle(held(b.reserve("app", 0.5)), 0.2)
+    b.settle(held(b.reserve_now("app", 0.5)), 0.2)
     assert b.allowance("app") == pytest.approx(0.8)
-    b.settle(held(b.reserve("app", 0.1)), 0.5)  # cost more than estimated: spend is higher
+    b.settle(held(b.reserve_now("app", 0.1)), 0.5)  # cost more than estimated: spend is higher
     assert b.allowance("app") == pytest.approx(0.3)
-    b.settle(held(b.reserve("app", 0.3)), 0.9)
+    b.settle(held(b.reserve_now("app", 0.3)), 0.9)
     assert b.allowance("app") == 0.0  # never negative
     daily = b.snapshot()["global"]["daily"]  # type: ignore[index]
     assert daily == {"limit": 1.0, "spent": pytest.approx(1.6), "reserved": 0.0, "left": 0.0}
@@ -129,7 +129,7 @@ def test_settle_with_less_or_more_than_reserved() -> None:
 
 def test_settling_twice_is_an_error() -> None:
     b = book(daily=1.0)
-    r = held(b.reserve("app", 0.1))
+    r = held(b.reserve_now("app", 0.1))
     b.settle(r, 0.1)
     with pytest.raises(ValueError):
         b.settle(r, 0.1)
@@ -139,7 +139,7 @@ def test_settling_twice_is_an_error() -> None:
 
 def test_release_gives_the_reservation_back() -> None:
     b = book(daily=1.0)
-    r = held(b.reserve("app", 0.7))
+    r = held(b.reserve_now("app", 0.7))
     assert b.allowance("app") == pytest.approx(0.3)
     b.release(r)
     assert b.allowance("app") == pytest.approx(1.0)
@@ -150,7 +150,7 @@ def test_release_gives_the_reservation_back() -> None:
 def test_day_rollover_keeps_the_month() -> None:
     clock = Clock("2024-03-10T23:59:00")
     b = book(daily=1.0, monthly=1.5, clock=clock)
-    b.settle(held(b.reserve("app", 0.9)), 0.9)
+    b.settle(held(b.reserve_now("app", 0.9)), 0.9)
     assert b.allowance("app") == pytest.approx(0.1)
     clock.set("2024-03-11T00:00:01")
     assert b.allowance("app") == pytest.approx(0.6)  # daily fresh, monthly still counts
@@ -165,8 +165,8 @@ def test_day_rollover_keeps_the_month() -> None:
 def test_month_rollover() -> None:
     clock = Clock("2024-02-29T18:00:00")
     b = book(monthly=1.0, callers={"app": Budget(daily_usd=5.0)}, clock=clock)
-    b.settle(held(b.reserve("app", 1.0)), 1.0)
-    assert b.reserve("app", 0.01) is None
+    b.settle(held(b.reserve_now("app", 1.0)), 1.0)
+    assert b.reserve_now("app", 0.01) is None
     clock.set("2024-03-01T00:00:00")
     assert b.allowance("app") == pytest.approx(1.0)
 
@@ -174,7 +174,7 @@ def test_month_rollover() -> None:
 def test_a_reservation_settled_after_midnight_counts_on_the_new_day() -> None:
     clock = Clock("2024-03-10T23:59:59")
     b = book(daily=1.0, clock=clock)
-    r = held(b.reserve("app", 0.4))
+    r = held(b.reserve_now("app", 0.4))
     clock.set("2024-03-11T00:00:30")
     assert b.allowance("app") == pytest.approx(0.6)  # still held across midnight
     b.settle(r, 0.4)
@@ -183,10 +183,10 @@ def test_a_reservation_settled_after_midnight_counts_on_the_new_day() -> None:
 
 def test_global_budget_is_shared_across_callers() -> None:
     b = book(daily=1.0, callers={"a": Budget(daily_usd=0.8), "b": Budget()})
-    b.settle(held(b.reserve("a", 0.7)), 0.7)
+    b.settle(held(b.reserve_now("a", 0.7)), 0.7)
     assert b.allowance("b") == pytest.approx(0.3)
-    assert b.reserve("c", 0.4) is None  # an unconfigured caller counts toward global too
-    b.settle(held(b.reserve("c", 0.3)), 0.3)
+    assert b.reserve_now("c", 0.4) is None  # an unconfigured caller counts toward global too
+    b.settle(held(b.reserve_now("c", 0.3)), 0.3)
     assert b.allowance("a") == 0.0
     callers = b.snapshot()["callers"]
     assert isinstance(callers, dict)
@@ -207,7 +207,7 @@ async def test_concurrent_reservations_never_overspend() -> None:
 
     async def request() -> Reservation | None:
         await start.wait()
-        return b.reserve("app", 0.1)
+        return b.reserve_now("app", 0.1)
 
     tasks = [asyncio.create_task(request()) for _ in range(100)]
     await asyncio.sleep(0)

@@ -4,10 +4,14 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
-from router.ledger import Ledger, LedgerError, LedgerRow
+from router.ledger import CallLedger, Ledger, LedgerError, LedgerRow
+from router.ledger_pg import PgLedger
+from router.pg import PgTarget
 
 # 2024-03-10 12:00:00 UTC and the days around it.
 NOON = 1710072000.0
@@ -45,37 +49,65 @@ def row(
     )
 
 
-def count_on_disk(path: Path, request_id: str | None = None) -> int:
-    """Rows another process would see: a fresh connection, no shared state."""
-    conn = sqlite3.connect(path)
-    try:
-        if request_id is None:
-            return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
-        sql = "SELECT COUNT(*) FROM calls WHERE request_id = ?"
-        return int(conn.execute(sql, (request_id,)).fetchone()[0])
-    finally:
-        conn.close()
+class Store:
+    """One place for the ledger's rows: a SQLite file or a PostgreSQL database."""
+
+    def __init__(self, kind: str, path: Path, pg_url: str | None) -> None:
+        self.kind = kind
+        self.path = path
+        self.pg_url = pg_url
+
+    def open(self) -> CallLedger:
+        if self.pg_url is not None:
+            return PgLedger(PgTarget.from_url(self.pg_url, "TEST_DATABASE_URL"))
+        return Ledger(self.path)
+
+    def count(self, request_id: str | None = None) -> int:
+        """Rows another process would see: a fresh connection, no shared state."""
+        sql = "SELECT COUNT(*) FROM calls"
+        if self.pg_url is not None:
+            with psycopg.connect(self.pg_url, connect_timeout=5) as pg:
+                if request_id is None:
+                    got = pg.execute(sql).fetchone()
+                else:
+                    got = pg.execute(sql + " WHERE request_id = %s", (request_id,)).fetchone()
+                assert got is not None
+                return int(got[0])
+        conn = sqlite3.connect(self.path)
+        try:
+            if request_id is None:
+                return int(conn.execute(sql).fetchone()[0])
+            return int(conn.execute(sql + " WHERE request_id = ?", (request_id,)).fetchone()[0])
+        finally:
+            conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    pg_url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    return Store(request.param, tmp_path / "sub" / "ledger.db", pg_url)
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "sub" / "ledger.db"
-
-
-@pytest.fixture
-async def ledger(db: Path) -> AsyncIterator[Ledger]:
-    led = Ledger(db)
+async def ledger(store: Store) -> AsyncIterator[Any]:
+    led = store.open()
     await led.start()
     yield led
     await led.stop()
 
 
-async def test_record_and_read_back(ledger: Ledger, db: Path) -> None:
+async def test_record_and_read_back(ledger: CallLedger, store: Store) -> None:
     written = row("a", route="", cost=0.0, equiv=0.0, status=429)
     await ledger.record(written)
     assert ledger.rows(since=0, until=NOON + 1) == [written]
     assert written.ttft_s is None  # NULL round-trips as None
-    assert count_on_disk(db) == 1
+    assert store.count() == 1
+
+
+async def test_sqlite_ledger_is_in_wal_mode(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    async with Ledger(db) as led:
+        await led.record(row())
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -91,32 +123,32 @@ async def test_memory_ledger_reads_what_it_writes() -> None:
 
 
 async def test_concurrent_records_are_committed_when_await_returns(
-    ledger: Ledger, db: Path
+    ledger: CallLedger, store: Store
 ) -> None:
     async def one(i: int) -> None:
         await ledger.record(row(f"r{i}", ts=NOON + i))
         # Committed means visible to a new connection the moment the await returns.
-        assert count_on_disk(db, f"r{i}") == 1
+        assert store.count(f"r{i}") == 1
 
     await asyncio.gather(*(one(i) for i in range(200)))
-    assert count_on_disk(db) == 200
+    assert store.count() == 200
     got = ledger.rows(since=NOON, until=NOON + 200, limit=500)
     assert [r.request_id for r in got] == [f"r{i}" for i in range(200)]
 
 
-async def test_stop_flushes_rows_queued_without_waiting(db: Path) -> None:
-    led = Ledger(db)
+async def test_stop_flushes_rows_queued_without_waiting(store: Store) -> None:
+    led = store.open()
     await led.start()
     for i in range(50):
         led.record_nowait(row(f"n{i}"))
     await led.stop()
-    assert count_on_disk(db) == 50
+    assert store.count() == 50
     with pytest.raises(LedgerError):
         led.record_nowait(row("late"))
 
 
-async def test_record_needs_a_started_ledger(db: Path) -> None:
-    led = Ledger(db)
+async def test_record_needs_a_started_ledger(store: Store) -> None:
+    led = store.open()
     try:
         with pytest.raises(LedgerError):
             await led.record(row())
@@ -124,10 +156,12 @@ async def test_record_needs_a_started_ledger(db: Path) -> None:
         led.close()
 
 
-async def test_reopening_the_file_keeps_rows(db: Path) -> None:
-    async with Ledger(db) as first:
-        await first.record(row("kept", cost=0.5))
-    second = Ledger(db)
+async def test_reopening_keeps_rows(store: Store) -> None:
+    first = store.open()
+    await first.start()
+    await first.record(row("kept", cost=0.5))
+    await first.stop()
+    second = store.open()
     try:
         assert [r.request_id for r in second.rows(since=0, until=NOON + 1)] == ["kept"]
         assert second.spend(since=0) == pytest.approx(0.5)
@@ -135,7 +169,18 @@ async def test_reopening_the_file_keeps_rows(db: Path) -> None:
         second.close()
 
 
-async def test_spend_since_by_route_and_caller(ledger: Ledger) -> None:
+async def test_two_pg_ledgers_share_rows_and_create_the_schema_once(pg_url: str) -> None:
+    # Two replicas starting at once: both create the schema, neither fails.
+    target = PgTarget.from_url(pg_url, "TEST_DATABASE_URL")
+    a, b = await asyncio.gather(asyncio.to_thread(PgLedger, target),
+                                asyncio.to_thread(PgLedger, target))
+    async with a, b:
+        await asyncio.gather(a.record(row("from-a")), b.record(row("from-b", ts=NOON + 1)))
+        assert [r.request_id for r in a.rows(since=0, until=NOON + 2)] == ["from-a", "from-b"]
+        assert b.spend(since=0) == pytest.approx(0.02)
+
+
+async def test_spend_since_by_route_and_caller(ledger: Any) -> None:
     for r in (
         row("old", ts=NOON - DAY, cost=1.0),
         row("a", caller="a", cost=0.25),
@@ -152,7 +197,7 @@ async def test_spend_since_by_route_and_caller(ledger: Ledger) -> None:
     assert await ledger.spend_async(since=NOON) == pytest.approx(0.75)
 
 
-async def test_usage_groups_sums_and_savings(ledger: Ledger) -> None:
+async def test_usage_groups_sums_and_savings(ledger: Any) -> None:
     for r in (
         row("1", caller="a", route="local", cost=0.0, equiv=0.3),
         row("2", caller="a", route="local", cost=0.1, equiv=0.3, ts=NOON + 60),
@@ -187,7 +232,7 @@ async def test_usage_groups_sums_and_savings(ledger: Ledger) -> None:
     assert ledger.usage(since=0, until=1, group_by=[]) == []
 
 
-async def test_usage_and_rows_filter_by_caller(ledger: Ledger) -> None:
+async def test_usage_and_rows_filter_by_caller(ledger: Any) -> None:
     await ledger.record(row("a1", caller="a", alias="x"))
     await ledger.record(row("a2", caller="a", alias="y", ts=NOON + 1))
     await ledger.record(row("b1", caller="b", alias="x"))
@@ -204,8 +249,8 @@ async def test_usage_and_rows_filter_by_caller(ledger: Ledger) -> None:
 
 
 @pytest.mark.parametrize("bad", [["model"], ["caller", "ts; DROP TABLE calls"], "caller"])
-def test_invalid_group_by_raises(bad: list[str] | str) -> None:
-    led = Ledger(":memory:")
+def test_invalid_group_by_raises(bad: list[str] | str, store: Store) -> None:
+    led = store.open()
     try:
         with pytest.raises(ValueError):
             led.usage(since=0, until=1, group_by=bad)
@@ -213,7 +258,7 @@ def test_invalid_group_by_raises(bad: list[str] | str) -> None:
         led.close()
 
 
-async def test_a_bad_row_does_not_fail_its_batch(ledger: Ledger, db: Path) -> None:
+async def test_a_bad_row_does_not_fail_its_batch(ledger: CallLedger, store: Store) -> None:
     bad = row("bad")._replace(caller=object())
     results = await asyncio.gather(
         *(ledger.record(row(f"ok{i}")) for i in range(20)),
@@ -222,4 +267,4 @@ async def test_a_bad_row_does_not_fail_its_batch(ledger: Ledger, db: Path) -> No
     )
     assert results[:20] == [None] * 20
     assert isinstance(results[20], LedgerError)
-    assert count_on_disk(db) == 20
+    assert store.count() == 20

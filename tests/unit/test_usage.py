@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import itertools
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import yaml
 
+from router.cli import main
 from router.errors import InvalidRequest
-from router.ledger import GROUP_KEYS, Ledger, LedgerRow
+from router.ledger import GROUP_KEYS, CallLedger, Ledger, LedgerRow
+from router.ledger_pg import PgLedger
+from router.pg import PgTarget
 from router.usage import (
     UsageQuery,
     parse_group_by,
@@ -20,6 +26,7 @@ from router.usage import (
     to_table,
     totals,
 )
+from tests.unit.helpers import BASE_YAML
 
 # 2024-03-10 12:00:00 UTC, and the UTC midnight that began that day.
 NOON = 1710072000.0
@@ -194,9 +201,12 @@ def ledger_row(
     )
 
 
-@pytest.fixture
-async def ledger() -> AsyncIterator[Ledger]:
-    led = Ledger(":memory:")
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[CallLedger]:
+    led: CallLedger = Ledger(":memory:")
+    if request.param == "postgresql":
+        led.close()
+        led = PgLedger(PgTarget.from_url(request.getfixturevalue("pg_url"), "TEST_DB"))
     await led.start()
     for r in [
         ledger_row("a1"),
@@ -219,7 +229,7 @@ def metrics(requests: int, errors: int, cost: float, equiv: float) -> dict[str, 
     }
 
 
-async def test_report_by_caller(ledger: Ledger) -> None:
+async def test_report_by_caller(ledger: CallLedger) -> None:
     rows = report(ledger, query(None, None, None, None, now=NOON + 3600))
     assert rows == [
         {"caller": "app", **metrics(3, 1, 0.01, 0.06)},
@@ -227,7 +237,7 @@ async def test_report_by_caller(ledger: Ledger) -> None:
     ]
 
 
-async def test_report_by_caller_and_alias_for_one_caller(ledger: Ledger) -> None:
+async def test_report_by_caller_and_alias_for_one_caller(ledger: CallLedger) -> None:
     q = query(None, None, "caller,alias", "app", now=NOON + 3600)
     assert report(ledger, q) == [
         {"caller": "app", "alias": "code", **metrics(1, 1, 0.0, 0.0)},
@@ -235,26 +245,26 @@ async def test_report_by_caller_and_alias_for_one_caller(ledger: Ledger) -> None
     ]
 
 
-async def test_report_by_day_over_a_window(ledger: Ledger) -> None:
+async def test_report_by_day_over_a_window(ledger: CallLedger) -> None:
     q = query(str(NOON - DAY), "2024-03-12", "day", None, now=NOON)
     assert [(r["day"], r["requests"]) for r in report(ledger, q)] == [
         ("2024-03-09", 1), ("2024-03-10", 4), ("2024-03-11", 1),
     ]
 
 
-async def test_report_window_is_half_open(ledger: Ledger) -> None:
+async def test_report_window_is_half_open(ledger: CallLedger) -> None:
     q = query(str(NOON), str(NOON + 60), "route", None, now=NOON)
     assert [(r["route"], r["requests"]) for r in report(ledger, q)] == [
         ("hosted", 1), ("local", 1),  # a1 and b1 at NOON; a2 at NOON + 60 is out
     ]
 
 
-async def test_report_empty_window_and_unknown_caller(ledger: Ledger) -> None:
+async def test_report_empty_window_and_unknown_caller(ledger: CallLedger) -> None:
     assert report(ledger, query("2020-01-01", "2020-01-02", None, None, now=NOON)) == []
     assert report(ledger, query(None, None, None, "nobody", now=NOON + 3600)) == []
 
 
-async def test_report_shapes_end_to_end(ledger: Ledger) -> None:
+async def test_report_shapes_end_to_end(ledger: CallLedger) -> None:
     q = query(None, None, "route,caller", None, now=NOON + 3600)
     rows = report(ledger, q)
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows, q.group_by))))
@@ -387,3 +397,31 @@ def test_to_table_widens_columns_for_long_values() -> None:
     assert spans[0] == (0, len("a-very-long-caller-name"))
     assert lines[2].startswith("a-very-long-caller-name  ")
     assert lines[3].startswith("TOTAL" + " " * (len("a-very-long-caller-name") - 5) + "  ")
+
+
+# -- spillover usage, the command -----------------------------------------------------
+
+
+def test_usage_command_reads_a_postgresql_ledger(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def fill() -> None:
+        async with PgLedger(PgTarget.from_url(pg_url, "TEST_DB")) as led:
+            await led.record(ledger_row("a1", ts=time.time()))
+            await led.record(ledger_row("b1", ts=time.time(), caller="batch", route="local"))
+
+    asyncio.run(fill())
+    data = yaml.safe_load(BASE_YAML)
+    data["server"]["database_url_env"] = "SPILLOVER_TEST_DB"
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("SPILLOVER_TEST_DB", pg_url)
+    assert main(["usage", "--config", str(cfg), "--group-by", "caller", "--csv"]) == 0
+    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["caller"], r["requests"]) for r in parsed] == [("app", "1"), ("batch", "1")]
+
+    monkeypatch.setenv("SPILLOVER_TEST_DB", "")
+    assert main(["usage", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "SPILLOVER_TEST_DB" in err and "not set or empty" in err

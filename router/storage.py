@@ -1,0 +1,46 @@
+"""Where the ledger and the budgets live, decided in one place: SQLite in this process by
+default, PostgreSQL shared by every replica when `server.database_url_env` is set."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from router.accounting import BudgetBook
+from router.budgets_pg import PgBudgetBook
+from router.config import Config, Server
+from router.ledger import CallLedger, Ledger
+from router.ledger_pg import PgLedger
+from router.pg import PgConfigError, PgTarget
+
+
+def database_target(server: Server, env: Mapping[str, str]) -> PgTarget | None:
+    """The PostgreSQL database configured, None for SQLite. A variable that is named but
+    empty is an error: silently falling back would split the replicas' budgets."""
+    name = server.database_url_env
+    if name is None:
+        return None
+    url = env.get(name, "").strip()
+    if not url:
+        raise PgConfigError(
+            f"server.database_url_env names {name}, which is not set or empty: set it to "
+            "a postgresql:// URL, or remove database_url_env to use the SQLite ledger")
+    return PgTarget.from_url(url, name)
+
+
+def open_ledger(server: Server, env: Mapping[str, str]) -> CallLedger:
+    target = database_target(server, env)
+    if target is None:
+        return Ledger(server.ledger_path)
+    return PgLedger(target)
+
+
+def budget_book(config: Config, ledger: CallLedger,
+                clock: Callable[[], float] = time.time) -> BudgetBook:
+    """The book that goes with the ledger: shared through PostgreSQL, or in this process."""
+    budgets = {name: caller.budget for name, caller in config.callers.items()}
+    if isinstance(ledger, PgLedger):
+        # A hold outlives no request: every request ends within request_timeout_s.
+        return PgBudgetBook(config.budget, budgets, ledger,
+                            hold_ttl_s=config.server.request_timeout_s, clock=clock)
+    return BudgetBook(config.budget, budgets, clock)
