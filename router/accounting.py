@@ -146,6 +146,17 @@ class BudgetBook:
         budgets = {name: caller.budget for name, caller in config.callers.items()}
         return cls(config.budget, budgets, clock)
 
+    def reconfigure(self, global_budget: Budget, caller_budgets: Mapping[str, Budget]) -> None:
+        """New limits from a reloaded models.yaml; spend and reservations in flight stay,
+        so a call that spans the reload is still counted when it settles. A caller that
+        left the file keeps its spend, without a limit of its own."""
+        self._global.budget = global_budget
+        for name, account in self._callers.items():
+            account.budget = caller_budgets.get(name, Budget())
+        for name, budget in caller_budgets.items():
+            if name not in self._callers:
+                self._callers[name] = _Account(budget)
+
     def _roll(self) -> tuple[float, float]:
         """Start new windows where the clock has passed midnight or the month's start."""
         now = self._clock()

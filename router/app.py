@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI
 
-from router.accounting import local_cost_per_mtok
+from router.accounting import BudgetBook, local_cost_per_mtok
 from router.api import build_routes, install_error_handlers
 from router.auth import Authenticator
 from router.catalog import Backend, Catalog
@@ -72,13 +72,14 @@ class Runtime:
         self.gpu: GpuProbe | None = None
         # Set by `spillover serve` when it manages the engines: their pids and restarts.
         self.supervisor: EngineSupervisor | None = None
-        self._install(config, breakers=None, started=False)
+        self._install(config, breakers=None, budgets=None)
         self.metrics = Metrics(self.catalog.aliases)
         self.metrics.watch(lambda: self.monitor.status(), lambda: self.breakers.snapshot(),
                            lambda: self.budgets.snapshot(), self.recorder.today)
         self.recorder.observers.append(self.metrics.observe)
 
-    def _install(self, config: Config, breakers: Breakers | None, started: bool) -> None:
+    def _install(self, config: Config, breakers: Breakers | None,
+                 budgets: BudgetBook | None) -> None:
         """Build every config-derived part and swap them in (no await: atomic)."""
         catalog = Catalog(config)
         server = config.server
@@ -87,9 +88,11 @@ class Runtime:
         key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
         api_keys = {name: self.env.get(name) for name in key_envs}
         translators = {b.name: translator_for(b.flavour) for b in catalog.all()}
-        budgets = budget_book(config, self.ledger)
-        if started:
-            budgets.load(self.ledger)
+        # One book for the life of the process: a reload changes its limits only, so the
+        # reservations and spend of calls in flight across the reload are kept.
+        reload = budgets is not None
+        if budgets is None:
+            budgets = budget_book(config, self.ledger)
         limiter = RateLimiter({name: c.rate_limit for name, c in config.callers.items()})
         r = config.routing
         if breakers is None or (breakers.failures_to_open, breakers.cooldown_s) != (
@@ -104,6 +107,9 @@ class Runtime:
         auth = Authenticator(config.callers, config.admin_key_sha256)
         gateway = Gateway(config, catalog, monitor, dispatcher, auth=auth, budgets=budgets,
                           limiter=limiter, breakers=breakers, recorder=self.recorder)
+        if reload:
+            budgets.reconfigure(config.budget,
+                                {n: c.budget for n, c in config.callers.items()})
         (self.config, self.catalog, self.monitor, self.api_keys, self.budgets, self.limiter,
          self.breakers, self.dispatcher, self.auth, self.gateway) = (
             config, catalog, monitor, api_keys, budgets, limiter, breakers, dispatcher, auth,
@@ -117,7 +123,7 @@ class Runtime:
         cfg = load_config(path)
         cfg = cfg.model_copy(update={"server": self.config.server})
         old_monitor, had_ledger = self.monitor, self.ledger.path
-        self._install(cfg, self.breakers, started=True)
+        self._install(cfg, self.breakers, self.budgets)
         assert self.ledger.path == had_ledger
         self.metrics.set_aliases(self.catalog.aliases)
         await self.monitor.start()

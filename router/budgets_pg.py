@@ -97,6 +97,11 @@ class PgBudgetBook(BudgetBook):
         self._view = _View()
         self._refreshing: asyncio.Task[None] | None = None
 
+    def reconfigure(self, global_budget: Budget, caller_budgets: Mapping[str, Budget]) -> None:
+        super().reconfigure(global_budget, caller_budgets)
+        self._limits = dict(caller_budgets)
+        self._global_limit = global_budget
+
     # -- reserve / settle / release -----------------------------------------------------
 
     async def reserve(self, caller: str, amount_usd: float) -> Reservation | None:

@@ -265,3 +265,17 @@ def test_from_config_takes_the_budgets_of_models_yaml() -> None:
     b = BudgetBook.from_config(cfg, clock=Clock("2024-03-10T12:00:00"))
     assert b.allowance("anyone") == pytest.approx(2.0)
     assert b.allowance("app") == pytest.approx(0.5)
+
+
+def test_reconfigure_keeps_spend_and_reservations_in_flight() -> None:
+    b = book(daily=1.0, callers={"app": Budget(daily_usd=0.5), "gone": Budget(daily_usd=0.2)})
+    flying = held(b.reserve_now("app", 0.3))
+    b.settle(held(b.reserve_now("gone", 0.1)), 0.1)
+    # models.yaml reloaded: tighter global budget, app's limit raised, "gone" removed.
+    b.reconfigure(Budget(daily_usd=0.8), {"app": Budget(daily_usd=2.0)})
+    assert b.allowance("app") == pytest.approx(0.8 - 0.1 - 0.3)  # global now binds
+    b.settle(flying, 0.25)  # a call that spanned the reload is still counted
+    assert b.allowance("app") == pytest.approx(0.8 - 0.1 - 0.25)
+    snap = b.snapshot()
+    assert snap["callers"]["gone"]["daily"]["limit"] is None  # type: ignore[index]
+    assert snap["callers"]["gone"]["daily"]["spent"] == pytest.approx(0.1)  # type: ignore[index]
