@@ -22,7 +22,14 @@ from typing import Any, NamedTuple, Self, TypeAlias, TypeVar
 
 import psycopg
 
-from router.ledger import Dialect, LedgerError, LedgerRow, usage_sql, usage_totals
+from router.ledger import (
+    Dialect,
+    LedgerError,
+    LedgerRow,
+    resolve_waiters,
+    usage_sql,
+    usage_totals,
+)
 from router.pg import (
     GLOBAL_SCOPE,
     READ_STATEMENT_TIMEOUT_MS,
@@ -239,7 +246,7 @@ class PgLedger:
                 waiting.setdefault(loop, []).append((done, error))
         for loop, outcomes in waiting.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_resolve, outcomes)
+                loop.call_soon_threadsafe(resolve_waiters, outcomes)
         return conn
 
     def _alive(self, conn: Conn) -> Conn:
@@ -379,13 +386,3 @@ def _describe(item: _Item) -> str:
     if isinstance(item, _Barrier):
         return "flush"
     return f"budget hold {item.hold_id}"
-
-
-def _resolve(outcomes: list[tuple[asyncio.Future[None], str | None]]) -> None:
-    for done, error in outcomes:
-        if done.done():
-            continue
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(LedgerError(f"ledger write failed: {error}"))

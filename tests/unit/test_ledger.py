@@ -268,3 +268,38 @@ async def test_a_bad_row_does_not_fail_its_batch(ledger: CallLedger, store: Stor
     assert results[:20] == [None] * 20
     assert isinstance(results[20], LedgerError)
     assert store.count() == 20
+
+
+def _rows_in_main_file(path: Path, tmp: Path) -> int:
+    """Rows the database file holds on its own, without its WAL: what checkpoints folded in."""
+    copy = tmp / "main-only.db"
+    copy.write_bytes(path.read_bytes())
+    conn = sqlite3.connect(copy)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+    except sqlite3.OperationalError:  # not even the schema folded in yet
+        return 0
+    finally:
+        conn.close()
+
+
+async def test_sqlite_commits_reach_the_wal_and_checkpoints_fold_them_in(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path, checkpoint_s=0.05)
+    await ledger.start()
+    try:
+        await asyncio.gather(*(ledger.record(row(f"r{i}")) for i in range(300)))
+        # Committed, readable by another connection at once (in the WAL until folded in).
+        conn = sqlite3.connect(path)
+        assert conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 300
+        conn.close()
+        for _ in range(100):
+            if _rows_in_main_file(path, tmp_path) == 300:
+                break
+            await asyncio.sleep(0.05)
+        assert _rows_in_main_file(path, tmp_path) == 300  # the checkpointer ran
+        ledger.record_nowait(row("last"))
+    finally:
+        await ledger.stop()
+    assert _rows_in_main_file(path, tmp_path) == 301  # stop commits and folds in the rest
