@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(args)
 
 
-def _check(explicit: str | None) -> int:
+def _load(explicit: str | None) -> tuple[str, Config | None]:
+    """models.yaml, validated with the database setting; None after printing every problem."""
     path = config_path(explicit)
     try:
         cfg = load_config(path)
@@ -75,9 +76,16 @@ def _check(explicit: str | None) -> int:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
-        return 1
+        return path, None
     if (db_problem := _database_problem(cfg)) is not None:
         print(f"{path}: {db_problem}", file=sys.stderr)
+        return path, None
+    return path, cfg
+
+
+def _check(explicit: str | None) -> int:
+    path, cfg = _load(explicit)
+    if cfg is None:
         return 1
     n_local = sum(len(a.local) for a in cfg.aliases.values())
     n_hosted = sum(len(a.hosted) for a in cfg.aliases.values())
@@ -118,15 +126,8 @@ def _usage(args: argparse.Namespace) -> int:
     from router.storage import open_ledger
     from router.usage import query, report, to_csv, to_table
 
-    path = config_path(args.config)
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        for p in exc.problems:
-            print(f"{path}: {p}", file=sys.stderr)
-        return 1
-    if (db_problem := _database_problem(cfg)) is not None:
-        print(f"{path}: {db_problem}", file=sys.stderr)
+    _, cfg = _load(args.config)
+    if cfg is None:
         return 1
     shared = cfg.server.database_url_env is not None
     ledger_path = cfg.server.ledger_path
@@ -157,15 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
     # One access line per request is ours to write; httpx would add one per upstream call.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    path = config_path(args.config)
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        for p in exc.problems:
-            print(f"{path}: {p}", file=sys.stderr)
-        return 1
-    if (db_problem := _database_problem(cfg)) is not None:
-        print(f"{path}: {db_problem}", file=sys.stderr)
+    path, cfg = _load(args.config)
+    if cfg is None:
         return 1
     # uvicorn turns Ctrl-C into a clean shutdown; a second one may still land here.
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(

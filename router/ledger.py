@@ -343,30 +343,6 @@ class Ledger:
         params.append(limit)
         return [LedgerRow(*record) for record in self._query(sql, params)]
 
-    async def spend_async(
-        self, *, since: float, caller: str | None = None, route: str = "hosted"
-    ) -> float:
-        return await asyncio.to_thread(self.spend, since=since, caller=caller, route=route)
-
-    async def usage_async(
-        self,
-        *,
-        since: float,
-        until: float,
-        group_by: Sequence[str],
-        caller: str | None = None,
-    ) -> list[dict[str, object]]:
-        return await asyncio.to_thread(
-            self.usage, since=since, until=until, group_by=group_by, caller=caller
-        )
-
-    async def rows_async(
-        self, *, since: float, until: float, caller: str | None = None, limit: int = 1000
-    ) -> list[LedgerRow]:
-        return await asyncio.to_thread(
-            self.rows, since=since, until=until, caller=caller, limit=limit
-        )
-
     def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         with self._read_lock:
             if self._closed:
