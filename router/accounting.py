@@ -21,7 +21,7 @@ from router.ledger import CallLedger
 _DAY_S = 86400.0
 # Reservations are sums of floats: 3 x 0.1 must fit a 0.3 budget. A billionth of a
 # dollar is far below any price, so it can never let a real overspend through.
-_TOLERANCE_USD = 1e-9
+TOLERANCE_USD = 1e-9
 
 Period = Literal["daily", "monthly"]
 
@@ -60,28 +60,28 @@ class Reservation:
 
 
 @dataclass(slots=True)
-class _Window:
+class Window:
     start: float = -math.inf
     spent: float = 0.0
 
 
 @dataclass(slots=True)
-class _Account:
+class Account:
     """Spend of one scope (a caller, or everyone) against its budget."""
 
     budget: Budget
-    daily: _Window = field(default_factory=_Window)
-    monthly: _Window = field(default_factory=_Window)
+    daily: Window = field(default_factory=Window)
+    monthly: Window = field(default_factory=Window)
     reserved: float = 0.0
     holds: int = 0
 
     def roll(self, today: float, this_month: float) -> None:
         if self.daily.start != today:
-            self.daily = _Window(today)
+            self.daily = Window(today)
         if self.monthly.start != this_month:
-            self.monthly = _Window(this_month)
+            self.monthly = Window(this_month)
 
-    def windows(self) -> tuple[tuple[Period, float | None, _Window], ...]:
+    def windows(self) -> tuple[tuple[Period, float | None, Window], ...]:
         return (
             ("daily", self.budget.daily_usd, self.daily),
             ("monthly", self.budget.monthly_usd, self.monthly),
@@ -136,8 +136,8 @@ class BudgetBook:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
-        self._global = _Account(global_budget)
-        self._callers = {name: _Account(budget) for name, budget in caller_budgets.items()}
+        self._global = Account(global_budget)
+        self._callers = {name: Account(budget) for name, budget in caller_budgets.items()}
         self._held: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
 
@@ -155,7 +155,7 @@ class BudgetBook:
             account.budget = caller_budgets.get(name, Budget())
         for name, budget in caller_budgets.items():
             if name not in self._callers:
-                self._callers[name] = _Account(budget)
+                self._callers[name] = Account(budget)
 
     def _roll(self) -> tuple[float, float]:
         """Start new windows where the clock has passed midnight or the month's start."""
@@ -166,7 +166,7 @@ class BudgetBook:
             account.roll(today, this_month)
         return today, this_month
 
-    def _accounts(self, caller: str, *, create: bool = True) -> tuple[_Account, ...]:
+    def _accounts(self, caller: str, *, create: bool = True) -> tuple[Account, ...]:
         """The caller's account and the global one, both rolled over to the clock's now.
 
         Without `create`, a caller the book has never seen has no account of its own, so
@@ -178,7 +178,7 @@ class BudgetBook:
             if not create:
                 return (self._global,)
             # Callers without a budget of their own still count toward the global one.
-            account = self._callers[caller] = _Account(Budget())
+            account = self._callers[caller] = Account(Budget())
             account.roll(today, this_month)
         return account, self._global
 
@@ -213,7 +213,7 @@ class BudgetBook:
         if not amount_usd >= 0:
             raise ValueError(f"a reservation must be a non-negative amount, not {amount_usd}")
         allowance = self.allowance(caller)
-        if allowance is not None and amount_usd > allowance + _TOLERANCE_USD:
+        if allowance is not None and amount_usd > allowance + TOLERANCE_USD:
             return None
         reservation = Reservation(next(self._ids), caller, amount_usd)
         self._held[reservation.id] = reservation

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import psycopg
 
 from router.accounting import (
-    _TOLERANCE_USD,
+    TOLERANCE_USD,
+    Account,
     BudgetBook,
     Reservation,
-    _Account,
-    _Window,
+    Window,
     day_start,
     month_start,
 )
@@ -127,7 +127,7 @@ class PgBudgetBook(BudgetBook):
                 left = _left(caller_limit, c_day, c_month, c_held)
                 g_left = _left(self._global_limit, g_day, g_month, g_held)
                 lefts = [x for x in (left, g_left) if x is not None]
-                if lefts and amount_usd > max(0.0, min(lefts)) + _TOLERANCE_USD:
+                if lefts and amount_usd > max(0.0, min(lefts)) + TOLERANCE_USD:
                     return None, (c_day, c_month, c_held, g_day, g_month, g_held)
                 inserted = conn.execute(
                     "INSERT INTO budget_holds (caller, amount_usd, expires_at)"
@@ -237,15 +237,15 @@ class PgBudgetBook(BudgetBook):
         except Exception as exc:
             log.warning("budget view not refreshed: %s", exc)
 
-    def _account(self, scope: str, budget: Budget) -> _Account:
+    def _account(self, scope: str, budget: Budget) -> Account:
         view = self._fresh_view()
         s = view.scopes.get(scope, _Scope())
         now = self._clock()
         current = view.day == day_start(now) and view.month == month_start(now)
-        account = _Account(budget)
+        account = Account(budget)
         if current:  # a view from yesterday says nothing about today's spend
-            account.daily = _Window(view.day, s.daily)
-            account.monthly = _Window(view.month, s.monthly)
+            account.daily = Window(view.day, s.daily)
+            account.monthly = Window(view.month, s.monthly)
             account.reserved = s.held
         return account
 
