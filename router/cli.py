@@ -153,6 +153,8 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from router.ledger import LedgerError
+
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # One access line per request is ours to write; httpx would add one per upstream call.
@@ -162,9 +164,13 @@ def _serve(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     # uvicorn turns Ctrl-C into a clean shutdown; a second one may still land here.
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
-            loop_factory=_fast_loop()) as runner:
-        runner.run(_run(cfg, path, args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
+                loop_factory=_fast_loop()) as runner:
+            runner.run(_run(cfg, path, args))
+    except LedgerError as exc:  # the ledger's database is unreachable or unwritable
+        print(f"{path}: the ledger cannot be opened: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -183,6 +189,8 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
 
     from router.app import Settings, create_app
 
+    # The app first: a database that cannot be reached fails here, before any engine runs.
+    app = create_app(Settings(config_path=path), config=cfg)
     supervisor: EngineSupervisor | None = None
     if not args.no_engines:
         specs = engine_specs(cfg)
@@ -193,7 +201,6 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
             for s in specs:
                 log.info("engine %s starting on port %d (log: %s/%s.log)", s.name, s.port,
                          cfg.server.log_dir, s.name)
-    app = create_app(Settings(config_path=path), config=cfg)
     runtime = app.state.runtime
     runtime.supervisor = supervisor
     reloads: set[asyncio.Task[object]] = set()

@@ -129,11 +129,14 @@ class Ledger:
         self._path = os.fspath(path)
         self._checkpoint_s = checkpoint_s
         self._memory = self._path == MEMORY
-        if not self._memory:
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        # Reads come from worker threads (asyncio.to_thread), so the read connection is
-        # shared across threads and serialised by a lock.
-        self._read = self._connect()
+        try:
+            if not self._memory:
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            # Reads come from worker threads (asyncio.to_thread), so the read connection
+            # is shared across threads and serialised by a lock.
+            self._read = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"cannot open the ledger at {self._path}: {exc}") from None
         self._read_lock = threading.Lock()
         try:
             with self._read:

@@ -26,7 +26,8 @@ possible? A bursty trace against the real vLLM CPU engine and a fake hosted API.
    docs/offload.png.
 
 Saturation settings of the spillover configurations: --max-inflight (default: the p95 of
-the requests in flight during the capacity rate's step), --resume-below, --max-waiting.
+the requests in flight during the capacity rate's step, halved and bisected until the engine
+held at that many requests keeps the SLO), --resume-below, --max-waiting.
 The numbers share a 2-core machine with the engine: they are noisy.
 """
 
@@ -707,11 +708,41 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
     sat = Sat(max_inflight=max_inflight, resume_below=args.resume_below,
               max_waiting=args.max_waiting)
     if not args.capacity and args.capacity_via == "router":
-        # What the local path serves with the router's cap in place.
+        # What the local path serves with the router's cap in place. A cap is only as
+        # good as the engine kept full at it: the open loop's in-flight count at capacity
+        # can sit at the edge of a cliff (a faster router lets the engine batch more and
+        # its TTFT turn steep), so unless --max-inflight was given, halve the cap until
+        # the engine held at it meets the SLO, then bisect back up.
         _, port = await start_router("local-only", kids, engine_url, hosted_url, sat, args,
                                      tmp)
-        cap["capped"] = await closed_capacity(port, engine_url, max_inflight, args)
+        good: dict[str, Any] | None = None
+        bad: int | None = None
+        trial = max_inflight
+        for _ in range(8):  # bounded: a few minutes at most
+            res = await closed_capacity(port, engine_url, trial, args)
+            if res["ok"]:
+                good = res
+            else:
+                bad = trial
+            if args.max_inflight or (good is not None and bad is None):
+                break
+            if good is None:
+                if trial == 1:
+                    break
+                trial = max(1, trial // 2)
+            else:
+                assert bad is not None
+                nxt = (good["concurrency"] + bad) // 2
+                if nxt <= good["concurrency"] or bad - good["concurrency"] <= max(
+                        1, good["concurrency"] // 8):
+                    break
+                trial = nxt
         kids.stop("router-local-only")
+        cap["capped"] = good if good is not None else res
+        if good is not None and not args.max_inflight:
+            max_inflight = good["concurrency"]
+            sat = Sat(max_inflight=max_inflight, resume_below=args.resume_below,
+                      max_waiting=args.max_waiting)
     timings["capacity_s"] = time.monotonic() - t
     trace = make_trace(c, args.trace_s, args.seed)
     oracle = trace.oracle()

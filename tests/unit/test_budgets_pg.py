@@ -292,3 +292,27 @@ async def test_lost_connections_are_reopened(replica: Replica, pg_url: str) -> N
     # A reservation may fail once on the dead connection (refused: fail closed), then works.
     got = [await book.reserve("app", 0.1) for _ in range(2)]
     assert got[-1] is not None
+
+
+@pytest.mark.parametrize("where", ["postgres", "sqlite"])
+def test_serve_with_a_ledger_it_cannot_open_says_so_in_one_line(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from router.cli import main
+
+    data = yaml.safe_load(BASE_YAML)
+    if where == "postgres":
+        data["server"]["database_url_env"] = "SPILLOVER_TEST_DB"
+        # Port 1: nothing listens; the password must not show in what is printed.
+        monkeypatch.setenv("SPILLOVER_TEST_DB", "postgresql://u:hunter2@127.0.0.1:1/db")
+    else:
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        data["server"]["ledger_path"] = str(blocker / "ledger.db")  # under a plain file
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["serve", "--config", str(cfg), "--no-engines"]) == 1
+    err = capsys.readouterr().err
+    assert "the ledger cannot be opened" in err
+    assert "Traceback" not in err and "hunter2" not in err
