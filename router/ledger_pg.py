@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Self, TypeAlias, TypeVar
@@ -44,6 +46,9 @@ from router.pg import (
 log = logging.getLogger("spillover.ledger")
 
 _MAX_BATCH = 2048
+# Batch marks (see _transact) are dropped after an hour, checked every so many commits.
+_MARK_TTL_S = 3600.0
+_PURGE_MARKS_EVERY = 1000
 _COLUMNS = LedgerRow._fields
 _INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('%s' for _ in _COLUMNS)})"
 _PG = Dialect(
@@ -99,6 +104,7 @@ class PgLedger:
             self._read.close()
             raise
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._marks = 0  # writer transactions so far (the writer thread's own count)
         self._thread: threading.Thread | None = None
         self._budget_pool: ThreadPoolExecutor | None = None
         self._budget_conn: Conn | None = None
@@ -225,16 +231,12 @@ class PgLedger:
         connection was lost)."""
         errors: list[str | None] = [None] * len(batch)
         try:
-            conn = self._alive(conn)
-            with conn.transaction():
-                _apply(conn, [item for item, _, _ in batch])
+            conn = self._transact(conn, [item for item, _, _ in batch])
         except Exception:
             # One bad row must not cost the others theirs: retry them one by one.
             for i, (item, _, _) in enumerate(batch):
                 try:
-                    conn = self._alive(conn)
-                    with conn.transaction():
-                        _apply(conn, [item])
+                    conn = self._transact(conn, [item])
                 except Exception as exc:
                     # The writer thread must survive anything: waiters would hang forever.
                     log.exception("ledger: %s not committed", _describe(item))
@@ -247,6 +249,34 @@ class PgLedger:
         for loop, outcomes in waiting.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(resolve_waiters, outcomes)
+        return conn
+
+    def _transact(self, conn: Conn, items: Sequence[_Item]) -> Conn:
+        """Apply `items` in one transaction, marked with a batch id; returns the connection
+        to use next. A connection lost during COMMIT leaves it unknown whether the server
+        committed: the mark says, and a committed batch is not applied again."""
+        batch_id = os.urandom(16).hex()
+        conn = self._alive(conn)
+        now = time.time()
+        self._marks += 1
+        try:
+            with conn.transaction():
+                conn.execute("INSERT INTO ledger_batches (id, at) VALUES (%s, %s)",
+                             (batch_id, now))
+                if self._marks % _PURGE_MARKS_EVERY == 0:
+                    # A mark is only ever looked up right after its own commit.
+                    conn.execute("DELETE FROM ledger_batches WHERE at < %s",
+                                 (now - _MARK_TTL_S,))
+                _apply(conn, items)
+        except psycopg.OperationalError:
+            if not (conn.closed or conn.broken):
+                raise
+            conn = self._alive(conn)
+            done = conn.execute("SELECT 1 FROM ledger_batches WHERE id = %s",
+                                (batch_id,)).fetchone()
+            conn.commit()
+            if done is None:
+                raise
         return conn
 
     def _alive(self, conn: Conn) -> Conn:

@@ -100,6 +100,14 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS budget_holds_expires ON budget_holds (expires_at)",
     # Settled hosted spend per scope (see scope_of) and window, kept by
     # the ledger writer so a reservation reads two rows per scope instead of a month of calls.
+    # One row per committed writer transaction: after a connection is lost during COMMIT,
+    # the writer looks its batch up here before retrying, so a batch the server did commit
+    # is never applied twice (no duplicate rows, no spend counted twice).
+    """CREATE TABLE IF NOT EXISTS ledger_batches (
+        id TEXT PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS ledger_batches_at ON ledger_batches (at)",
     """CREATE TABLE IF NOT EXISTS budget_spend (
         scope TEXT NOT NULL,
         period TEXT NOT NULL,

@@ -316,3 +316,37 @@ def test_serve_with_a_ledger_it_cannot_open_says_so_in_one_line(
     err = capsys.readouterr().err
     assert "the ledger cannot be opened" in err
     assert "Traceback" not in err and "hunter2" not in err
+
+
+async def test_a_commit_lost_on_the_wire_is_not_applied_twice(
+        replica: Replica, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.unit.test_ledger import row
+
+    book, ledger = await replica(daily=1.0)
+    held = await book.reserve("app", 0.3)
+    assert held is not None
+    real = psycopg.Connection.transaction
+    armed = [True]
+
+    @contextlib.contextmanager
+    def commit_then_lose_the_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with real(self, *args, **kwargs) as tx:
+            yield tx
+        if armed[0]:  # the server committed; the answer never reaches the writer
+            armed[0] = False
+            self.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(psycopg.Connection, "transaction", commit_then_lose_the_connection)
+    book.settle(held, 0.25)
+    await ledger.record(row("once", caller="app"))
+    await ledger.flush()
+    monkeypatch.undo()
+    assert not armed[0]  # the lost commit did happen
+    with psycopg.connect(pg_url, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM calls WHERE request_id = 'once'").fetchone()
+        spent = conn.execute("SELECT spent FROM budget_spend WHERE scope = 'global'"
+                             " AND period = 'daily'").fetchone()
+    assert rows is not None and rows[0] == 1
+    assert spent is not None and spent[0] == pytest.approx(0.25)
+    assert holds(pg_url) == 0
