@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from router.accounting import BudgetBook
 from router.call import Call
@@ -37,6 +37,7 @@ from router.providers import Prepared, Translator
 from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy, parse_retry_after
 from router.signals import LoadMonitor
+from router.streaming import EventStream
 from router.upstream import TransportError, Upstream, UpstreamResponse
 
 log = logging.getLogger("spillover.dispatch")
@@ -246,8 +247,7 @@ class Dispatcher:
         self._started(call, b)
         call.ttft_s = time.monotonic() - call.started
         relay = self._relay(call, b, prep, resp, events, first, release)
-        return StreamingResponse(relay, 200, self._route_headers(call),
-                                 media_type="text/event-stream")
+        return EventStream(relay, 200, self._route_headers(call))
 
     async def _relay(self, call: Call, b: Backend, prep: Prepared, resp: UpstreamResponse,
                      events: AsyncIterator[bytes], first: bytes,
