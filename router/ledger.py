@@ -121,8 +121,67 @@ class LedgerError(RuntimeError):
     """A row could not be committed, or the ledger is not running."""
 
 
-class Ledger:
+class LedgerReads:
+    """The reads both stores answer alike; a store gives its dialect and `_query`."""
+
+    _dialect: Dialect
+
+    def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def spend(self, *, since: float, caller: str | None = None, route: str = "hosted") -> float:
+        """Sum of cost_usd of the calls on `route` since `since` (caller None: everyone)."""
+        p = self._dialect.param
+        sql = f"SELECT COALESCE(SUM(cost_usd), 0.0) FROM calls WHERE ts >= {p} AND route = {p}"
+        params: list[object] = [since, route]
+        if caller is not None:
+            sql += f" AND caller = {p}"
+            params.append(caller)
+        return float(self._query(sql, params)[0][0])
+
+    def spend_by_caller(self, *, since: float, route: str = "hosted") -> dict[str, float]:
+        """`spend` for every caller with calls on `route` since `since`, in one query."""
+        p = self._dialect.param
+        sql = (f"SELECT caller, SUM(cost_usd) FROM calls WHERE ts >= {p} AND route = {p}"
+               " GROUP BY caller ORDER BY caller")
+        return {caller: float(cost) for caller, cost in self._query(sql, [since, route])}
+
+    def usage(
+        self,
+        *,
+        since: float,
+        until: float,
+        group_by: Sequence[str],
+        caller: str | None = None,
+    ) -> list[dict[str, object]]:
+        """Totals per group of the calls with since <= ts < until, ordered by the group keys.
+
+        `group_by` is a subset of caller, alias, route, backend and day (UTC, YYYY-MM-DD).
+        """
+        keys, sql, params = usage_sql(self._dialect, since, until, group_by, caller)
+        return usage_totals(keys, self._query(sql, params))
+
+    def rows(
+        self, *, since: float, until: float, caller: str | None = None, limit: int = 1000
+    ) -> list[LedgerRow]:
+        """The calls with since <= ts < until, oldest first, at most `limit`."""
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        p = self._dialect.param
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE ts >= {p} AND ts < {p}"
+        params: list[object] = [since, until]
+        if caller is not None:
+            sql += f" AND caller = {p}"
+            params.append(caller)
+        sql += f" ORDER BY ts, id LIMIT {p}"
+        params.append(limit)
+        return [LedgerRow(*record) for record in self._query(sql, params)]
+
+
+class Ledger(LedgerReads):
     """Append-only call log. Reads work from construction; writes need `start()`."""
+
+    _dialect = _SQLITE
 
     def __init__(self, path: str | os.PathLike[str], *,
                  checkpoint_s: float = _CHECKPOINT_S) -> None:
@@ -297,54 +356,6 @@ class Ledger:
             conn.close()
 
     # -- reads ---------------------------------------------------------------------
-
-    def spend(self, *, since: float, caller: str | None = None, route: str = "hosted") -> float:
-        """Sum of cost_usd of the calls on `route` since `since` (caller None: everyone)."""
-        sql = "SELECT COALESCE(SUM(cost_usd), 0.0) FROM calls WHERE ts >= ? AND route = ?"
-        params: list[object] = [since, route]
-        if caller is not None:
-            sql += " AND caller = ?"
-            params.append(caller)
-        result = self._query(sql, params)
-        return float(result[0][0])
-
-    def spend_by_caller(self, *, since: float, route: str = "hosted") -> dict[str, float]:
-        """`spend` for every caller with calls on `route` since `since`, in one query."""
-        sql = (
-            "SELECT caller, SUM(cost_usd) FROM calls WHERE ts >= ? AND route = ?"
-            " GROUP BY caller ORDER BY caller"
-        )
-        return {caller: float(cost) for caller, cost in self._query(sql, [since, route])}
-
-    def usage(
-        self,
-        *,
-        since: float,
-        until: float,
-        group_by: Sequence[str],
-        caller: str | None = None,
-    ) -> list[dict[str, object]]:
-        """Totals per group of the calls with since <= ts < until, ordered by the group keys.
-
-        `group_by` is a subset of caller, alias, route, backend and day (UTC, YYYY-MM-DD).
-        """
-        keys, sql, params = usage_sql(_SQLITE, since, until, group_by, caller)
-        return usage_totals(keys, self._query(sql, params))
-
-    def rows(
-        self, *, since: float, until: float, caller: str | None = None, limit: int = 1000
-    ) -> list[LedgerRow]:
-        """The calls with since <= ts < until, oldest first, at most `limit`."""
-        if limit < 0:
-            raise ValueError("limit must not be negative")
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE ts >= ? AND ts < ?"
-        params: list[object] = [since, until]
-        if caller is not None:
-            sql += " AND caller = ?"
-            params.append(caller)
-        sql += " ORDER BY ts, id LIMIT ?"
-        params.append(limit)
-        return [LedgerRow(*record) for record in self._query(sql, params)]
 
     def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         with self._read_lock:

@@ -27,10 +27,9 @@ import psycopg
 from router.ledger import (
     Dialect,
     LedgerError,
+    LedgerReads,
     LedgerRow,
     resolve_waiters,
-    usage_sql,
-    usage_totals,
 )
 from router.pg import (
     GLOBAL_SCOPE,
@@ -91,8 +90,10 @@ _Pending: TypeAlias = tuple[
 ]
 
 
-class PgLedger:
+class PgLedger(LedgerReads):
     """Reads work from construction (which also creates the schema); writes need start()."""
+
+    _dialect = _PG
 
     def __init__(self, target: PgTarget) -> None:
         self._target = target
@@ -320,46 +321,6 @@ class PgLedger:
             return fn(self._read)
 
     # -- reads ---------------------------------------------------------------------
-
-    def spend(self, *, since: float, caller: str | None = None, route: str = "hosted") -> float:
-        sql = "SELECT COALESCE(SUM(cost_usd), 0.0) FROM calls WHERE ts >= %s AND route = %s"
-        params: list[object] = [since, route]
-        if caller is not None:
-            sql += " AND caller = %s"
-            params.append(caller)
-        return float(self._query(sql, params)[0][0])
-
-    def spend_by_caller(self, *, since: float, route: str = "hosted") -> dict[str, float]:
-        sql = (
-            "SELECT caller, SUM(cost_usd) FROM calls WHERE ts >= %s AND route = %s"
-            " GROUP BY caller ORDER BY caller"
-        )
-        return {caller: float(cost) for caller, cost in self._query(sql, [since, route])}
-
-    def usage(
-        self,
-        *,
-        since: float,
-        until: float,
-        group_by: Sequence[str],
-        caller: str | None = None,
-    ) -> list[dict[str, object]]:
-        keys, sql, params = usage_sql(_PG, since, until, group_by, caller)
-        return usage_totals(keys, self._query(sql, params))
-
-    def rows(
-        self, *, since: float, until: float, caller: str | None = None, limit: int = 1000
-    ) -> list[LedgerRow]:
-        if limit < 0:
-            raise ValueError("limit must not be negative")
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE ts >= %s AND ts < %s"
-        params: list[object] = [since, until]
-        if caller is not None:
-            sql += " AND caller = %s"
-            params.append(caller)
-        sql += " ORDER BY ts, id LIMIT %s"
-        params.append(limit)
-        return [LedgerRow(*record) for record in self._query(sql, params)]
 
     def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         def run(conn: Conn) -> list[tuple[Any, ...]]:
