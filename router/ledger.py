@@ -121,13 +121,49 @@ class LedgerError(RuntimeError):
     """A row could not be committed, or the ledger is not running."""
 
 
-class LedgerReads:
-    """The reads both stores answer alike; a store gives its dialect and `_query`."""
+class LedgerBase:
+    """What both stores do alike: the lifecycle around their writer and the reads. A store
+    gives its dialect, its read connection and lock, `start`/`stop`, `_writing` and
+    `_query`."""
 
     _dialect: Dialect
+    _read: Any  # a DB-API connection: sqlite3's or psycopg's
+    _read_lock: threading.Lock
+    _accepting: bool
+    _closed: bool
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def _writing(self) -> bool:
+        raise NotImplementedError
 
     def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Close without a writer (a ledger only read from); `stop()` for a started one."""
+        if self._writing():
+            raise LedgerError("stop() the ledger before closing it")
+        self._accepting = False
+        if not self._closed:
+            self._closed = True
+            with self._read_lock:
+                self._read.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise LedgerError("the ledger is not running")
 
     def spend(self, *, since: float, caller: str | None = None, route: str = "hosted") -> float:
         """Sum of cost_usd of the calls on `route` since `since` (caller None: everyone)."""
@@ -178,7 +214,7 @@ class LedgerReads:
         return [LedgerRow(*record) for record in self._query(sql, params)]
 
 
-class Ledger(LedgerReads):
+class Ledger(LedgerBase):
     """Append-only call log. Reads work from construction; writes need `start()`."""
 
     _dialect = _SQLITE
@@ -193,7 +229,7 @@ class Ledger(LedgerReads):
                 Path(self._path).parent.mkdir(parents=True, exist_ok=True)
             # Reads come from worker threads (asyncio.to_thread), so the read connection
             # is shared across threads and serialised by a lock.
-            self._read = self._connect()
+            self._read: sqlite3.Connection = self._connect()
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot open the ledger at {self._path}: {exc}") from None
         self._read_lock = threading.Lock()
@@ -266,22 +302,8 @@ class Ledger(LedgerReads):
         self._write = None
         self.close()
 
-    def close(self) -> None:
-        """Close without a writer (a ledger only read from); `stop()` for a started one."""
-        if self._write is not None:
-            raise LedgerError("stop() the ledger before closing it")
-        self._accepting = False
-        if not self._closed:
-            self._closed = True
-            with self._read_lock:
-                self._read.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    def _writing(self) -> bool:
+        return self._write is not None
 
     # -- writes --------------------------------------------------------------------
 
@@ -298,10 +320,6 @@ class Ledger(LedgerReads):
         self._check_accepting()
         self._pending.append((row, None))
         self._schedule()
-
-    def _check_accepting(self) -> None:
-        if not self._accepting:
-            raise LedgerError("the ledger is not running")
 
     def _schedule(self) -> None:
         if self._flush_at is None:

@@ -20,14 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, Self, TypeAlias, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import psycopg
 
 from router.ledger import (
     Dialect,
+    LedgerBase,
     LedgerError,
-    LedgerReads,
     LedgerRow,
     resolve_waiters,
 )
@@ -90,14 +90,14 @@ _Pending: TypeAlias = tuple[
 ]
 
 
-class PgLedger(LedgerReads):
+class PgLedger(LedgerBase):
     """Reads work from construction (which also creates the schema); writes need start()."""
 
     _dialect = _PG
 
     def __init__(self, target: PgTarget) -> None:
         self._target = target
-        self._read = self._connect(READ_STATEMENT_TIMEOUT_MS, autocommit=True)
+        self._read: Conn = self._connect(READ_STATEMENT_TIMEOUT_MS, autocommit=True)
         self._read_lock = threading.Lock()
         try:
             ensure_schema(self._read)
@@ -158,21 +158,8 @@ class PgLedger(LedgerReads):
             self._budget_conn = None
         self.close()
 
-    def close(self) -> None:
-        if self._thread is not None:
-            raise LedgerError("stop() the ledger before closing it")
-        self._accepting = False
-        if not self._closed:
-            self._closed = True
-            with self._read_lock:
-                self._read.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    def _writing(self) -> bool:
+        return self._thread is not None
 
     # -- writes --------------------------------------------------------------------
 
@@ -200,10 +187,6 @@ class PgLedger(LedgerReads):
         done: asyncio.Future[None] = loop.create_future()
         self._queue.put((_Barrier(), loop, done))
         await done
-
-    def _check_accepting(self) -> None:
-        if not self._accepting:
-            raise LedgerError("the ledger is not running")
 
     def _writer(self, conn: Conn) -> None:
         try:

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.httpload import Pool, now
 from benchlib.meter import CpuMeter
 from benchlib.procs import ROOT, VENV_BIN, Children, free_port, sigterm_as_exit, wait_http
-from benchlib.stats import pct, table
+from benchlib.stats import emit, pct, table
 
 HOST = "127.0.0.1"
 ALIAS = "demo"
@@ -919,12 +919,7 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print("\ntargets:", json.dumps(out["targets_met"]))
-    out = _finite(out)
-    line = json.dumps(out, separators=(",", ":"))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(line)
+    emit(_finite(out), args.out)
     return 0
 
 

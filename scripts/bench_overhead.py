@@ -51,10 +51,10 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib.httpload import Conn, Pool, now
+from benchlib.httpload import Conn, Pool, now, on_schedule
 from benchlib.meter import CpuMeter
 from benchlib.procs import ROOT, VENV_BIN, Children, free_port, sigterm_as_exit, wait_http
-from benchlib.stats import ms, pct, table
+from benchlib.stats import emit, ms, pct, table
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
@@ -105,14 +105,9 @@ async def open_loop(t: Target, rate: float, duration: float, warmup: float,
         elif record:
             lat.append(now() - scheduled)
 
-    start = now() + 0.01
-    for i in range(n_total):
-        scheduled = start + i / rate
-        wait = scheduled - now()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        elif i >= n_warm:
-            late.append(-wait)
+    async for i, scheduled, behind in on_schedule(rate, n_total):
+        if behind is not None and i >= n_warm:
+            late.append(behind)
         task = asyncio.create_task(one(scheduled, i >= n_warm))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -191,13 +186,7 @@ async def streams(t: Target, rate: float, duration: float, tokens: int,
             chunk_lag.append(ev[i] - scheduled - i * interval)
             gaps.append(ev[i] - ev[i - 1])
 
-    n = int(duration * rate)
-    start = now() + 0.01
-    for i in range(n):
-        scheduled = start + i / rate
-        wait = scheduled - now()
-        if wait > 0:
-            await asyncio.sleep(wait)
+    async for _, scheduled, _ in on_schedule(rate, int(duration * rate)):
         task = asyncio.create_task(one(scheduled))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -723,11 +712,7 @@ def main() -> int:
     out["summary"] = summary(out)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print("\nsummary:", json.dumps(out["summary"], indent=1))
-    line = json.dumps(out, separators=(",", ":"))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(line)
+    emit(out, args.out)
     return 0
 
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 now = time.perf_counter
@@ -169,3 +169,15 @@ class Pool:
         for _, conn in self.idle:
             conn.close()
         self.idle.clear()
+
+
+async def on_schedule(rate: float, n: int) -> AsyncIterator[tuple[int, float, float | None]]:
+    """Open-loop send times start + i/rate: yields (i, scheduled time, how late the
+    sender was, or None when it was on time)."""
+    start = now() + 0.01
+    for i in range(n):
+        scheduled = start + i / rate
+        wait = scheduled - now()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        yield i, scheduled, None if wait > 0 else -wait

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -35,3 +37,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(out)
+
+
+def emit(out: dict[str, object], path: Path | None) -> None:
+    """A benchmark's figures: one JSON line on stdout, and indented into `path`."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, separators=(",", ":")))

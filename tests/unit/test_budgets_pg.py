@@ -255,6 +255,15 @@ async def test_two_router_apps_share_one_budget(pg_url: str) -> None:
     assert holds(pg_url) == 0
 
 
+def write_config(tmp_path: Path, **server: object) -> Path:
+    """models.yaml for the CLI: the unit tests' base with these server settings."""
+    data = yaml.safe_load(BASE_YAML)
+    data["server"].update(server)
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
 @pytest.mark.parametrize("command", ["check", "usage"])
 def test_commands_refuse_a_named_but_empty_url_variable(
     command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -262,10 +271,7 @@ def test_commands_refuse_a_named_but_empty_url_variable(
 ) -> None:
     from router.cli import main
 
-    data = yaml.safe_load(BASE_YAML)
-    data["server"]["database_url_env"] = "SPILLOVER_TEST_DB"
-    cfg = tmp_path / "models.yaml"
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = write_config(tmp_path, database_url_env="SPILLOVER_TEST_DB")
     monkeypatch.delenv("SPILLOVER_TEST_DB", raising=False)
     assert main([command, "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
@@ -301,17 +307,14 @@ def test_serve_with_a_ledger_it_cannot_open_says_so_in_one_line(
 ) -> None:
     from router.cli import main
 
-    data = yaml.safe_load(BASE_YAML)
     if where == "postgres":
-        data["server"]["database_url_env"] = "SPILLOVER_TEST_DB"
+        cfg = write_config(tmp_path, database_url_env="SPILLOVER_TEST_DB")
         # Port 1: nothing listens; the password must not show in what is printed.
         monkeypatch.setenv("SPILLOVER_TEST_DB", "postgresql://u:hunter2@127.0.0.1:1/db")
     else:
         blocker = tmp_path / "file"
         blocker.write_text("")
-        data["server"]["ledger_path"] = str(blocker / "ledger.db")  # under a plain file
-    cfg = tmp_path / "models.yaml"
-    cfg.write_text(yaml.safe_dump(data))
+        cfg = write_config(tmp_path, ledger_path=str(blocker / "ledger.db"))  # under a file
     assert main(["serve", "--config", str(cfg), "--no-engines"]) == 1
     err = capsys.readouterr().err
     assert "the ledger cannot be opened" in err
