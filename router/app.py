@@ -14,13 +14,14 @@ import httpx
 from fastapi import FastAPI
 
 from router.accounting import BudgetBook, local_cost_per_mtok
-from router.api import build_routes, install_error_handlers
+from router.api import FastLane, build_routes, install_error_handlers
 from router.auth import Authenticator
 from router.catalog import Backend, Catalog
 from router.config import Config, Price, load_config
 from router.dashboard import dashboard_routes
 from router.dispatch import Dispatcher
 from router.gateway import Gateway
+from router.h1 import H1Upstream
 from router.metrics import Metrics
 from router.providers import translator_for
 from router.ratelimit import RateLimiter
@@ -62,11 +63,13 @@ class Runtime:
                                 keepalive_expiry=30.0),
             trust_env=False,  # a proxy set for the shell must not capture loopback engines
         )
-        # The probes use the httpx client; requests go through the hot-path client, or
-        # through httpx too when a transport is injected (tests, embedders).
+        # The probes use the httpx client; requests go through the hot-path clients (plain
+        # HTTP to the engines, aiohttp for TLS), or through httpx too when a transport is
+        # injected (tests, embedders).
         self.upstream: Upstream = (
             HttpxUpstream(self.client) if transport is not None
-            else AiohttpUpstream(max_connections=server.max_connections))
+            else H1Upstream(max_connections=server.max_connections,
+                            tls=AiohttpUpstream(max_connections=server.max_connections)))
         self.ledger = open_ledger(server, env)
         self.recorder = Recorder(self.ledger)
         self.gpu: GpuProbe | None = None
@@ -241,6 +244,7 @@ def create_app(
                   docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)
+    app.add_middleware(FastLane, gateway=lambda: runtime.gateway)
     app.include_router(build_routes(runtime))
     app.include_router(dashboard_routes())
     return app

@@ -13,6 +13,12 @@ from router.errors import InvalidRequest, NotFound, SpilloverError, to_response
 log = logging.getLogger("spillover.api")
 
 
+def internal_error(path: str, exc: Exception) -> Response:
+    # The detail goes to the log; the caller gets the shape, never the traceback.
+    log.error("unhandled %s on %s", type(exc).__name__, path, exc_info=exc)
+    return to_response(SpilloverError("internal error in the gateway", status=500))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def spillover_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SpilloverError)
@@ -35,9 +41,7 @@ def install_error_handlers(app: FastAPI) -> None:
                                           param=loc or None))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        # The detail goes to the log; the caller gets the shape, never the traceback.
-        log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
-        return to_response(SpilloverError("internal error in the gateway", status=500))
+        return internal_error(request.url.path, exc)
 
     app.add_exception_handler(SpilloverError, spillover_error)
     app.add_exception_handler(HTTPException, http_error)

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from router.config import Timeouts
+from router.h1 import H1Upstream
 from router.upstream import AiohttpUpstream, HttpxUpstream, TransportError, Upstream
 
 FAST = Timeouts(connect=1.0, read=2.0, write=1.0, pool=1.0)
@@ -104,12 +105,18 @@ async def _aiohttp() -> tuple[Upstream, Callable[[], Awaitable[None]]]:
     return up, up.aclose
 
 
+async def _h1() -> tuple[Upstream, Callable[[], Awaitable[None]]]:
+    up = H1Upstream(max_connections=8)
+    await up.start()
+    return up, up.aclose
+
+
 async def _httpx() -> tuple[Upstream, Callable[[], Awaitable[None]]]:
     client = httpx.AsyncClient(trust_env=False)
     return HttpxUpstream(client), client.aclose
 
 
-@pytest.fixture(params=[_aiohttp, _httpx], ids=["aiohttp", "httpx"])
+@pytest.fixture(params=[_h1, _aiohttp, _httpx], ids=["h1", "aiohttp", "httpx"])
 async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[Upstream]:
     up, close = await request.param()
     try:
