@@ -235,7 +235,7 @@ class Dispatcher:
             return to_response(err, self._route_headers(call))
         # Hold the response until the first event has arrived: until then a failure can
         # still move to the next target, and the caller's status code stays truthful.
-        events = _sse_events(resp)
+        events = _sse_batches(resp)
         try:
             first = await anext(events)
         except (TransportError, StopAsyncIteration) as exc:
@@ -250,28 +250,35 @@ class Dispatcher:
         return EventStream(relay, 200, self._route_headers(call))
 
     async def _relay(self, call: Call, b: Backend, prep: Prepared, resp: UpstreamResponse,
-                     events: AsyncIterator[bytes], first: bytes,
+                     events: AsyncIterator[list[bytes]], first: list[bytes],
                      release: Callable[[], None]) -> AsyncIterator[bytes]:
         translator = self._translators[b.name]
         wants_usage = call.wants_usage
         status = 200
         finished = False
         try:
-            event: bytes | None = first
+            batch: list[bytes] | None = first
             async with asyncio.timeout(max(0.001, call.remaining())):
-                while event is not None:
-                    out = self._translate_event(call, b, prep, translator, event, wants_usage)
-                    if out == _DONE:
-                        # Booked (and durable) before the caller sees the end of the stream.
-                        finished = True
-                        release()
-                        await self._finish(call, 200)
-                    if out is not None:
-                        yield out
+                while batch is not None:
+                    outs = []
+                    for event in batch:
+                        out = self._translate_event(call, b, prep, translator, event,
+                                                    wants_usage)
+                        if out == _DONE:
+                            # Booked (and durable) before the caller sees the stream end.
+                            finished = True
+                            release()
+                            await self._finish(call, 200)
+                        if out is not None:
+                            outs.append(out)
+                    if outs:
+                        # What one read brought (the last token, usage, [DONE]) goes out
+                        # in one write.
+                        yield outs[0] if len(outs) == 1 else b"".join(outs)
                     try:
-                        event = await anext(events)
+                        batch = await anext(events)
                     except StopAsyncIteration:
-                        event = None
+                        batch = None
         except TimeoutError:
             status = 504
             yield sse_event(GatewayTimeout("the request passed its deadline mid-stream"))
@@ -436,22 +443,23 @@ def _reason(planned: str, failures: list[_Failure]) -> str:
     return "failover"
 
 
-async def _sse_events(resp: UpstreamResponse) -> AsyncIterator[bytes]:
-    """Whole SSE events (the bytes between blank lines), without their separators."""
+async def _sse_batches(resp: UpstreamResponse) -> AsyncIterator[list[bytes]]:
+    """Whole SSE events (the bytes between blank lines, without their separators), as
+    many as each piece from the upstream completed."""
     buf = b""
     async for chunk in resp.chunks():
-        buf += chunk
-        while True:
-            cut = _boundary(buf)
-            if cut is None:
-                break
+        buf = buf + chunk if buf else chunk
+        batch = []
+        while (cut := _boundary(buf)) is not None:
             end, skip = cut
-            event = buf[:end]
+            event = buf[:end].strip()
             buf = buf[end + skip:]
-            if event.strip():
-                yield event.strip()
+            if event:
+                batch.append(event)
+        if batch:
+            yield batch
     if buf.strip():
-        yield buf.strip()
+        yield [buf.strip()]
 
 
 def _boundary(buf: bytes) -> tuple[int, int] | None:

@@ -115,15 +115,20 @@ class Gateway:
             raise Forbidden(f"caller '{principal.name}' may not force the route",
                             param="x-spillover-route", code="route_not_allowed")
         alias = self.config.aliases[raw.alias]
-        facts = dataclasses.replace(
-            raw,
+        # Built whole rather than with dataclasses.replace, which costs as much as the
+        # routing decision itself on this path.
+        facts = RequestFacts(
+            alias=raw.alias, endpoint=raw.endpoint, stream=raw.stream,
+            max_tokens=raw.max_tokens, prompt_tokens=raw.prompt_tokens, force=raw.force,
             onprem_only=raw.onprem_only or policy.residency == "onprem",
             commercial_use=policy.use == "commercial",
             mode=policy.mode or alias.mode or self.config.routing.mode,
             max_request_usd=policy.max_request_usd,
             # A planning hint: with PostgreSQL it reads a view refreshed in the background
             # (no round trip here); the reservation before a hosted attempt is the check.
-            hosted_allowance_usd=self.budgets.allowance(principal.name),
+            # An alias with no hosted offering has nothing to spend it on.
+            hosted_allowance_usd=(self.budgets.allowance(principal.name)
+                                  if any(b.route == "hosted" for b in backends) else None),
         )
         return Planned(principal, facts, backends, self._decide(facts, backends))
 
