@@ -271,3 +271,44 @@ async def test_key_never_leaks(client: httpx.AsyncClient, world: World,
     r = await client.post("/v1/chat/completions", json=CHAT)
     assert "sk-test-secret" not in r.text
     assert "sk-test-secret" not in caplog.text
+
+
+# The fast lane (router/api/fastlane.py) takes the proxied endpoints before FastAPI's
+# middleware and routing; what it does not take must still be served the usual way.
+
+async def test_unexpected_error_on_the_fast_lane_is_an_openai_500(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(Settings(env={}), config=config(), transport=world.transport())
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("sk-internal-detail")
+
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+            base_url="http://router") as c:
+        app.state.runtime.gateway.plan = broken
+        r = await c.post("/v1/chat/completions", json=CHAT)
+    err = assert_openai_error(r, 500)
+    assert "sk-internal-detail" not in r.text
+    assert err["message"] == "internal error in the gateway"
+    assert caplog.text.count("unhandled RuntimeError on /v1/chat/completions") == 1
+    assert world.seen == []
+
+
+async def test_requests_the_fast_lane_does_not_take_are_served_by_the_routes(
+        world: World) -> None:
+    app = create_app(Settings(env={}), config=config(), transport=world.transport())
+    async with app.router.lifespan_context(app):
+        # Mounted under a prefix (root_path): FastAPI's own routing serves it, the same.
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path="/gw"),
+                                     base_url="http://router") as c:
+            r = await c.post("/gw/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-spillover-reason"] == "local-ok"
+            missing = await c.post("/gw/v1/chat/completions", json={**CHAT, "model": "nope"})
+            assert assert_openai_error(missing, 404)["code"] == "model_not_found"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://router") as c:
+            # Not a POST: the routes answer, in the same error shape.
+            assert_openai_error(await c.get("/v1/chat/completions"), 405)
+    assert len(world.bodies("local")) == 1

@@ -1,6 +1,7 @@
-"""The gateway as it runs in production: uvicorn in front, the aiohttp client behind,
-a real loopback engine (no MockTransport), so socket-level behaviour is what is tested:
-a caller hanging up mid-stream must reach the engine at once."""
+"""The gateway as it runs in production: uvicorn in front, the engines' HTTP/1.1 client
+(router/h1.py) behind, a real loopback engine (no MockTransport), so socket-level
+behaviour is what is tested: a caller hanging up mid-stream must reach the engine at
+once, and a stream's headers leave in one segment with its first event."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from router.app import Settings, create_app
 from tests.unit.helpers import BASE_YAML, METRICS_IDLE, completion, config
 
 STREAM_CHUNKS = 20_000
+SHORT_STREAM = 5  # a request carrying "short": true gets only this many events
 
 
 @dataclass
@@ -49,7 +51,7 @@ async def _engine_app(engine: Engine) -> web.Application:
         try:
             # Fast, like a warm engine on a GPU (~10k events/s), yet paced, so the stream
             # lasts longer than any socket buffer can hide.
-            for i in range(STREAM_CHUNKS):
+            for i in range(SHORT_STREAM if body.get("short") else STREAM_CHUNKS):
                 await resp.write(event)
                 engine.chunks_sent += 1
                 if i % 10 == 9:
@@ -76,7 +78,7 @@ async def serving() -> AsyncIterator[tuple[Engine, str, Any]]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     engine.port = runner.addresses[0][1]
     cfg = config(BASE_YAML.replace("port: 8101", f"port: {engine.port}"))
-    app = create_app(Settings(env={}), config=cfg)  # no transport: the aiohttp client
+    app = create_app(Settings(env={}), config=cfg)  # no transport: the real clients
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on",
                                            log_level="warning", access_log=False))
     task = asyncio.create_task(server.serve())
@@ -109,7 +111,7 @@ def run(loop_factory: Callable[[], asyncio.AbstractEventLoop],
 
 
 @LOOPS
-def test_whole_answer_through_the_aiohttp_client(
+def test_whole_answer_through_the_engine_client(
         loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
     async def scenario() -> None:
         async with serving() as (_, url, _runtime), httpx.AsyncClient(
@@ -148,5 +150,43 @@ def test_caller_hanging_up_mid_stream_stops_the_engine(
             last = runtime.recorder.recent[0]
             assert last["status"] == 499, last
             assert last["completion_tokens"] > 0  # an estimate: the engine billed them
+
+    run(loop_factory, scenario)
+
+
+@LOOPS
+def test_stream_headers_leave_with_the_first_event(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from router import streaming
+
+    corks: list[int] = []
+    real = streaming._set_cork
+
+    def spy(sock: Any, on: int) -> bool:
+        corks.append(on)
+        return real(sock, on)
+
+    monkeypatch.setattr(streaming, "_set_cork", spy)
+
+    async def scenario() -> None:
+        async with serving() as (_, url, _runtime):
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            body = json.dumps({**CHAT, "stream": True, "short": True}).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            first = await asyncio.wait_for(reader.read(65536), 5)
+            # One segment: the status line, the headers and the first event together.
+            assert first.startswith(b"HTTP/1.1 200"), first
+            assert b"\r\n\r\n" in first and b"data: " in first, first
+            whole = first
+            while not whole.endswith(b"\r\n0\r\n\r\n"):
+                whole += await asyncio.wait_for(reader.read(65536), 5)
+            writer.close()
+            assert whole.count(b'"content": "tok"') == SHORT_STREAM
+            assert b"data: [DONE]" in whole
+        assert corks == [1, 0]
 
     run(loop_factory, scenario)
