@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -27,6 +27,11 @@ from router.config import Timeouts
 from router.upstream import TransportError, Upstream, UpstreamResponse
 
 _HIGH_WATER = 1 << 20  # buffered answer bytes at which reading from the upstream pauses
+# A timer that runs this much after its time says the process was not scheduled (a host
+# whose CPUs an engine saturates), not that the upstream is slow: it waits _GRACE_S more,
+# once, so that what the upstream has already sent is read before anyone is blamed.
+_LATE_S = 0.2
+_GRACE_S = 0.05
 
 
 class Headers(Mapping[str, str]):
@@ -203,7 +208,7 @@ class H1Response:
         if now >= self._deadline:
             raise TransportError("ReadTimeout", timeout=True)
         self._waiter = loop.create_future()
-        timer = loop.call_at(min(now + self._read_s, self._deadline), self._timed_out)
+        timer = _Deadline(loop, min(now + self._read_s, self._deadline), self._timed_out)
         try:
             await self._waiter
         finally:
@@ -386,14 +391,27 @@ class H1Upstream:
         loop = asyncio.get_running_loop()
         conn = _Conn(origin)
         wait = max(0.001, min(timeouts.connect, deadline - loop.time()))
+        connecting = loop.create_task(
+            loop.create_connection(lambda: conn, origin.host, origin.port))
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            connecting.cancel()
+
+        timer = _Deadline(loop, loop.time() + wait, expire)
         try:
-            async with asyncio.timeout(wait):
-                await loop.create_connection(lambda: conn, origin.host, origin.port)
-        except TimeoutError:
+            await connecting
+        except asyncio.CancelledError:
+            if not expired:
+                raise
             conn.abort()
             raise TransportError("ConnectTimeout", connect=True, timeout=True) from None
         except OSError as exc:
             raise TransportError(type(exc).__name__, connect=True) from None
+        finally:
+            timer.cancel()
         return conn
 
     async def _exchange(self, conn: _Conn, request: bytes, timeouts: Timeouts,
@@ -404,7 +422,8 @@ class H1Upstream:
         conn.head = head
         assert conn.transport is not None
         conn.transport.write(request)
-        timer = loop.call_at(min(loop.time() + timeouts.read, deadline), _expire, head)
+        timer = _Deadline(loop, min(loop.time() + timeouts.read, deadline),
+                          lambda: _expire(head))
         try:
             resp = await head
         finally:
@@ -417,3 +436,27 @@ class H1Upstream:
 def _expire(fut: asyncio.Future[H1Response]) -> None:
     if not fut.done():
         fut.set_exception(TransportError("ReadTimeout", timeout=True))
+
+
+class _Deadline:
+    """`loop.call_at(due, fire)` that forgives this process's own lateness (_LATE_S)."""
+
+    __slots__ = ("_due", "_fire", "_graced", "_handle", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, due: float,
+                 fire: Callable[[], None]) -> None:
+        self._loop = loop
+        self._due = due
+        self._fire = fire
+        self._graced = False
+        self._handle = loop.call_at(due, self._run)
+
+    def _run(self) -> None:
+        if not self._graced and self._loop.time() - self._due > _LATE_S:
+            self._graced = True
+            self._handle = self._loop.call_later(_GRACE_S, self._run)
+            return
+        self._fire()
+
+    def cancel(self) -> None:
+        self._handle.cancel()

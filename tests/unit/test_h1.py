@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import socketserver
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,6 +17,10 @@ import pytest
 from router.config import Timeouts
 from router.h1 import H1Upstream
 from router.upstream import TransportError, UpstreamResponse
+
+# Every test on both loops (tests/unit/conftest.py): uvloop, which `spillover serve` runs,
+# runs due timers before it looks at the sockets; asyncio looks first.
+pytestmark = pytest.mark.both_loops
 
 FAST = Timeouts(connect=1.0, read=2.0, write=1.0, pool=0.3)
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -269,3 +276,62 @@ async def test_tls_goes_to_the_general_client() -> None:
     with pytest.raises(TransportError) as info:
         await bare.post("https://api.mistral.ai/v1/chat/completions", b"{}", {}, FAST, 5.0)
     assert info.value.connect
+
+
+class _Answering(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        while True:
+            length = 0
+            while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            if not line:
+                return
+            self.rfile.read(length)
+            self.wfile.write(OK)
+
+
+@contextlib.contextmanager
+def threaded_server() -> Iterator[str]:
+    """Answers from its own thread, so it answers while the test's event loop is stuck."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Answering)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("stuck_after_s", [0.0, 0.05], ids=["connecting", "awaiting-answer"])
+async def test_a_starved_process_does_not_blame_the_upstream(h1: H1Upstream,
+                                                             stuck_after_s: float) -> None:
+    """When the host gives this process no CPU for longer than a timeout (an engine
+    saturating every core), the timer runs late; what the upstream already sent must be
+    read before the upstream is called slow and the request failed over."""
+    tight = Timeouts(connect=0.1, read=0.1, write=1.0, pool=1.0)
+    with threaded_server() as url:
+        task = asyncio.create_task(h1.post(url + "/v1/x", b"{}", {}, tight, 5.0))
+        await asyncio.sleep(stuck_after_s)
+        time.sleep(0.5)  # noqa: ASYNC251 - the loop stuck, as when the process is starved
+        resp = await asyncio.wait_for(task, 2.0)
+        assert await resp.read() == b"{}"
+
+
+async def test_a_silent_upstream_still_times_out_after_a_stall(h1: H1Upstream) -> None:
+    async def silent(conn: int, n: int, r: asyncio.StreamReader,
+                     w: asyncio.StreamWriter) -> bool:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await r.readexactly(1)
+        return False
+
+    tight = Timeouts(connect=0.1, read=0.1, write=1.0, pool=1.0)
+    async with raw_server(silent) as srv:
+        task = asyncio.create_task(h1.post(srv.url + "/v1/x", b"{}", {}, tight, 5.0))
+        await asyncio.sleep(0.05)
+        time.sleep(0.5)  # noqa: ASYNC251 - the loop stuck on purpose
+        with pytest.raises(TransportError) as info:
+            await asyncio.wait_for(task, 2.0)
+    assert info.value.timeout
