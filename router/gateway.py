@@ -38,9 +38,15 @@ from router.signals import LoadMonitor
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-def request_id(request: Request) -> str:
+def header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's headers, decoded once into a dict (ASGI names are lower-case); the
+    first of repeated headers wins, as with Starlette's `Headers.get`."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw)}
+
+
+def request_id(headers: Mapping[str, str]) -> str:
     # A caller's id is reused only when it is safe to echo into headers and logs.
-    rid = request.headers.get("x-request-id")
+    rid = headers.get("x-request-id")
     if rid and _REQUEST_ID.fullmatch(rid):
         return rid
     return os.urandom(16).hex()  # uuid4's randomness without building a UUID
@@ -70,14 +76,15 @@ class Gateway:
 
     async def handle(self, endpoint: Endpoint, request: Request) -> Response:
         started = time.monotonic()
-        call = Call(request_id=request_id(request), facts=RequestFacts("", endpoint),
+        headers = header_map(request.scope["headers"])
+        call = Call(request_id=request_id(headers), facts=RequestFacts("", endpoint),
                     started=started, deadline=started + self.config.server.request_timeout_s)
         try:
-            principal = self.auth.caller(request.headers)
+            principal = self.auth.caller(headers)
             call.caller = principal.name
-            body = await read_json(request, self.config.server.max_body_bytes)
+            body = await read_json(request, self.config.server.max_body_bytes, headers)
             call.facts = RequestFacts(str(body.get("model", ""))[:128], endpoint)
-            p = self.plan(principal, endpoint, body, request.headers)
+            p = self.plan(principal, endpoint, body, headers)
             call.facts = p.facts
             call.wants_usage = _caller_wants_usage(body)
             admitted = self.limiter.admit(principal.name,
@@ -133,7 +140,8 @@ class Gateway:
         return Planned(principal, facts, backends, self._decide(facts, backends))
 
     def _decide(self, facts: RequestFacts, backends: tuple[Backend, ...]) -> RoutePlan:
-        return decide(facts, backends, self.monitor.view(), self.breakers.unavailable())
+        return decide(facts, backends, self.monitor.view(b.name for b in backends),
+                      self.breakers.unavailable())
 
     async def _wait_for_local(self, call: Call, p: Planned) -> RoutePlan:
         """Cost-first requests, and those that may only run locally, wait a bounded time

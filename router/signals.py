@@ -215,9 +215,13 @@ class LoadMonitor:
             e.inflight -= 1
             self._notify()
 
-    def view(self) -> dict[str, EngineLoad]:
+    def view(self, names: Iterable[str] | None = None) -> dict[str, EngineLoad]:
+        """The load of every engine, or of `names` only (a request's own candidates)."""
         now = time.monotonic()
-        return {name: self._load(e, now) for name, e in self._engines.items()}
+        if names is None:
+            return {name: self._load(e, now) for name, e in self._engines.items()}
+        engines = self._engines
+        return {name: self._load(e, now) for name in names if (e := engines.get(name))}
 
     def _load(self, e: _Engine, now: float) -> EngineLoad:
         sat = e.sat

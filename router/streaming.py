@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable, Mapping
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -29,6 +29,17 @@ _CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
 
 class EventStream(StreamingResponse):
     media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterable[bytes], status_code: int,
+                 headers: Mapping[str, str]) -> None:
+        # Starlette's constructor inspects the content and re-reads the headers; these
+        # are known: an async iterator of bytes and a few ASCII headers.
+        self.body_iterator = content
+        self.status_code = status_code
+        self.background = None
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw.append((b"content-type", b"text/event-stream; charset=utf-8"))
+        self.raw_headers = raw
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()

@@ -58,7 +58,7 @@ def build_routes(rt: Runtime) -> APIRouter:
     async def explain(request: Request) -> dict[str, Any]:
         """Where a chat completion would go now, and why; calls no upstream."""
         principal = rt.auth.caller(request.headers)
-        body = await read_json(request, rt.config.server.max_body_bytes)
+        body = await read_json(request, rt.config.server.max_body_bytes, request.headers)
         return rt.gateway.explain(principal, "chat", body, request.headers)
 
     @r.get("/v1/models", openapi_extra={"responses": ERROR_RESPONSES})
