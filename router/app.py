@@ -14,7 +14,7 @@ import httpx
 from fastapi import FastAPI
 
 from router.accounting import BudgetBook, local_cost_per_mtok
-from router.api import FastLane, build_routes, install_error_handlers
+from router.api import GatewayAPI, build_routes, install_error_handlers
 from router.auth import Authenticator
 from router.catalog import Backend, Catalog
 from router.config import Config, Price, load_config
@@ -240,11 +240,10 @@ def create_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="spillover", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, redirect_slashes=False)
+    app = GatewayAPI(gateway=lambda: runtime.gateway, title="spillover", version="0.1.0",
+                     lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)
-    app.add_middleware(FastLane, gateway=lambda: runtime.gateway)
     app.include_router(build_routes(runtime))
     app.include_router(dashboard_routes())
     return app

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from router.accounting import BudgetBook
 from router.auth import Authenticator, Principal
@@ -74,15 +74,15 @@ class Gateway:
         self.breakers = breakers
         self.recorder = recorder
 
-    async def handle(self, endpoint: Endpoint, request: Request) -> Response:
+    async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive) -> Response:
         started = time.monotonic()
-        headers = header_map(request.scope["headers"])
+        headers = header_map(scope["headers"])
         call = Call(request_id=request_id(headers), facts=RequestFacts("", endpoint),
                     started=started, deadline=started + self.config.server.request_timeout_s)
         try:
             principal = self.auth.caller(headers)
             call.caller = principal.name
-            body = await read_json(request, self.config.server.max_body_bytes, headers)
+            body = await read_json(receive, self.config.server.max_body_bytes, headers)
             call.facts = RequestFacts(str(body.get("model", ""))[:128], endpoint)
             p = self.plan(principal, endpoint, body, headers)
             call.facts = p.facts

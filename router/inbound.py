@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.types import Receive
 
 from router.config import Endpoint
 from router.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
@@ -26,7 +26,7 @@ _EXACT_FLOAT = 2**53
 _MAX_DEPTH = 254  # the deepest nesting orjson writes
 
 
-async def read_json(request: Request, limit: int,
+async def read_json(receive: Receive, limit: int,
                     headers: Mapping[str, str]) -> dict[str, Any]:
     if not _is_json(headers.get("content-type", "")):
         raise UnsupportedMediaType("the request body must be JSON, sent with "
@@ -41,7 +41,6 @@ async def read_json(request: Request, limit: int,
             raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    receive = request.receive  # straight from the server: no generator per request
     while True:
         message = await receive()
         if message["type"] != "http.request":

@@ -42,15 +42,15 @@ def build_routes(rt: Runtime) -> APIRouter:
 
     @hot.post("/v1/chat/completions", openapi_extra=CHAT_BODY)
     async def chat(request: Request) -> Response:
-        return await rt.gateway.handle("chat", request)
+        return await rt.gateway.handle("chat", request.scope, request.receive)
 
     @hot.post("/v1/completions", openapi_extra=COMPLETIONS_BODY)
     async def completions(request: Request) -> Response:
-        return await rt.gateway.handle("completions", request)
+        return await rt.gateway.handle("completions", request.scope, request.receive)
 
     @hot.post("/v1/embeddings", openapi_extra=EMBEDDINGS_BODY)
     async def embeddings(request: Request) -> Response:
-        return await rt.gateway.handle("embeddings", request)
+        return await rt.gateway.handle("embeddings", request.scope, request.receive)
 
     r.include_router(hot)
 
@@ -58,7 +58,8 @@ def build_routes(rt: Runtime) -> APIRouter:
     async def explain(request: Request) -> dict[str, Any]:
         """Where a chat completion would go now, and why; calls no upstream."""
         principal = rt.auth.caller(request.headers)
-        body = await read_json(request, rt.config.server.max_body_bytes, request.headers)
+        body = await read_json(request.receive, rt.config.server.max_body_bytes,
+                               request.headers)
         return rt.gateway.explain(principal, "chat", body, request.headers)
 
     @r.get("/v1/models", openapi_extra={"responses": ERROR_RESPONSES})

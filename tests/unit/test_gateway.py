@@ -273,10 +273,10 @@ async def test_key_never_leaks(client: httpx.AsyncClient, world: World,
     assert "sk-test-secret" not in caplog.text
 
 
-# The fast lane (router/api/fastlane.py) takes the proxied endpoints before FastAPI's
-# middleware and routing; what it does not take must still be served the usual way.
+# GatewayAPI (router/api/gatewayapi.py) takes the proxied endpoints before FastAPI's
+# layers; what it does not take must still be served the usual way.
 
-async def test_unexpected_error_on_the_fast_lane_is_an_openai_500(
+async def test_unexpected_error_on_the_proxied_path_is_an_openai_500(
         world: World, caplog: pytest.LogCaptureFixture) -> None:
     app = create_app(Settings(env={}), config=config(), transport=world.transport())
 
@@ -295,7 +295,7 @@ async def test_unexpected_error_on_the_fast_lane_is_an_openai_500(
     assert world.seen == []
 
 
-async def test_requests_the_fast_lane_does_not_take_are_served_by_the_routes(
+async def test_requests_the_gateway_api_does_not_take_are_served_by_the_routes(
         world: World) -> None:
     app = create_app(Settings(env={}), config=config(), transport=world.transport())
     async with app.router.lifespan_context(app):

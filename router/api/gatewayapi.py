@@ -1,21 +1,21 @@
-"""The proxied endpoints, taken before FastAPI's exception middleware and routing.
+"""The app: FastAPI, with the proxied endpoints taken before any of its layers.
 
-Installed as the outermost user middleware (inside Starlette's ServerErrorMiddleware
-only), so chat, completion and embedding requests skip the exception and exit-stack
-middleware, the scan of the route table, the route's wrappers, and two wrappers around
-each streamed event's send. On the first token's path that measured ~100-250 us on this
-machine, where a cold Python frame runs several times slower than in a tight loop. The
-routes stay registered with FastAPI (the OpenAPI schema, and any path this lane does not
-take) and both ways end in the same `Gateway.handle` and the same error shapes.
+Chat, completion and embedding requests would otherwise pass through FastAPI's and
+Starlette's entry points, three middleware, a scan of the route table and the route's
+wrappers, and each streamed event through two wrappers around `send`. On this machine a
+process woken from idle runs its first Python several times slower than in a tight loop
+(measured: 4-10x), so every layer on the first token's path counts. The routes stay
+registered with FastAPI (the OpenAPI schema, and any request this lane does not take)
+and both ways end in the same `Gateway.handle` and the same error shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from router.api.errors import internal_error
 from router.config import Endpoint
@@ -31,25 +31,24 @@ HOT: dict[str, Endpoint] = {
 }
 
 
-class FastLane:
-    """ASGI: POSTs to the proxied endpoints go straight to the gateway; all else to `app`."""
-
-    def __init__(self, app: ASGIApp, gateway: Callable[[], Gateway]) -> None:
-        self.app = app
+class GatewayAPI(FastAPI):
+    def __init__(self, *, gateway: Callable[[], Gateway], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._gateway = gateway  # read per request: a reload swaps the gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = HOT.get(scope["path"])
+            # Under a root_path (mounted behind a prefix) FastAPI's routing has the say.
             if endpoint is not None and not scope.get("root_path"):
                 await self._proxy(endpoint, scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
     async def _proxy(self, endpoint: Endpoint, scope: Scope, receive: Receive,
                      send: Send) -> None:
         try:
-            response = await self._gateway().handle(endpoint, Request(scope, receive))
+            response = await self._gateway().handle(endpoint, scope, receive)
         except SpilloverError as exc:
             response = to_response(exc)
         except Exception as exc:
