@@ -9,8 +9,9 @@
 Starts a minimal OpenAI-compatible upstream (scripts/benchlib/mockup.py, answering like an
 idle vLLM engine) and `spillover serve --no-engines` in front of it, then measures, each
 time straight to the upstream, through a bare pass-through proxy (scripts/benchlib/
-bareproxy.py: the cost of one more process hop, the floor for any proxy) and through the
-router, in the same run:
+bareproxy.py: spillover's server, engine client and stream writer with nothing between,
+the cost of one more process hop with this stack) and through the router, in the same
+run:
 
 - open loop at fixed rates (requests sent on schedule whatever the answers; latency from
   the scheduled send time): p50 / p99 and what the router adds;
@@ -472,7 +473,8 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
                                           "--upstream", f"http://{HOST}:{up_port}"])
     await asyncio.to_thread(wait_http, f"http://{HOST}:{bare_port}/health", 30, bare_proc,
                             "bare-proxy")
-    # The floor: one more process hop and nothing else (scripts/benchlib/bareproxy.py).
+    # The floor: one more process hop with spillover's stack and no logic
+    # (scripts/benchlib/bareproxy.py).
     bare = Target("bare-proxy", bare_port, bare_proc.pid)
     me = os.getpid()
     out: dict[str, Any] = {"bench": "overhead", "quick": args.quick,

@@ -1,57 +1,74 @@
 #!/usr/bin/env python3
-"""The floor under any Python gateway: a pass-through proxy that only forwards.
+"""The floor under spillover: the same server, client and stream writer, nothing between.
 
     python scripts/benchlib/bareproxy.py --port 9200 --upstream http://127.0.0.1:9100
 
-aiohttp server and client on uvloop, one keep-alive pool, the body and the SSE chunks
-forwarded untouched: no parsing, routing, auth, accounting or logging. What it adds over
-talking to the upstream directly is the cost of one more process hop on this machine;
-what spillover adds over it is the cost of being a gateway.
+uvicorn (uvloop, httptools) in front, spillover's engine client (router/h1.py) behind and
+its stream writer (router/streaming.py), joined by a bare ASGI function: no parsing,
+routing, auth, accounting or logging. What it adds over talking to the upstream directly
+is the cost of one more process hop with this stack; what spillover adds over it is the
+cost of being a gateway.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
-import aiohttp
-import uvloop
-from aiohttp import web
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from router.config import Timeouts
+from router.h1 import H1Upstream
+from router.streaming import EventStream
+from router.upstream import UpstreamResponse
+
+TIMEOUTS = Timeouts(connect=5, read=60, write=5, pool=5)
 
 
-def build(upstream: str) -> web.Application:
-    app = web.Application()
+def build(upstream: str) -> Any:
+    client = H1Upstream(max_connections=2048)
 
-    async def start(app: web.Application) -> None:
-        app["client"] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=512, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=60), skip_auto_headers=("User-Agent",))
+    async def relay(resp: UpstreamResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.chunks():
+                yield chunk
+        finally:
+            await resp.aclose()
 
-    async def stop(app: web.Application) -> None:
-        await app["client"].close()
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await client.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] == "/health":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        resp = await client.post(upstream + scope["path"], body,
+                                 {"content-type": "application/json"}, TIMEOUTS, 60.0)
+        ctype = resp.headers.get("content-type") or "application/json"
+        if not ctype.startswith("text/event-stream"):
+            data = await resp.read()
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": [(b"content-type", ctype.encode()),
+                                    (b"content-length", b"%d" % len(data))]})
+            await send({"type": "http.response.body", "body": data})
+            return
+        await EventStream(relay(resp), resp.status, {})(scope, receive, send)
 
-    async def forward(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        client: aiohttp.ClientSession = app["client"]
-        async with client.post(upstream + request.path, data=body,
-                               headers={"content-type": "application/json"}) as up:
-            if up.content_type != "text/event-stream":
-                return web.Response(body=await up.read(), status=up.status,
-                                    content_type=up.content_type)
-            out = web.StreamResponse(status=up.status,
-                                     headers={"content-type": "text/event-stream"})
-            await out.prepare(request)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
-    app.router.add_post("/v1/chat/completions", forward)
-    app.router.add_get("/health", health)
     return app
 
 
@@ -60,8 +77,9 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
     args = p.parse_args()
-    web.run_app(build(args.upstream), host="127.0.0.1", port=args.port, print=None,
-                access_log=None, loop=uvloop.new_event_loop())
+    uvicorn.run(build(args.upstream), host="127.0.0.1", port=args.port, loop="uvloop",
+                http="httptools", log_level="warning", access_log=False,
+                proxy_headers=False, server_header=False)
 
 
 if __name__ == "__main__":
