@@ -158,7 +158,8 @@ async def closed_loop(t: Target, concurrency: int, duration: float, warmup: floa
 
 async def streams(t: Target, rate: float, duration: float, tokens: int,
                   interval: float) -> dict[str, Any]:
-    """Open-loop streams; TTFT and each later chunk's lateness against its schedule."""
+    """Open-loop streams; TTFT and each later chunk's lateness against its schedule.
+    The samples themselves are returned too (`samples`), for pooling across rounds."""
     pool = Pool(HOST, t.port)
     await pool.warm(8)
     payload = body(stream=True, mock={"tokens": tokens, "interval_s": interval, "ttft_s": 0})
@@ -194,11 +195,26 @@ async def streams(t: Target, rate: float, duration: float, tokens: int,
     if tasks:
         await asyncio.wait(tasks, timeout=60)
     pool.close()
-    return {"rate": rate, "n": len(ttft), "errors": errors, "wrong_chunk_count": bad_count,
-            "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
-            "chunk_lag_p50_ms": ms(pct(chunk_lag, 50)),
-            "chunk_lag_p99_ms": ms(pct(chunk_lag, 99)),
-            "gap_p50_ms": ms(pct(gaps, 50)), "gap_p99_ms": ms(pct(gaps, 99))}
+    return stream_stats({"rate": rate, "errors": errors, "wrong_chunk_count": bad_count,
+                         "samples": {"ttft": ttft, "chunk_lag": chunk_lag, "gaps": gaps}})
+
+
+def stream_stats(r: dict[str, Any]) -> dict[str, Any]:
+    s = r["samples"]
+    return {**r, "n": len(s["ttft"]),
+            "ttft_p50_ms": ms(pct(s["ttft"], 50)), "ttft_p99_ms": ms(pct(s["ttft"], 99)),
+            "chunk_lag_p50_ms": ms(pct(s["chunk_lag"], 50)),
+            "chunk_lag_p99_ms": ms(pct(s["chunk_lag"], 99)),
+            "gap_p50_ms": ms(pct(s["gaps"], 50)), "gap_p99_ms": ms(pct(s["gaps"], 99))}
+
+
+def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds against one target: samples and counts summed."""
+    samples = {k: [x for r in rounds for x in r["samples"][k]] for k in rounds[0]["samples"]}
+    return stream_stats({"rate": rounds[0]["rate"], "rounds": len(rounds),
+                         "errors": sum(r["errors"] for r in rounds),
+                         "wrong_chunk_count": sum(r["wrong_chunk_count"] for r in rounds),
+                         "samples": samples})
 
 
 async def many_streams(t: Target, n: int, tokens: int, interval: float,
@@ -441,6 +457,7 @@ async def profiled_load(t: Target, seconds: float, concurrency: int, out: Path,
         if load_kind == "streams":
             load = await streams(t, args.stream_rate, seconds, args.stream_tokens,
                                  args.stream_interval)
+            del load["samples"]
         else:
             load = await closed_loop(t, concurrency, seconds, 0.0, body())
         _, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -562,17 +579,30 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
               f"{pair['bare_added_p50_ms']:+.3f} ms, p99 {pair['bare_added_p99_ms']:+.3f} ms)")
     await closed(router, "router-after-open-loop", concurrency=[8])
 
-    # 3. Streams.
+    # 3. Streams. The targets take turns in short rounds and each one's samples are
+    # pooled: a change in the shared host's load during the phase then falls on all
+    # three alike instead of on whichever target was running at the time.
     router = await fresh("router")
     rows = []
     out["streams"] = {}
-    for t in (direct, bare, router):
-        meter = CpuMeter({"target": t.pid})
-        meter.start()
-        r = await streams(t, args.stream_rate, dur, args.stream_tokens, args.stream_interval)
-        used = meter.stop()["target"]
-        r["cpu_us_per_stream"] = round(used / max(1, r["n"]) * 1e6)
-        r["cpu_us_per_chunk"] = round(used / max(1, r["n"] * (args.stream_tokens + 1)) * 1e6)
+    targets = (direct, bare, router)
+    per_round: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    cpu: dict[str, float] = dict.fromkeys(per_round, 0.0)
+    for _ in range(args.stream_rounds):
+        for t in targets:
+            meter = CpuMeter({"target": t.pid})
+            meter.start()
+            per_round[t.name].append(await streams(
+                t, args.stream_rate, dur / args.stream_rounds, args.stream_tokens,
+                args.stream_interval))
+            cpu[t.name] += meter.stop()["target"]
+    for t in targets:
+        r = pooled(per_round[t.name])
+        del r["samples"]
+        r["cpu_us_per_stream"] = round(cpu[t.name] / max(1, r["n"]) * 1e6)
+        r["cpu_us_per_chunk"] = round(cpu[t.name] / max(1, r["n"] * (args.stream_tokens + 1))
+                                      * 1e6)
+        r["round_ttft_p50_ms"] = [x["ttft_p50_ms"] for x in per_round[t.name]]
         out["streams"][t.name] = r
         rows.append([t.name, r["n"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["chunk_lag_p50_ms"],
                      r["chunk_lag_p99_ms"], r["errors"] + r["wrong_chunk_count"],
@@ -583,8 +613,8 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
         s[f"bare_added_{key}_ms"] = round(
             s["bare-proxy"][f"{key}_ms"] - s["direct"][f"{key}_ms"], 3)
     print(f"\nStreams ({args.stream_rate:g}/s, {args.stream_tokens} chunks "
-          f"{args.stream_interval * 1000:g} ms apart; chunk lag = arrival - send - i*interval)",
-          flush=True)
+          f"{args.stream_interval * 1000:g} ms apart, {args.stream_rounds} interleaved rounds; "
+          "chunk lag = arrival - send - i*interval)", flush=True)
     print(table(["target", "n", "ttft p50", "ttft p99", "chunk lag p50", "chunk lag p99",
                  "errors", "cpu us/stream", "cpu us/chunk"], rows))
     print(f"  added: TTFT p50 {s['added_ttft_p50_ms']:+.3f} ms / p99 "
@@ -676,6 +706,8 @@ def main() -> int:
     p.add_argument("--stream-rate", type=float, default=50.0)
     p.add_argument("--stream-tokens", type=int, default=10)
     p.add_argument("--stream-interval", type=float, default=0.01)
+    p.add_argument("--stream-rounds", type=int, default=5,
+                   help="turns each target takes in the streams phase (samples pooled)")
     p.add_argument("--open-streams", type=int, default=1000)
     p.add_argument("--hold-chunks", type=int, default=8, help="chunks per held-open stream")
     p.add_argument("--hold-interval", type=float, default=0.5)
@@ -696,6 +728,7 @@ def main() -> int:
         args.duration, args.closed_duration = 3.0, 3.0
         args.concurrency = [16]
         args.open_streams, args.hold_chunks = 300, 6
+        args.stream_rounds = 3
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="spillover-bench-"))
     try:
