@@ -336,10 +336,13 @@ class H1Upstream:
             routed = self._prefix[url] = found
         origin, start = routed
         parts = [start]
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value:
-                raise TransportError("InvalidHeader", connect=True)
-            parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        try:
+            for name, value in headers.items():
+                if "\r" in value or "\n" in value:
+                    raise ValueError(name)
+                parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        except ValueError:  # a line break, or a character HTTP/1.1 headers cannot carry
+            raise TransportError("InvalidHeader", connect=True) from None
         parts.append(b"content-length: %d\r\n\r\n" % len(content))
         parts.append(content)
         request = b"".join(parts)
@@ -404,9 +407,9 @@ class H1Upstream:
         try:
             await connecting
         except asyncio.CancelledError:
+            conn.abort()  # in case the connection was made as the cancellation came
             if not expired:
                 raise
-            conn.abort()
             raise TransportError("ConnectTimeout", connect=True, timeout=True) from None
         except OSError as exc:
             raise TransportError(type(exc).__name__, connect=True) from None

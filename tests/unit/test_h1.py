@@ -78,9 +78,17 @@ async def h1() -> AsyncIterator[H1Upstream]:
         await up.aclose()
 
 
-async def ok(conn: int, n: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-    w.write(OK)
-    return True
+def replying(answer: bytes, keep: bool = True) -> Handler:
+    """A handler that writes `answer` to every request, keeping the connection or not."""
+    async def handler(conn: int, n: int, r: asyncio.StreamReader,
+                      w: asyncio.StreamWriter) -> bool:
+        w.write(answer)
+        return keep
+
+    return handler
+
+
+ok = replying(OK)
 
 
 async def test_a_stale_kept_alive_connection_is_replaced_once(h1: H1Upstream) -> None:
@@ -178,12 +186,9 @@ async def test_cancelled_while_waiting_for_the_answer_closes_and_frees(
 
 
 async def test_connection_close_answer_is_not_reused(h1: H1Upstream) -> None:
-    async def handler(conn: int, n: int, r: asyncio.StreamReader,
-                      w: asyncio.StreamWriter) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}")
-        return False
-
-    async with raw_server(handler) as srv:
+    closing = replying(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}",
+                       keep=False)
+    async with raw_server(closing) as srv:
         for _ in range(2):
             assert await (await h1.post(srv.url + "/v1/x", b"{}", {}, FAST, 5.0)).read() \
                 == b"{}"
@@ -191,12 +196,9 @@ async def test_connection_close_answer_is_not_reused(h1: H1Upstream) -> None:
 
 
 async def test_body_delimited_by_the_connection_end(h1: H1Upstream) -> None:
-    async def handler(conn: int, n: int, r: asyncio.StreamReader,
-                      w: asyncio.StreamWriter) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
-        return False
-
-    async with raw_server(handler) as srv:
+    unframed = replying(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it",
+                        keep=False)
+    async with raw_server(unframed) as srv:
         resp = await h1.post(srv.url + "/v1/x", b"{}", {}, FAST, 5.0)
         assert await resp.read() == b"all of it"
 
@@ -238,9 +240,9 @@ async def test_request_line_headers_and_body_as_sent(h1: H1Upstream) -> None:
 
 async def test_header_values_cannot_inject_lines(h1: H1Upstream) -> None:
     async with raw_server(ok) as srv:
-        with pytest.raises(TransportError):
-            await h1.post(srv.url + "/v1/x", b"{}", {"x-request-id": "a\r\nx-evil: 1"},
-                          FAST, 5.0)
+        for value in ("a\r\nx-evil: 1", "key-\u2603"):
+            with pytest.raises(TransportError):
+                await h1.post(srv.url + "/v1/x", b"{}", {"x-request-id": value}, FAST, 5.0)
         assert srv.requests == []
         # The refusal took no slot: the pool (of one) still serves.
         assert await (await h1.post(srv.url + "/v1/x", b"{}", {}, FAST, 5.0)).read() == b"{}"
