@@ -1,11 +1,13 @@
 """The HTTP client of the hot path: one POST to an upstream, its answer whole or streamed.
 
-Two implementations of one small interface. `AiohttpUpstream` is what the gateway runs:
-its connection pool hands out a kept-alive connection in constant time and its response
-parser is C, which measured ~110 us per proxied request here against ~1,600 us for
-httpx, whose pool scans every pooled connection on each request. `HttpxUpstream` serves an
-injected httpx transport (tests, embedders) and the probes keep using httpx. Both raise
-`TransportError` for anything that is not an HTTP answer, so dispatch knows one error type.
+One small interface, three implementations. `router.h1.H1Upstream` speaks to the plain-HTTP
+upstreams (the local engines, on every local token's path) and hands TLS ones (the hosted
+APIs) to `AiohttpUpstream`, whose connection pool hands out a kept-alive connection in
+constant time and whose response parser is C: measured ~110 us per proxied request here
+against ~1,600 us for httpx, whose pool scans every pooled connection on each request.
+`HttpxUpstream` serves an injected httpx transport (tests, embedders) and the probes keep
+using httpx. All raise `TransportError` for anything that is not an HTTP answer, so
+dispatch knows one error type.
 """
 
 from __future__ import annotations
