@@ -432,6 +432,7 @@ class Dispatcher:
 
 
 _DONE = b"data: [DONE]\n\n"
+_BATCH_BYTES = 64 * 1024
 
 
 def _reason(planned: str, failures: list[_Failure]) -> str:
@@ -445,17 +446,24 @@ def _reason(planned: str, failures: list[_Failure]) -> str:
 
 async def _sse_batches(resp: UpstreamResponse) -> AsyncIterator[list[bytes]]:
     """Whole SSE events (the bytes between blank lines, without their separators), as
-    many as each piece from the upstream completed."""
+    many as each piece from the upstream completed, up to _BATCH_BYTES a batch: each batch
+    is one write to the caller, and a caller that reads slowly holds the relay back one
+    batch at a time, so a stream stays in flight as long as its caller takes to read it."""
     buf = b""
     async for chunk in resp.chunks():
         buf = buf + chunk if buf else chunk
-        batch = []
+        batch: list[bytes] = []
+        size = 0
         while (cut := _boundary(buf)) is not None:
             end, skip = cut
             event = buf[:end].strip()
             buf = buf[end + skip:]
             if event:
                 batch.append(event)
+                size += len(event)
+                if size >= _BATCH_BYTES:
+                    yield batch
+                    batch, size = [], 0
         if batch:
             yield batch
     if buf.strip():

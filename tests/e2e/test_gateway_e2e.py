@@ -133,14 +133,16 @@ def test_stream_broken_after_first_byte_ends_with_error(make_router: Any,
 
 
 def _long_streams(router: Router, n: int, routes: list[str], stop: threading.Event,
-                  started: threading.Semaphore) -> list[threading.Thread]:
+                  started: threading.Semaphore, seqs: int = 4) -> list[threading.Thread]:
     """Long generations through the router, held open until `stop` is set.
 
     A warm engine writes a 1,800-token stream in a second or two, faster than a busy
-    machine lets a test look at it. Four sequences per request make each stream ~1.4 MB,
-    far more than the small socket buffers of this reader and of the router hold, and the
-    reader is slow: each stream stays in flight as long as the reader wants, as with a
-    slow client over a real network.
+    machine lets a test look at it. `seqs` sequences per request make each stream ~0.35 MB
+    a sequence, and the reader is slow: the router relays at the reader's pace, so once
+    a stream is larger than what the buffers on the way hold (the router's socket send
+    buffer alone grows to 4 MB on loopback here), it stays in flight as long as the
+    reader wants, as with a slow client over a real network; until then it lasts as long
+    as the engine takes to generate it.
     """
     http = httpx.Client(timeout=60, transport=httpx.HTTPTransport(
         socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]))
@@ -148,7 +150,7 @@ def _long_streams(router: Router, n: int, routes: list[str], stop: threading.Eve
 
     def one() -> None:
         with client.chat.completions.with_streaming_response.create(
-                model="demo", messages=HELLO, max_tokens=1800, n=4, stream=True,
+                model="demo", messages=HELLO, max_tokens=1800, n=seqs, stream=True,
                 extra_body={"ignore_eos": True}) as s:
             routes.append(s.headers["x-spillover-route"])
             started.release()

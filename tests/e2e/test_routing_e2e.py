@@ -93,7 +93,9 @@ def test_onprem_never_reaches_plateforme_even_saturated(make_router: Any,
     stop, started = threading.Event(), threading.Semaphore(0)
     routes: list[str] = []
     router.client = app  # the long streams come from a commercial caller
-    threads = _long_streams(router, 2, routes, stop, started)
+    # ~8 MB each: more than every buffer between engine and reader, so the engine stays
+    # saturated through the three requests below however fast it generates.
+    threads = _long_streams(router, 2, routes, stop, started, seqs=24)
     try:
         for _ in range(2):
             assert started.acquire(timeout=60)
