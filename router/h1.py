@@ -63,7 +63,6 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.used = False  # has answered a request before (so it may have gone stale)
         self.idle_since = 0.0
         self.resp: H1Response | None = None
         self.head: asyncio.Future[H1Response] | None = None
@@ -101,12 +100,6 @@ class _Conn(asyncio.Protocol):
             resp.finish()  # a body delimited by the connection's end has ended
             return
         self._fail(TransportError("ServerDisconnectedError"))
-
-    def pause_writing(self) -> None:  # large request bodies: the transport buffers them
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- httptools callbacks -----------------------------------------------------------
 
@@ -278,7 +271,6 @@ class _Origin:
     def release(self, conn: _Conn) -> None:
         conn.resp = None
         conn.head = None
-        conn.used = True
         conn.idle_since = time.monotonic()
         if not conn.closed:
             self.idle.append(conn)
@@ -293,7 +285,6 @@ class H1Upstream:
 
     def __init__(self, *, max_connections: int, tls: Upstream | None = None,
                  keepalive_s: float = 30.0) -> None:
-        self._max = max_connections
         self._keepalive = keepalive_s
         self._tls = tls
         self._origins: dict[tuple[str, int], _Origin] = {}
