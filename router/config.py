@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_CONFIG = "models.yaml"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+# The principals router.auth builds itself: the admin key's, and the keyless one of open
+# mode. A caller under one of these names would share their ledger rows, usage and limits.
+RESERVED_CALLER_NAMES = ("admin", "anonymous")
 
 
 class _Strict(BaseModel):
@@ -195,6 +198,11 @@ class Server(_Strict):
     # password, so it never lives in this file). When set, the ledger and the budgets live
     # in that database, shared by every replica pointed at it, and ledger_path is unused.
     database_url_env: str | None = Field(default=None, min_length=1)
+    # GET /metrics names callers with their spend: by default only the admin key (or, in
+    # open mode without one, anyone) reads it. Prometheus can send a token of its own
+    # (sha256 digests here, like callers' keys), or the operator opens it entirely.
+    metrics_public: bool = False
+    metrics_token_sha256: list[str] = Field(default_factory=list)
 
 
 DEFAULT_LICENSES: dict[str, License] = {
@@ -264,8 +272,16 @@ class Config(_Strict):
                         f"aliases.{alias_name}.hosted.{i}.provider: unknown provider "
                         f"{off.provider!r} (known: {', '.join(sorted(self.providers)) or 'none'})"
                     )
+        for j, digest in enumerate(self.server.metrics_token_sha256):
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                problems.append(f"server.metrics_token_sha256.{j}: not a sha256 hex digest "
+                                "(spillover keys add)")
         owners: dict[str, str] = {}
         for name, caller in self.callers.items():
+            if name.casefold() in RESERVED_CALLER_NAMES:
+                problems.append(f"callers.{name}: the name {name!r} is reserved (the "
+                                f"{'admin key' if name.casefold() == 'admin' else 'keyless caller'}"
+                                " of the gateway), choose another")
             for j, digest in enumerate(caller.key_sha256):
                 where = f"callers.{name}.key_sha256.{j}"
                 if not re.fullmatch(r"[0-9a-f]{64}", digest):

@@ -114,3 +114,52 @@ def test_shipped_examples_validate_when_uncommented() -> None:
                    "Mistral-Small-3.2-24B-Instruct-2506", "Devstral-Small-2505"):
         assert licences[f"mistralai/{apache}"] == "apache-2.0"
     assert len(cfg.aliases) >= 10
+
+
+RESERVED = """\
+aliases:
+  demo:
+    local:
+      - {name: a, model: m, license: apache-2.0}
+callers:
+  app:
+    key_sha256: []
+  admin:
+    key_sha256: []
+  Anonymous:
+    use: research
+"""
+
+
+def test_reserved_caller_names_are_refused_with_their_line(tmp_path: Path) -> None:
+    """A caller named admin would share the admin's limits and usage; one named anonymous
+    would collect the keyless rows."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(RESERVED, "r.yaml")
+    text = [str(p) for p in info.value.problems]
+    assert any(t.startswith("line 8: callers.admin: the name 'admin' is reserved")
+               for t in text), text
+    assert any(t.startswith("line 10: callers.Anonymous: the name 'Anonymous' is reserved")
+               for t in text), text
+    assert not any("callers.app" in t for t in text), text
+    bad = tmp_path / "reserved.yaml"
+    bad.write_text(RESERVED)
+    r = subprocess.run([sys.executable, "-m", "router.cli", "check", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "line 8: callers.admin: the name 'admin' is reserved" in r.stderr
+
+
+def test_auth_principals_use_reserved_names() -> None:
+    from router.auth import ADMIN, ANONYMOUS
+    from router.config import RESERVED_CALLER_NAMES
+
+    assert {ADMIN, ANONYMOUS} <= set(RESERVED_CALLER_NAMES)
+
+
+def test_metrics_token_must_be_a_digest() -> None:
+    text = "server: {metrics_token_sha256: [not-a-digest]}\n" + RESERVED.split("callers:")[0]
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "m.yaml")
+    assert any("server.metrics_token_sha256.0: not a sha256 hex digest" in str(p)
+               for p in info.value.problems)
