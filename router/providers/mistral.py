@@ -19,16 +19,24 @@ from router.providers.base import IdMap, Prepared, restore_ids
 _ID_OK = re.compile(r"[a-zA-Z0-9]{9}\Z")
 _B62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+# Every field of La Plateforme's request models (mistralai 3.7's ChatCompletionRequest and
+# FIMCompletionRequest; tests/unit/test_mistral_schema.py checks these sets against the SDK),
+# so a caller gets everything Mistral can do; only what it would reject (422) is dropped.
 _CHAT_FIELDS = frozenset({
     "model", "messages", "temperature", "top_p", "max_tokens", "stream", "stop",
-    "random_seed", "response_format", "tools", "tool_choice", "presence_penalty",
-    "frequency_penalty", "n", "safe_prompt", "parallel_tool_calls", "prediction",
-    "prompt_mode",
+    "random_seed", "metadata", "response_format", "tools", "tool_choice", "presence_penalty",
+    "frequency_penalty", "min_tokens", "repetition_penalty", "top_k", "logprobs",
+    "top_logprobs", "prompt_logprobs", "top_prompt_logprobs", "n", "prediction",
+    "parallel_tool_calls", "reasoning_effort", "prompt_mode", "guardrails",
+    "prompt_cache_key", "service_tier", "safe_prompt",
 })
 _FIM_FIELDS = frozenset({
     "model", "prompt", "suffix", "temperature", "top_p", "max_tokens", "min_tokens",
-    "stream", "stop", "random_seed",
+    "stream", "stop", "random_seed", "metadata", "prompt_cache_key",
 })
+# OpenAI's service tiers ("default", "flex", "priority", ...) are not Mistral's: only the
+# values La Plateforme knows go through.
+_SERVICE_TIERS = frozenset({"auto", "standard_only"})
 _EMBED_FIELDS = frozenset({"model", "input", "output_dimension", "output_dtype",
                            "encoding_format"})
 # Per role, the message fields La Plateforme accepts (it rejects e.g. `name` on a user).
@@ -120,6 +128,8 @@ class MistralTranslator:
             out["max_tokens"] = src["max_completion_tokens"]
         if out.get("tool_choice") == "required":
             out["tool_choice"] = "any"
+        if "service_tier" in out and out["service_tier"] not in _SERVICE_TIERS:
+            del out["service_tier"]
         out["model"] = model_id
         ids = IdMap()
         if endpoint == "chat":

@@ -303,6 +303,19 @@ _CHAT_FIELDS: dict[str, _Kind] = {
     "parallel_tool_calls": _BOOL,
     "safe_prompt": _BOOL,
     "prompt_mode": _STR,
+    # The rest of mistralai 3.7's ChatCompletionRequest.
+    "metadata": _DICT,
+    "min_tokens": _INT,
+    "repetition_penalty": _NUM,
+    "top_k": _INT,
+    "logprobs": _BOOL,
+    "top_logprobs": _INT,
+    "prompt_logprobs": _BOOL,
+    "top_prompt_logprobs": _INT,
+    "reasoning_effort": _STR,
+    "guardrails": _LIST,
+    "prompt_cache_key": _STR,
+    "service_tier": _STR,
     # Known to Mistral, but it has no include_usage (usage always comes in the last chunk).
     "stream_options": _DICT,
 }
@@ -317,6 +330,8 @@ _FIM_FIELDS: dict[str, _Kind] = {
     "stream": _BOOL,
     "stop": _STR_OR_LIST,
     "random_seed": _INT,
+    "metadata": _DICT,
+    "prompt_cache_key": _STR,
 }
 _EMBEDDING_FIELDS: dict[str, _Kind] = {
     "model": _STR,

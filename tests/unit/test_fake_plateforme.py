@@ -234,7 +234,9 @@ def test_models_are_listed(client: openai.OpenAI) -> None:
         ("user", "u1"),
         ("logit_bias", {"1": 2}),
         ("max_completion_tokens", 5),
-        ("service_tier", "auto"),
+        # service_tier was here: mistralai 3.7's ChatCompletionRequest now carries it.
+        ("store", True),
+        ("modalities", ["text"]),
     ],
 )
 def test_openai_only_fields_get_422(http: httpx.Client, field: str, value: Any) -> None:
