@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +32,15 @@ from router.errors import (
     sse_event,
     to_response,
 )
+from router.ledger import StoreUnavailable
+from router.ledger_spool import RETRY_AFTER_S
 from router.policy import RoutePlan
-from router.providers import Prepared, Translator
+from router.providers import Prepared, Translator, bound_output
 from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy, parse_retry_after
 from router.signals import LoadMonitor
-from router.streaming import EventStream
+from router.sse import SSEFramer
+from router.streaming import EventStream, Relay
 from router.upstream import TransportError, Upstream, UpstreamResponse
 
 log = logging.getLogger("spillover.dispatch")
@@ -83,6 +86,12 @@ class Dispatcher:
         self._recorder = recorder
 
     async def run(self, call: Call, plan: RoutePlan, body: dict[str, Any]) -> Response:
+        if (why := self._recorder.refusal()) is not None:  # a ledger that cannot bill
+            call.reason = "ledger-unavailable"
+            err = Unavailable(why, code="ledger_unavailable",
+                              headers={"retry-after": str(RETRY_AFTER_S)})
+            await self._finish(call, err.status)
+            return to_response(err, self._route_headers(call))
         failures: list[_Failure] = []
         for backend in plan.targets:
             if call.remaining() <= 0:
@@ -93,6 +102,8 @@ class Dispatcher:
                 continue
             prep = self._translators[backend.name].request(
                 call.facts.endpoint, body, backend.model_id, include_usage=True)
+            if backend.route == "hosted":
+                bound_output(prep, call.facts.endpoint, call.facts.assumed_max_tokens)
             content = orjson.dumps(prep.body)
             result = await self._target(call, plan, backend, prep, content, headers, failures)
             if result is not None:
@@ -114,8 +125,14 @@ class Dispatcher:
                                          kind="breaker"))
                 return None
             if hosted:
-                call.reservation = await self._budgets.reserve(call.caller,
-                                                               call.facts.worst_case_usd(b))
+                try:
+                    call.reservation = await self._budgets.reserve(
+                        call.caller, call.facts.worst_case_usd(b))
+                except StoreUnavailable as exc:
+                    if breaker is not None:
+                        breaker.release()
+                    failures.append(_Failure(b, str(exc), kind="store"))
+                    return None
                 if call.reservation is None:
                     if breaker is not None:
                         breaker.release()
@@ -246,16 +263,23 @@ class Dispatcher:
             return _Failure(b, "closed the stream before its first event", 502)
         self._started(call, b)
         call.ttft_s = time.monotonic() - call.started
-        relay = self._relay(call, b, prep, resp, events, first, release)
-        return EventStream(relay, 200, self._route_headers(call))
+        end = _StreamEnd(self, call, b, resp, release)
+        relay = Relay(self._relay(call, b, prep, events, first, end), end)
+        try:
+            return EventStream(relay, 200, self._route_headers(call))
+        except BaseException:
+            # The response could not even be built (a header that is not latin-1): the
+            # caller gets the gateway's error, and the stream ends here, unstarted.
+            end.status = 500
+            await relay.aclose()
+            raise
 
-    async def _relay(self, call: Call, b: Backend, prep: Prepared, resp: UpstreamResponse,
+    async def _relay(self, call: Call, b: Backend, prep: Prepared,
                      events: AsyncIterator[list[bytes]], first: list[bytes],
-                     release: Callable[[], None]) -> AsyncIterator[bytes]:
+                     end: _StreamEnd) -> AsyncGenerator[bytes, None]:
         translator = self._translators[b.name]
         wants_usage = call.wants_usage
-        status = 200
-        finished = False
+        end.status = 200
         try:
             batch: list[bytes] | None = first
             async with asyncio.timeout(max(0.001, call.remaining())):
@@ -266,8 +290,8 @@ class Dispatcher:
                                                     wants_usage)
                         if out == _DONE:
                             # Booked (and durable) before the caller sees the stream end.
-                            finished = True
-                            release()
+                            end.finished = True
+                            end.release()
                             await self._finish(call, 200)
                         if out is not None:
                             outs.append(out)
@@ -280,29 +304,19 @@ class Dispatcher:
                     except StopAsyncIteration:
                         batch = None
         except TimeoutError:
-            status = 504
+            end.status = 504
             yield sse_event(GatewayTimeout("the request passed its deadline mid-stream"))
         except TransportError as exc:
-            status = 502
+            end.status = 502
             log.warning("request %s: stream from %s broke: %s", call.request_id, b.name,
                         exc.kind)
             yield sse_event(UpstreamError(f"the upstream stream from {b.label} broke off "
                                           f"({exc.kind})"))
         except (asyncio.CancelledError, GeneratorExit):
-            status = 499  # the caller went away; closing the upstream cancels it there
+            end.status = 499  # the caller went away; closing the upstream cancels it there
             raise
         finally:
-            release()
-            if not finished:
-                if not call.usage_seen:
-                    # Cut off before the usage chunk: the upstream still billed what it
-                    # generated, so book an estimate rather than nothing.
-                    self._estimate_usage(call, b)
-                self._finish_nowait(call, status)
-            # The caller may be gone and this task cancelled: without the shield the
-            # close would be cancelled too, and the upstream would go on generating.
-            with anyio.CancelScope(shield=True):
-                await resp.aclose()
+            await end()
 
     def _translate_event(self, call: Call, b: Backend, prep: Prepared, translator: Translator,
                          event: bytes, wants_usage: bool) -> bytes | None:
@@ -353,6 +367,13 @@ class Dispatcher:
             err = RateLimited("hosted budget exhausted and no local engine can take the "
                               "request now", code="budget_exceeded")
             call.reason = "budget"
+        elif "store" in kinds and kinds <= {"store", "budget", "breaker"}:
+            # Nothing was tried: the budget store did not answer, which waiting can mend.
+            store = next(f.what for f in failures if f.kind == "store")
+            err = Unavailable(f"{store}; no local engine could take the request",
+                              code="budget_store_unavailable",
+                              headers={"retry-after": str(RETRY_AFTER_S)})
+            call.reason = "budget-store"
         elif kinds == {"breaker"}:
             err = Unavailable("every backend's circuit is open after repeated failures",
                               code="circuit_open", headers={"retry-after": "5"})
@@ -448,33 +469,48 @@ async def _sse_batches(resp: UpstreamResponse) -> AsyncIterator[list[bytes]]:
     """Whole SSE events (the bytes between blank lines, without their separators), as
     many as each piece from the upstream completed, up to _BATCH_BYTES a batch: each batch
     is one write to the caller, and a caller that reads slowly holds the relay back one
-    batch at a time, so a stream stays in flight as long as its caller takes to read it."""
-    buf = b""
+    batch at a time, so a stream stays in flight as long as its caller takes to read it.
+    Framing is linear in the bytes received (router/sse.py), however large the pieces."""
+    framer = SSEFramer(_BATCH_BYTES)
     async for chunk in resp.chunks():
-        buf = buf + chunk if buf else chunk
-        batch: list[bytes] = []
-        size = 0
-        while (cut := _boundary(buf)) is not None:
-            end, skip = cut
-            event = buf[:end].strip()
-            buf = buf[end + skip:]
-            if event:
-                batch.append(event)
-                size += len(event)
-                if size >= _BATCH_BYTES:
-                    yield batch
-                    batch, size = [], 0
-        if batch:
+        for batch in framer.feed(chunk):
             yield batch
-    if buf.strip():
-        yield [buf.strip()]
+    tail = framer.close()
+    if tail:
+        yield tail
 
 
-def _boundary(buf: bytes) -> tuple[int, int] | None:
-    i = buf.find(b"\n\n")
-    j = buf.find(b"\r\n\r\n")
-    if i < 0 and j < 0:
-        return None
-    if j >= 0 and (i < 0 or j < i):
-        return j, 4
-    return i, 2
+@dataclass(slots=True, eq=False)
+class _StreamEnd:
+    """The one clean-up of a relayed stream, run once whether its body ran to the end,
+    broke, was cancelled, or never started (see router.streaming.Relay)."""
+
+    dispatcher: Dispatcher
+    call: Call
+    backend: Backend
+    resp: UpstreamResponse
+    release: Callable[[], None]  # the engine's in-flight count; idempotent
+    # Closed before the body ran: the caller never got the stream (its connection was
+    # gone when the start went out); the body sets its own status once it runs.
+    status: int = 499
+    finished: bool = False  # booked at [DONE]
+    ended: bool = False
+
+    async def __call__(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self.release()
+            if not self.finished:
+                d, call = self.dispatcher, self.call
+                if not call.usage_seen:
+                    # Cut off before the usage chunk: the upstream still billed what it
+                    # generated, so book an estimate rather than nothing.
+                    d._estimate_usage(call, self.backend)
+                d._finish_nowait(call, self.status)
+        finally:
+            # The caller may be gone and this task cancelled: without the shield the
+            # close would be cancelled too, and the upstream would go on generating.
+            with anyio.CancelScope(shield=True):
+                await self.resp.aclose()

@@ -18,13 +18,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 _CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
+
+
+class Relay:
+    """A relayed stream's body and the clean-up that ends it, which `aclose()` always runs,
+    exactly once.
+
+    The clean-up (release the engine's in-flight slot and the upstream connection, settle
+    the budget hold, write the ledger row) cannot live only in the body generator's
+    `finally`: `aclose()` on an async generator that never started skips its `finally`,
+    and that is what happens when building the response or sending its start fails (a
+    header that is not latin-1; an ASGI server whose `send` raises on a connection the
+    caller already closed). The body may run `end` itself when it finishes (to book
+    with the status it knows); `end` must be idempotent.
+    """
+
+    __slots__ = ("_body", "_end")
+
+    def __init__(self, body: AsyncGenerator[bytes, None],
+                 end: Callable[[], Awaitable[None]]) -> None:
+        self._body = body
+        self._end = end
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self._body
+
+    async def aclose(self) -> None:
+        try:
+            await self._body.aclose()
+        finally:
+            await self._end()
 
 
 class EventStream(StreamingResponse):
@@ -40,6 +70,12 @@ class EventStream(StreamingResponse):
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         raw.append((b"content-type", b"text/event-stream; charset=utf-8"))
         self.raw_headers = raw
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the stream has ended, however it ends, after the relay's own
+        clean-up (the gateway's per-caller stream count)."""
+        self._on_close.append(fn)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -73,10 +109,16 @@ class EventStream(StreamingResponse):
             if watcher is not None:
                 watcher.cancel()
             # Interrupted or not, the relay's cleanup (closing the upstream, booking the
-            # call) runs now, not whenever the generator is collected.
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            # call) runs now, not whenever the generator is collected; a Relay runs it
+            # even when its body never started (the start failed to go out).
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                callbacks, self._on_close = self._on_close, []
+                for fn in callbacks:
+                    fn()
 
     async def _stream(self, send: Send, sock: Any, first_written: Callable[[], None]) -> None:
         corked = sock is not None and _set_cork(sock, 1)
