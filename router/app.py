@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -20,6 +21,7 @@ from router.catalog import Backend, Catalog
 from router.config import Config, Price, load_config
 from router.dashboard import dashboard_routes
 from router.dispatch import Dispatcher
+from router.errors import InvalidRequest, Unavailable
 from router.gateway import Gateway
 from router.h1 import H1Upstream
 from router.metrics import Metrics
@@ -76,9 +78,15 @@ class Runtime:
         # Set by `spillover serve` when it manages the engines: their pids and restarts.
         self.supervisor: EngineSupervisor | None = None
         self._install(config, breakers=None, budgets=None)
+        # Reloads take turns: two interleaved ones each started a load monitor and stopped
+        # the other's before it ran, leaving monitors that nothing ever stopped.
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[Config]] = set()
+        self._stopped = False
         self.metrics = Metrics(self.catalog.aliases)
         self.metrics.watch(lambda: self.monitor.status(), lambda: self.breakers.snapshot(),
-                           lambda: self.budgets.snapshot(), self.recorder.today)
+                           lambda: self.budgets.snapshot(), self.recorder.today,
+                           ledger=self.ledger.health.snapshot)
         self.recorder.observers.append(self.metrics.observe)
 
     def _install(self, config: Config, breakers: Breakers | None,
@@ -107,7 +115,8 @@ class Runtime:
             budgets=budgets, local_price=self.local_price,
             hosted_price=catalog.hosted_price, recorder=self.recorder,
         )
-        auth = Authenticator(config.callers, config.admin_key_sha256)
+        auth = Authenticator(config.callers, config.admin_key_sha256,
+                             config.server.metrics_token_sha256)
         gateway = Gateway(config, catalog, monitor, dispatcher, auth=auth, budgets=budgets,
                           limiter=limiter, breakers=breakers, recorder=self.recorder)
         if reload:
@@ -118,22 +127,49 @@ class Runtime:
             config, catalog, monitor, api_keys, budgets, limiter, breakers, dispatcher, auth,
             gateway)
 
-    async def reload(self, path: str | None = None) -> Config:
+    async def reload(self, path: str | None = None, *, allow_open: bool = False) -> Config:
         """Re-read models.yaml and swap it in; a file that does not validate raises
         ConfigError and the running config stays. Server settings (address, ledger) keep
-        their start values until a restart."""
-        path = path or self.config_path
-        cfg = load_config(path)
-        cfg = cfg.model_copy(update={"server": self.config.server})
-        old_monitor, had_ledger = self.monitor, self.ledger.path
-        self._install(cfg, self.breakers, self.budgets)
-        assert self.ledger.path == had_ledger
-        self.metrics.set_aliases(self.catalog.aliases)
-        await self.monitor.start()
-        await old_monitor.stop()
-        log.info("reloaded %s: %d aliases, %d callers", path, len(cfg.aliases), len(cfg.callers))
-        self._warn(cfg)
-        return cfg
+        their start values until a restart.
+
+        A file that would turn authentication off (no callers where there were some) or
+        drop the admin key is refused unless `allow_open`: a truncated file must not open
+        the gateway. Each reload runs whole, one after the other, in a task of its own: a
+        caller that goes away mid-reload cannot leave a monitor started and never stopped.
+        """
+        task = asyncio.ensure_future(self._reload(path, allow_open))
+        self._reloads.add(task)
+        task.add_done_callback(self._reload_done)
+        return await asyncio.shield(task)
+
+    def _reload_done(self, task: asyncio.Task[Config]) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have gone away
+
+    async def _reload(self, path: str | None, allow_open: bool) -> Config:
+        async with self._reload_lock:
+            if self._stopped:
+                raise Unavailable("the gateway is shutting down", code="shutting_down")
+            path = path or self.config_path
+            cfg = load_config(path)
+            cfg = cfg.model_copy(update={"server": self.config.server})
+            if not allow_open:
+                _refuse_opening(self.config, cfg)
+            old_monitor, old_limiter, had_ledger = self.monitor, self.limiter, self.ledger.path
+            self._install(cfg, self.breakers, self.budgets)
+            # No await since the swap: no request was admitted by the fresh buckets yet.
+            self.limiter.inherit(old_limiter)
+            assert self.ledger.path == had_ledger
+            self.metrics.set_aliases(self.catalog.aliases)
+            try:
+                await self.monitor.start()
+            finally:
+                await old_monitor.stop()
+            log.info("reloaded %s: %d aliases, %d callers", path, len(cfg.aliases),
+                     len(cfg.callers))
+            self._warn(cfg)
+            return cfg
 
     def local_price(self, b: Backend) -> Price | None:
         """What a local token costs: the GPU's hourly cost over the throughput the engine
@@ -159,6 +195,8 @@ class Runtime:
                         "NAME) before exposing it beyond this machine.")
 
     async def stop(self) -> None:
+        async with self._reload_lock:  # a reload in progress ends first; none starts after
+            self._stopped = True
         await self.monitor.stop()
         await self.upstream.aclose()
         await self.client.aclose()
@@ -209,8 +247,11 @@ class Runtime:
                     usable.append(b.name)
             aliases[alias] = {"ready": bool(usable), "backends": usable}
             ready = ready and bool(usable)
+        # A replica refusing calls for want of a ledger is not ready; one that spools is.
+        ledger = self.ledger.health.snapshot()
+        ready = ready and not ledger["refusing"]
         return ready, {"ready": ready, "aliases": aliases, "engines": self.monitor.status(),
-                       **self.hardware()}
+                       "ledger": ledger, **self.hardware()}
 
     def status(self) -> dict[str, object]:
         _, detail = self.readiness()
@@ -220,6 +261,22 @@ class Runtime:
                 "open": self.auth.open, "budgets": self.budgets.snapshot(),
                 "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent),
                 "series": self.recorder.series(), "today": self.recorder.today()}
+
+
+def _refuse_opening(running: Config, new: Config) -> None:
+    """What a reload must not do without the operator saying so (allow_open)."""
+    problems = []
+    if running.callers and not new.callers:
+        problems.append("it has no callers, so the gateway would serve everyone without a key")
+    if running.admin_key_sha256 and not new.admin_key_sha256:
+        problems.append("it has no admin_key_sha256, so the admin endpoints would be "
+                        "disabled or, with no callers, open to everyone")
+    if problems:
+        raise InvalidRequest(
+            "the new models.yaml would open the gateway: " + " and ".join(problems)
+            + "; the running config stays. Reload with allow_open=true (POST "
+            "/admin/reload?allow_open=true, or `spillover serve --allow-open-reload` for "
+            "SIGHUP) if that is intended", param="allow_open", code="reload_opens_gateway")
 
 
 def create_app(

@@ -13,7 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from router.config import Config, ConfigError, config_path, load_config
+from router.config import (
+    RESERVED_CALLER_NAMES,
+    Config,
+    ConfigError,
+    config_path,
+    load_config,
+)
 from serving.engine import EngineSpec, EngineSupervisor
 
 log = logging.getLogger("spillover")
@@ -30,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--log-level", default=os.environ.get("SPILLOVER_LOG_LEVEL", "info"))
+    serve.add_argument("--allow-open-reload", action="store_true",
+                       help="let a SIGHUP reload remove every caller or the admin key "
+                            "(refused otherwise: a truncated file must not open the gateway)")
 
     check = sub.add_parser("check", help="validate models.yaml and print every problem")
     check.add_argument("--config")
@@ -112,6 +121,9 @@ def _keys_add(name: str) -> int:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
         print(f"not a valid caller name: {name!r}", file=sys.stderr)
         return 2
+    if name.casefold() in RESERVED_CALLER_NAMES:
+        print(f"the caller name {name!r} is reserved; choose another", file=sys.stderr)
+        return 2
     key, digest = new_key()
     print(f"API key for {name} (shown once; give it to the caller, it is not stored):\n")
     print(f"  {key}\n")
@@ -188,6 +200,8 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
     import uvicorn
 
     from router.app import Settings, create_app
+    from router.errors import SpilloverError
+    from router.server import server_config
 
     # The app first: a database that cannot be reached fails here, before any engine runs.
     app = create_app(Settings(config_path=path), config=cfg)
@@ -206,11 +220,14 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
     reloads: set[asyncio.Task[object]] = set()
 
     async def reload() -> None:
+        # Runtime.reload serialises overlapping reloads (a burst of SIGHUPs) itself.
         try:
-            await runtime.reload()
+            await runtime.reload(allow_open=args.allow_open_reload)
         except ConfigError as exc:
             for p in exc.problems:
                 log.error("reload refused, the running config stays: %s: %s", path, p)
+        except SpilloverError as exc:
+            log.error("reload refused, the running config stays: %s: %s", path, exc.message)
 
     def on_sighup() -> None:
         task: asyncio.Task[object] = asyncio.ensure_future(reload())
@@ -219,14 +236,9 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
 
     with contextlib.suppress(NotImplementedError):  # no SIGHUP on Windows
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=args.host or cfg.server.host, port=args.port or cfg.server.port,
-        log_level=args.log_level.lower(), access_log=False, lifespan="on",
-        timeout_graceful_shutdown=10,
-        # Nothing reads the caller's address, so rewriting it from X-Forwarded-For would
-        # be one more layer on every request for nothing; no Server header names uvicorn.
-        proxy_headers=False, server_header=False,
-    ))
+    server = uvicorn.Server(server_config(
+        app, cfg.server, host=args.host or cfg.server.host, port=args.port or cfg.server.port,
+        log_level=args.log_level.lower()))
     try:
         await server.serve()
     finally:

@@ -2,8 +2,11 @@
 
 A bucket holds one minute's allowance and refills at allowance/60 per second, so a caller
 may burst up to its per-minute rate and then runs at it. Tokens are charged at admission
-with the request's worst case (prompt estimate + max_tokens) and trued up when the call
-ends, so a burst of long requests cannot slip past the limit before any has finished.
+with the request's worst case (the prompt's upper bound + n x max_tokens, the default
+output bound when it sets none) and trued up when the call ends, so a burst of long
+requests cannot slip past the limit before any has finished. A request whose worst case is
+over one minute's allowance is refused by the gateway before it gets here
+(`tokens_per_minute`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ class RateLimiter:
         self._tokens = {c: _Bucket(r.tokens_per_minute, now)
                         for c, r in limits.items() if r.tokens_per_minute}
 
+    def tokens_per_minute(self, caller: str) -> int | None:
+        """The caller's per-minute token allowance: the most one request may use."""
+        tok = self._tokens.get(caller)
+        return None if tok is None else int(tok.capacity)
+
     def admit(self, caller: str, tokens: int) -> Admission | float:
         """An admission, or the seconds to wait before trying again."""
         now = self._clock()
@@ -90,3 +98,20 @@ class RateLimiter:
             tok.give(a.tokens - used_tokens)
         else:
             tok.take(used_tokens - a.tokens)
+
+    def inherit(self, old: RateLimiter) -> None:
+        """After a reload: what each caller used stays used, as with budgets. A bucket
+        whose limit did not change is the same object (so calls admitted before the reload
+        settle into it); a changed limit keeps the caller's fill ratio at the new size."""
+        now = self._clock()
+        for mine, theirs in ((self._requests, old._requests), (self._tokens, old._tokens)):
+            for caller, bucket in mine.items():
+                prev = theirs.get(caller)
+                if prev is None:
+                    continue
+                if prev.capacity == bucket.capacity:
+                    mine[caller] = prev
+                else:
+                    prev._refill(now)
+                    bucket.level = prev.level * bucket.capacity / prev.capacity
+                    bucket.stamp = now

@@ -18,6 +18,7 @@ from router.api.schemas import (
 )
 from router.config import ConfigError
 from router.errors import Forbidden, InvalidRequest
+from router.gateway import header_map
 from router.inbound import read_json
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.usage import query as usage_query
@@ -57,10 +58,11 @@ def build_routes(rt: Runtime) -> APIRouter:
     @r.post("/v1/route/explain", openapi_extra=EXPLAIN_BODY)
     async def explain(request: Request) -> dict[str, Any]:
         """Where a chat completion would go now, and why; calls no upstream."""
-        principal = rt.auth.caller(request.headers)
-        body = await read_json(request.receive, rt.config.server.max_body_bytes,
-                               request.headers)
-        return rt.gateway.explain(principal, "chat", body, request.headers)
+        # The same header reading as the routed endpoints (repeated policy headers too).
+        headers = header_map(request.scope["headers"])
+        principal = rt.auth.caller(headers)
+        body = await read_json(request.receive, rt.config.server.max_body_bytes, headers)
+        return rt.gateway.explain(principal, "chat", body, headers)
 
     @r.get("/v1/models", openapi_extra={"responses": ERROR_RESPONSES})
     async def models(request: Request) -> dict[str, Any]:
@@ -96,11 +98,12 @@ def build_routes(rt: Runtime) -> APIRouter:
                              "data": rows, "total": totals(rows)})
 
     @r.post("/admin/reload")
-    async def reload(request: Request) -> dict[str, Any]:
-        """Re-read models.yaml; a file that does not validate changes nothing."""
+    async def reload(request: Request, allow_open: bool = False) -> dict[str, Any]:
+        """Re-read models.yaml; a file that does not validate changes nothing, nor one that
+        would remove every caller or the admin key unless `allow_open=true`."""
         rt.auth.admin(request.headers)
         try:
-            cfg = await rt.reload()
+            cfg = await rt.reload(allow_open=allow_open)
         except ConfigError as exc:
             raise InvalidRequest(
                 f"{exc.path} does not validate; the running config stays: "
@@ -114,7 +117,10 @@ def build_routes(rt: Runtime) -> APIRouter:
         return rt.status()
 
     @r.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # It names callers with their spend: the admin key or a metrics token, unless the
+        # operator made it public (server.metrics_public).
+        rt.auth.metrics(request.headers, rt.config.server.metrics_public)
         return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @r.get("/healthz")
@@ -122,8 +128,11 @@ def build_routes(rt: Runtime) -> APIRouter:
         return {"status": "ok"}
 
     @r.get("/readyz")
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
+        """Open for probes: ready or not. The details (aliases, model ids, engine and host
+        load) only with the admin key."""
         ready, detail = rt.readiness()
-        return JSONResponse(detail, status_code=200 if ready else 503)
+        body = detail if rt.auth.is_admin(request.headers) else {"ready": ready}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return r

@@ -151,7 +151,6 @@ def test_caller_key_gives_its_principal_and_policy(key: str, name: str, policy: 
 def test_admin_key_gives_admin_principal() -> None:
     auth = Authenticator(CALLERS, [key_digest("other-admin"), key_digest(ADMIN_KEY)])
     expected = Principal(ADMIN, Caller(), admin=True)
-    assert auth.caller(bearer(ADMIN_KEY)) == expected
     assert auth.admin(bearer(ADMIN_KEY)) == expected
     assert auth.viewer(bearer(ADMIN_KEY)) == expected
     assert auth.admin({"authorization": "bearer   other-admin "}) == expected
@@ -214,3 +213,66 @@ def test_caller_without_keys_cannot_be_reached() -> None:
         auth.caller(bearer(""))
     with pytest.raises(Unauthorized):
         auth.caller(bearer(UNKNOWN_KEY))
+
+
+# -- the admin key is not a caller key -------------------------------------------------
+
+
+def test_admin_key_is_not_a_caller_key() -> None:
+    """Else it would call every alias, force routes and skip every limit."""
+    auth = Authenticator(CALLERS, [key_digest(ADMIN_KEY)])
+    with pytest.raises(Forbidden) as exc:
+        auth.caller(bearer(ADMIN_KEY))
+    assert exc.value.status == 403
+    assert exc.value.code == "admin_key_not_a_caller"
+    assert_key_not_leaked(exc.value, ADMIN_KEY)
+    # It still administers and sees everyone's usage.
+    assert auth.admin(bearer(ADMIN_KEY)).admin
+    assert auth.viewer(bearer(ADMIN_KEY)).admin
+
+
+def test_admin_key_listed_under_a_caller_is_both() -> None:
+    ops = Caller(key_sha256=[key_digest(ADMIN_KEY)], aliases=["demo"])
+    auth = Authenticator({**CALLERS, "ops": ops}, [key_digest(ADMIN_KEY)])
+    who = auth.caller(bearer(ADMIN_KEY))
+    assert who.name == "ops" and who.policy is ops and not who.admin
+    assert auth.admin(bearer(ADMIN_KEY)).admin
+
+
+METRICS_TOKEN = "prom-scrape-token"
+
+
+@pytest.mark.parametrize(
+    ("headers", "public", "allowed"),
+    [
+        ({}, True, True),
+        (bearer(APP_KEY), True, True),
+        ({}, False, False),
+        (bearer(APP_KEY), False, False),
+        (bearer(UNKNOWN_KEY), False, False),
+        (bearer(METRICS_TOKEN), False, True),
+        (bearer(ADMIN_KEY), False, True),
+    ],
+)
+def test_metrics_access(headers: dict[str, str], public: bool, allowed: bool) -> None:
+    auth = Authenticator(CALLERS, [key_digest(ADMIN_KEY)], [key_digest(METRICS_TOKEN)])
+    if allowed:
+        auth.metrics(headers, public)
+    else:
+        with pytest.raises((Unauthorized, Forbidden)):
+            auth.metrics(headers, public)
+    # The metrics token opens /metrics only: no admin endpoint, no model.
+    with pytest.raises((Unauthorized, Forbidden)):
+        auth.admin(bearer(METRICS_TOKEN))
+    with pytest.raises(Unauthorized):
+        auth.caller(bearer(METRICS_TOKEN))
+
+
+def test_is_admin_answers_without_raising() -> None:
+    auth = Authenticator(CALLERS, [key_digest(ADMIN_KEY)])
+    assert auth.is_admin(bearer(ADMIN_KEY))
+    assert not auth.is_admin({})
+    assert not auth.is_admin(bearer(APP_KEY))
+    assert not auth.is_admin(bearer(UNKNOWN_KEY))
+    assert Authenticator({}, []).is_admin({})  # open, no admin key: local development
+    assert not Authenticator(CALLERS, []).is_admin(bearer(APP_KEY))
