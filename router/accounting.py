@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from router.config import Budget, Config
+from router.config import Budget, Config, GlobalBudget
 from router.ledger import CallLedger
 
 _DAY_S = 86400.0
@@ -50,6 +50,22 @@ def month_start(now_wall: float) -> float:
     """Unix time of 00:00 UTC on the first of the month of `now_wall`."""
     now = datetime.fromtimestamp(now_wall, tz=UTC)
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def capped(budget: Budget, global_budget: Budget) -> Budget:
+    """A caller's limits once the global budget's max_caller_share applies to them: one
+    caller can never spend or hold more than its share of everyone's budget."""
+    share = global_budget.max_caller_share if isinstance(global_budget, GlobalBudget) else None
+    if share is None:
+        return budget
+
+    def cap(own: float | None, total: float | None) -> float | None:
+        if total is None:
+            return own
+        return total * share if own is None else min(own, total * share)
+
+    return Budget(daily_usd=cap(budget.daily_usd, global_budget.daily_usd),
+                  monthly_usd=cap(budget.monthly_usd, global_budget.monthly_usd))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +153,8 @@ class BudgetBook:
     ) -> None:
         self._clock = clock
         self._global = Account(global_budget)
-        self._callers = {name: Account(budget) for name, budget in caller_budgets.items()}
+        self._callers = {name: Account(capped(budget, global_budget))
+                         for name, budget in caller_budgets.items()}
         self._held: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
 
@@ -152,10 +169,10 @@ class BudgetBook:
         left the file keeps its spend, without a limit of its own."""
         self._global.budget = global_budget
         for name, account in self._callers.items():
-            account.budget = caller_budgets.get(name, Budget())
+            account.budget = capped(caller_budgets.get(name, Budget()), global_budget)
         for name, budget in caller_budgets.items():
             if name not in self._callers:
-                self._callers[name] = Account(budget)
+                self._callers[name] = Account(capped(budget, global_budget))
 
     def _roll(self) -> tuple[float, float]:
         """Start new windows where the clock has passed midnight or the month's start."""
@@ -178,7 +195,7 @@ class BudgetBook:
             if not create:
                 return (self._global,)
             # Callers without a budget of their own still count toward the global one.
-            account = self._callers[caller] = Account(Budget())
+            account = self._callers[caller] = Account(capped(Budget(), self._global.budget))
             account.roll(today, this_month)
         return account, self._global
 
@@ -198,8 +215,18 @@ class BudgetBook:
         """USD the caller may still reserve: the least left across its daily and monthly
         budgets and the global ones, net of outstanding reservations. None: no budget."""
         accounts = self._accounts(caller, create=False)
+        if len(accounts) == 1:  # a caller with nothing spent yet: still bound by its share
+            accounts = (*accounts, Account(capped(Budget(), self._global.budget)))
         lefts = [left for account in accounts if (left := account.left()) is not None]
         return max(0.0, min(lefts)) if lefts else None
+
+    def caller_allowance(self, caller: str) -> float | None:
+        """USD left in the caller's own limits (its budget, its share of the global one),
+        without the global budget's state: what a caller may be shown. None: no limit."""
+        accounts = self._accounts(caller, create=False)
+        own = accounts[0] if len(accounts) == 2 else Account(capped(Budget(), self._global.budget))
+        left = own.left()
+        return None if left is None else max(0.0, left)
 
     async def reserve(self, caller: str, amount_usd: float) -> Reservation | None:
         """Hold `amount_usd` for a hosted call; None when the budgets cannot cover it.

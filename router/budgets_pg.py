@@ -29,11 +29,12 @@ from router.accounting import (
     BudgetBook,
     Reservation,
     Window,
+    capped,
     day_start,
     month_start,
 )
 from router.config import Budget
-from router.ledger import CallLedger, LedgerError
+from router.ledger import CallLedger, LedgerError, StoreUnavailable
 from router.ledger_pg import Conn, HoldReleased, HoldSettled, PgLedger
 from router.pg import BUDGET_LOCK, GLOBAL_SCOPE, scope_of
 
@@ -96,6 +97,8 @@ class PgBudgetBook(BudgetBook):
         self._holds: dict[int, int | None] = {}  # reservation id -> hold id (None: no hold)
         self._view = _View()
         self._refreshing: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None  # monotonic: reservations fail since
+        self._view_failing = False
 
     def reconfigure(self, global_budget: Budget, caller_budgets: Mapping[str, Budget]) -> None:
         super().reconfigure(global_budget, caller_budgets)
@@ -107,7 +110,7 @@ class PgBudgetBook(BudgetBook):
     async def reserve(self, caller: str, amount_usd: float) -> Reservation | None:
         if not amount_usd >= 0:
             raise ValueError(f"a reservation must be a non-negative amount, not {amount_usd}")
-        caller_limit = self._limits.get(caller, Budget())
+        caller_limit = capped(self._limits.get(caller, Budget()), self._global_limit)
         r = Reservation(next(self._local_ids), caller, amount_usd)
         if _unlimited(caller_limit) and _unlimited(self._global_limit):
             # Nothing to hold against: no round trip. The spend is still counted at settle.
@@ -137,14 +140,20 @@ class PgBudgetBook(BudgetBook):
                 return int(inserted[0]), (c_day, c_month, c_held + amount_usd,
                                           g_day, g_month, g_held + amount_usd)
 
+        if not self._ledger.accepting:
+            return None  # shutting down: nothing more is reserved
         try:
             hold_id, (c_day, c_month, c_held, g_day, g_month, g_held) = (
                 await self._ledger.budget_call(transaction))
         except (psycopg.Error, LedgerError, ConnectionError) as exc:
             # Fail closed: a budget that cannot be checked is not spent. The request still
-            # runs locally where it can, else it is refused as over budget.
-            log.error("budget reservation refused, the database did not answer: %s", exc)
-            return None
+            # runs locally where it can, else it is refused as unavailable (503), not as
+            # over budget: nothing says the budget is spent.
+            self._outage(exc)
+            raise StoreUnavailable(
+                f"hosted spend cannot be reserved: the budget store ({self._ledger.path}) "
+                "did not answer; retry later") from None
+        self._outage(None)
         if self._view.day == day and self._view.month == month:
             # Fresher than the view for these two scopes: what planning should see next.
             self._view.scopes[scope_of(caller)] = _Scope(c_day, c_month, c_held)
@@ -153,6 +162,17 @@ class PgBudgetBook(BudgetBook):
             return None
         self._holds[r.id] = hold_id
         return r
+
+    def _outage(self, exc: BaseException | None) -> None:
+        """One warning when reservations start failing, one when they work again."""
+        if exc is not None and self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("budget reservations fail, the database does not answer (%s): hosted "
+                        "requests are refused with 503 until it does", str(exc).strip()[:300])
+        elif exc is None and self._failing_since is not None:
+            log.warning("budget reservations work again after %.1f s",
+                        time.monotonic() - self._failing_since)
+            self._failing_since = None
 
     def settle(self, r: Reservation, actual_usd: float) -> None:
         if not actual_usd >= 0:
@@ -235,7 +255,11 @@ class PgBudgetBook(BudgetBook):
         try:
             await self.refresh()
         except Exception as exc:
-            log.warning("budget view not refreshed: %s", exc)
+            if not self._view_failing:  # once an outage, not once a second
+                log.warning("budget view not refreshed: %s", exc)
+            self._view_failing = True
+        else:
+            self._view_failing = False
 
     def _account(self, scope: str, budget: Budget) -> Account:
         view = self._fresh_view()
@@ -251,10 +275,16 @@ class PgBudgetBook(BudgetBook):
 
     def allowance(self, caller: str) -> float | None:
         accounts = [self._account(GLOBAL_SCOPE, self._global_limit)]
-        if caller in self._limits:
-            accounts.append(self._account(scope_of(caller), self._limits[caller]))
+        own = capped(self._limits.get(caller, Budget()), self._global_limit)
+        if not _unlimited(own):
+            accounts.append(self._account(scope_of(caller), own))
         lefts = [left for account in accounts if (left := account.left()) is not None]
         return max(0.0, min(lefts)) if lefts else None
+
+    def caller_allowance(self, caller: str) -> float | None:
+        own = capped(self._limits.get(caller, Budget()), self._global_limit)
+        left = None if _unlimited(own) else self._account(scope_of(caller), own).left()
+        return None if left is None else max(0.0, left)
 
     def snapshot(self) -> dict[str, object]:
         view = self._fresh_view()

@@ -73,6 +73,17 @@ class Budget(_Strict):
     monthly_usd: float | None = Field(default=None, ge=0)
 
 
+class GlobalBudget(Budget):
+    """The hosted budget of everyone together, and what one request or caller may hold."""
+
+    # The most one request may reserve (its worst case); above it the request does not go
+    # hosted. None: no ceiling beyond the budgets.
+    max_request_usd: float | None = Field(default=None, gt=0)
+    # The fraction of the global daily and monthly budgets one caller may spend and hold,
+    # so no caller can take the shared budget hostage. None: the whole of it.
+    max_caller_share: float | None = Field(default=None, gt=0, le=1)
+
+
 class RateLimit(_Strict):
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
@@ -91,6 +102,10 @@ class Caller(_Strict):
     budget: Budget = Field(default_factory=Budget)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     may_force_route: bool = True
+    # Streams this caller may hold open at once; beyond it 429 too_many_streams. A stream
+    # holds an engine slot, an upstream connection and buffers for as long as its reader
+    # takes, so a few slow readers must not take the router from everyone. None: no cap.
+    max_concurrent_streams: int | None = Field(default=128, ge=1)
 
 
 class Routing(_Strict):
@@ -104,6 +119,9 @@ class Routing(_Strict):
     backoff_initial_s: float = Field(default=0.25, ge=0)
     backoff_max_s: float = Field(default=4.0, ge=0)
     retry_after_cap_s: float = Field(default=20.0, ge=0)
+    # Output tokens a request without max_tokens may generate: hosted calls are sent this
+    # max_tokens, and budgets and tokens-per-minute limits charge it as the worst case.
+    default_max_tokens: int = Field(default=4096, ge=1)
     # Circuit breaker per upstream.
     breaker_failures: int = Field(default=3, ge=1)
     breaker_cooldown_s: float = Field(default=10.0, gt=0)
@@ -180,6 +198,12 @@ class Server(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Bounds on a connection before it has sent a request (router/server.py): the request
+    # line and headers (431 above), the time to receive them (408, or a close if nothing
+    # came), and how long an idle keep-alive connection stays open between requests.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_s: int = Field(default=5, ge=1)
     # Every request ends within this, whatever its upstreams do.
     request_timeout_s: float = Field(default=300.0, gt=0)
     metrics_interval_s: float = Field(default=0.5, gt=0)
@@ -198,6 +222,16 @@ class Server(_Strict):
     # password, so it never lives in this file). When set, the ledger and the budgets live
     # in that database, shared by every replica pointed at it, and ledger_path is unused.
     database_url_env: str | None = Field(default=None, min_length=1)
+    # A ledger store that fails (a full disk, PostgreSQL down): "spool" keeps serving and
+    # keeps the rows of answered calls in ledger_spool_dir (fsync'd, at most
+    # ledger_spool_max_bytes; put it on another disk than the SQLite ledger) until the
+    # store answers; "refuse" answers new calls 503 rather than serve calls nobody can bill.
+    # Either way a spool that is full or cannot be written refuses new calls too.
+    ledger_failure: Literal["spool", "refuse"] = "spool"
+    ledger_spool_dir: str = ".spillover/spool"
+    ledger_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
+    # How often a failed store is tried again (and the spool written to it).
+    ledger_retry_s: float = Field(default=2.0, gt=0)
     # GET /metrics names callers with their spend: by default only the admin key (or, in
     # open mode without one, anyone) reads it. Prometheus can send a token of its own
     # (sha256 digests here, like callers' keys), or the operator opens it entirely.
@@ -226,7 +260,7 @@ KNOWN_NONCOMMERCIAL: dict[str, str] = {
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
     routing: Routing = Field(default_factory=Routing)
-    budget: Budget = Field(default_factory=Budget)  # global hosted spend
+    budget: GlobalBudget = Field(default_factory=GlobalBudget)  # global hosted spend
     callers: dict[str, Caller] = Field(default_factory=dict)
     admin_key_sha256: list[str] = Field(default_factory=list)
     licenses: dict[str, License] = Field(default_factory=lambda: dict(DEFAULT_LICENSES))

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +34,27 @@ from router.ratelimit import RateLimiter
 from router.recorder import Recorder
 from router.resilience import Breakers
 from router.signals import LoadMonitor
+from router.streaming import EventStream, StreamSlots
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     """The request's headers, decoded once into a dict (ASGI names are lower-case); the
-    first of repeated headers wins, as with Starlette's `Headers.get`."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw)}
+    first of repeated headers wins, as with Starlette's `Headers.get`, except the policy
+    headers (x-spillover-*): their repeated values are joined with commas, as HTTP
+    combines list headers, so that inbound.facts_for sees every one (an `onprem` a proxy
+    appends must not lose to the caller's `any`)."""
+    out = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw)}
+    if len(out) != len(raw):  # something repeated: rare, so the common path stays one pass
+        seen: dict[str, list[str]] = {}
+        for k, v in raw:
+            name = k.decode("latin-1")
+            if name.startswith("x-spillover-"):
+                seen.setdefault(name, []).append(v.decode("latin-1"))
+        out.update((name, ",".join(values)) for name, values in seen.items()
+                   if len(values) > 1)
+    return out
 
 
 def request_id(headers: Mapping[str, str]) -> str:
@@ -63,7 +76,9 @@ class Planned:
 class Gateway:
     def __init__(self, config: Config, catalog: Catalog, monitor: LoadMonitor,
                  dispatcher: Dispatcher, *, auth: Authenticator, budgets: BudgetBook,
-                 limiter: RateLimiter, breakers: Breakers, recorder: Recorder) -> None:
+                 limiter: RateLimiter, breakers: Breakers, recorder: Recorder,
+                 streams: StreamSlots | None = None,
+                 keyless: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.catalog = catalog
         self.monitor = monitor
@@ -73,12 +88,17 @@ class Gateway:
         self.limiter = limiter
         self.breakers = breakers
         self.recorder = recorder
+        # Hosted backends whose API key variable is not set -> that variable's name.
+        self.keyless: Mapping[str, str] = keyless or {}
+        self.streams = streams if streams is not None else StreamSlots()
 
     async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive) -> Response:
         started = time.monotonic()
         headers = header_map(scope["headers"])
         call = Call(request_id=request_id(headers), facts=RequestFacts("", endpoint),
                     started=started, deadline=started + self.config.server.request_timeout_s)
+        stream_slot: Callable[[], None] | None = None
+        routed = False
         try:
             principal = self.auth.caller(headers)
             call.caller = principal.name
@@ -87,22 +107,56 @@ class Gateway:
             p = self.plan(principal, endpoint, body, headers)
             call.facts = p.facts
             call.wants_usage = _caller_wants_usage(body)
-            admitted = self.limiter.admit(principal.name,
-                                          p.facts.prompt_tokens + (p.facts.max_tokens or 0))
+            worst = p.facts.tokens_max
+            allowed = self.limiter.tokens_per_minute(principal.name)
+            if allowed is not None and worst > allowed:
+                # Waiting cannot help a request larger than a whole minute's allowance.
+                raise InvalidRequest(
+                    f"this request may use up to {worst} tokens (prompt at most "
+                    f"{p.facts.prompt_tokens_max}, plus {p.facts.choices} x max_tokens "
+                    f"{p.facts.max_tokens or p.facts.assumed_max_tokens}), over caller "
+                    f"'{principal.name}''s {allowed} tokens a minute: lower max_tokens or n",
+                    param="max_tokens", code="tokens_per_minute_exceeded")
+            admitted = self.limiter.admit(principal.name, worst)
             if isinstance(admitted, float):
                 raise RateLimited(f"caller '{principal.name}' is over its rate limit",
                                   headers={"retry-after": str(math.ceil(admitted))})
             call.admission = admitted
+            if p.facts.stream:
+                stream_slot = self.streams.take(principal.name,
+                                                principal.policy.max_concurrent_streams)
+                if stream_slot is None:
+                    raise RateLimited(
+                        f"caller '{principal.name}' already holds "
+                        f"{principal.policy.max_concurrent_streams} streams open, its limit",
+                        code="too_many_streams", headers={"retry-after": "1"})
+            routed = True
             plan = await self._wait_for_local(call, p)
             if plan.refusal is not None:
                 raise _refused(plan)
         except SpilloverError as err:
+            if stream_slot is not None:
+                stream_slot()
             call.status = err.status
             call.reason = err.headers.get("x-spillover-reason") or err.code or err.type
             err.headers.setdefault("x-request-id", call.request_id)
-            await self.recorder.finish(call)
+            if routed:  # a routing decision (budget, residency, licence...): the ledger's
+                await self.recorder.finish(call)
+            else:  # 6,000 keyless requests wrote 6,000 rows: counted, not written
+                self.recorder.refuse(call)
             raise
-        return await self.dispatcher.run(call, plan, body)
+        if stream_slot is None:
+            return await self.dispatcher.run(call, plan, body)
+        try:
+            response = await self.dispatcher.run(call, plan, body)
+        except BaseException:
+            stream_slot()
+            raise
+        if isinstance(response, EventStream):
+            response.on_close(stream_slot)  # held until the stream ends, however it ends
+        else:
+            stream_slot()  # refused or failed before the first byte: no stream
+        return response
 
     def plan(self, principal: Principal, endpoint: Endpoint, body: dict[str, Any],
              headers: Mapping[str, str]) -> Planned:
@@ -122,15 +176,20 @@ class Gateway:
             raise Forbidden(f"caller '{principal.name}' may not force the route",
                             param="x-spillover-route", code="route_not_allowed")
         alias = self.config.aliases[raw.alias]
+        ceilings = [x for x in (policy.max_request_usd, self.config.budget.max_request_usd)
+                    if x is not None]
         # Built whole rather than with dataclasses.replace, which costs as much as the
         # routing decision itself on this path.
         facts = RequestFacts(
             alias=raw.alias, endpoint=raw.endpoint, stream=raw.stream,
             max_tokens=raw.max_tokens, prompt_tokens=raw.prompt_tokens, force=raw.force,
+            prompt_tokens_max=raw.prompt_tokens_max, choices=raw.choices,
+            assumed_max_tokens=self.config.routing.default_max_tokens,
             onprem_only=raw.onprem_only or policy.residency == "onprem",
             commercial_use=policy.use == "commercial",
             mode=policy.mode or alias.mode or self.config.routing.mode,
-            max_request_usd=policy.max_request_usd,
+            # The caller's own limit and the per-request ceiling on a reservation.
+            max_request_usd=min(ceilings) if ceilings else None,
             # A planning hint: with PostgreSQL it reads a view refreshed in the background
             # (no round trip here); the reservation before a hosted attempt is the check.
             # An alias with no hosted offering has nothing to spend it on.
@@ -141,7 +200,8 @@ class Gateway:
 
     def _decide(self, facts: RequestFacts, backends: tuple[Backend, ...]) -> RoutePlan:
         return decide(facts, backends, self.monitor.view(b.name for b in backends),
-                      self.breakers.unavailable())
+                      self.breakers.unavailable(), keyless=self.keyless,
+                      retry_in=self.breakers.waits())
 
     async def _wait_for_local(self, call: Call, p: Planned) -> RoutePlan:
         """Cost-first requests, and those that may only run locally, wait a bounded time
@@ -178,10 +238,14 @@ class Gateway:
             "request": {
                 "alias": f.alias, "endpoint": f.endpoint, "stream": f.stream,
                 "max_tokens": f.max_tokens, "prompt_tokens_estimate": f.prompt_tokens,
+                "prompt_tokens_max": f.prompt_tokens_max, "choices": f.choices,
+                "output_tokens_max": f.output_tokens_max,
                 "force": f.force, "onprem_only": f.onprem_only,
                 "use": principal.policy.use, "mode": f.mode,
                 "max_request_usd": f.max_request_usd,
-                "hosted_allowance_usd": f.hosted_allowance_usd,
+                # The caller's own limits only: the global allowance is nobody's business,
+                # and knowing it is how one caller would size a request to hold all of it.
+                "caller_allowance_usd": self.budgets.caller_allowance(principal.name),
             },
             "candidates": [_candidate(b, f) for b in p.backends],
             "filtered": [{"backend": s.backend, "reason": s.reason, "detail": s.detail}
@@ -222,10 +286,12 @@ def _refused(plan: RoutePlan) -> SpilloverError:
     r = plan.refusal
     assert r is not None
     headers = {"x-spillover-reason": r.code}
+    if r.retry_after_s is not None:
+        headers["retry-after"] = str(r.retry_after_s)
     if r.status == 403:
         return Forbidden(r.message, code=r.code, headers=headers)
     if r.status == 429:
         return RateLimited(r.message, code=r.code, headers=headers)
     if r.status == 503:
-        return Unavailable(r.message, code=r.code, headers={**headers, "retry-after": "5"})
+        return Unavailable(r.message, code=r.code, headers=headers)
     return InvalidRequest(r.message, code=r.code, headers=headers)

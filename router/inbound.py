@@ -25,6 +25,17 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _EXACT_FLOAT = 2**53
 _MAX_DEPTH = 254  # the deepest nesting orjson writes
 
+# The prompt's upper bound. Mistral's tokenizers (SentencePiece with byte fallback, and the
+# byte-level Tekken) never spend more than one token on a byte of UTF-8 text; what they add
+# on top is control tokens ([INST], BOS, EOS, [TOOL_CALLS], ...), the "\n\n" joining a system
+# prompt and a word-start marker per piece of text encoded apart. Those are the overheads.
+_REQUEST_OVERHEAD = 8
+_MESSAGE_OVERHEAD = 8
+_PART_OVERHEAD = 3
+# A non-text part (an image): Mistral's vision encoder takes at most 1024x1024 pixels in
+# 16-pixel patches, 64 x 64 tokens plus one row break per row.
+_NON_TEXT_PART_TOKENS = 64 * 65
+
 
 async def read_json(receive: Receive, limit: int,
                     headers: Mapping[str, str]) -> dict[str, Any]:
@@ -88,19 +99,25 @@ def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, st
                              code="missing_required_parameter" if model is None else None)
     stream = _bool(body, "stream")
     # Embeddings generate nothing: sampling fields there are unknown ones, passed on as is.
-    max_tokens = None if endpoint == "embeddings" else _check_sampling(body)
+    max_tokens, choices = (None, 1) if endpoint == "embeddings" else _check_sampling(body)
 
     if endpoint == "chat":
-        prompt_chars = _check_messages(body.get("messages"))
+        prompt_chars, bound = _check_messages(body.get("messages"))
         tools = body.get("tools")
         if tools is not None:
             if not isinstance(tools, list):
                 raise InvalidRequest("'tools' must be an array", param="tools")
-            prompt_chars += len(orjson.dumps(tools))
+            encoded = orjson.dumps(tools)
+            prompt_chars += len(encoded)
+            bound += _json_tokens(encoded)
+        for key in ("response_format", "tool_choice"):
+            extra = body.get(key)
+            if isinstance(extra, dict):
+                bound += _json_tokens(orjson.dumps(extra))
     elif endpoint == "embeddings":
-        prompt_chars = _text_size(body.get("input"), "input")
+        prompt_chars, bound = _text_size(body.get("input"), "input")
     else:
-        prompt_chars = _text_size(body.get("prompt"), "prompt")
+        prompt_chars, bound = _text_size(body.get("prompt"), "prompt")
         suffix = body.get("suffix")
         if suffix is not None:
             if not isinstance(suffix, str):
@@ -108,13 +125,22 @@ def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, st
             if suffix:
                 endpoint = "fim"
                 prompt_chars += len(suffix)
+                bound += _PART_OVERHEAD + _utf8_len(suffix)
 
-    force = _FORCE.get(headers.get("x-spillover-route", "auto").strip().lower())
-    if force is None:
+    # Repeated policy headers arrive joined with commas (gateway.header_map). Residency:
+    # the strictest wins (onprem). A forced route has no strictest value: two different
+    # ones are refused rather than one picked.
+    routes = _header_values(headers, "x-spillover-route")
+    if any(v not in _FORCE for v in routes):
         raise InvalidRequest("x-spillover-route must be one of local, hosted, auto",
                              param="x-spillover-route")
-    residency = headers.get("x-spillover-residency", "").strip().lower()
-    if residency not in ("", "onprem", "any"):
+    if len(set(routes)) > 1:
+        raise InvalidRequest("x-spillover-route was sent more than once with different "
+                             "values; send it once", param="x-spillover-route",
+                             code="conflicting_headers")
+    force = _FORCE[routes[0]] if routes else "auto"
+    residency = _header_values(headers, "x-spillover-residency")
+    if any(v not in ("onprem", "any") for v in residency):
         raise InvalidRequest("x-spillover-residency must be 'onprem' or 'any'",
                              param="x-spillover-residency")
     return RequestFacts(
@@ -124,13 +150,25 @@ def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, st
         max_tokens=max_tokens,
         # About four characters a token for Mistral's tokenizers on English text.
         prompt_tokens=prompt_chars // 4 + 1,
+        prompt_tokens_max=_REQUEST_OVERHEAD + bound,
+        choices=choices,
         force=force,
-        onprem_only=residency == "onprem",
+        onprem_only="onprem" in residency,
     )
 
 
-def _check_sampling(body: dict[str, Any]) -> int | None:
-    """The generation fields routing reads or the gateway rewrites; the max tokens."""
+def _header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    """The comma-separated values of a header, lower-cased; empty ones (a bare header)
+    mean nothing was said."""
+    raw = headers.get(name)
+    if raw is None:
+        return []
+    return [v for part in raw.split(",") if (v := part.strip().lower())]
+
+
+def _check_sampling(body: dict[str, Any]) -> tuple[int | None, int]:
+    """The generation fields routing reads or the gateway rewrites; the max tokens and how
+    many answers of that length the upstream may generate (`n`, `best_of`)."""
     opts = body.get("stream_options")
     if opts is not None and not (isinstance(opts, dict)
                                  and isinstance(opts.get("include_usage", False), bool)):
@@ -138,13 +176,14 @@ def _check_sampling(body: dict[str, Any]) -> int | None:
                              param="stream_options")
     max_tokens = _int(body, "max_tokens")
     mct = _int(body, "max_completion_tokens")
-    _int(body, "n")
+    n = _int(body, "n") or 1
+    best_of = _int(body, "best_of") or 1
     _int(body, "seed", _INT64_MIN)
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise InvalidRequest(f"'{key}' must be a number", param=key)
-    return mct if max_tokens is None else max_tokens
+    return (mct if max_tokens is None else max_tokens), max(n, best_of)
 
 
 def _bool(body: dict[str, Any], key: str) -> bool:
@@ -167,13 +206,14 @@ def _int(body: dict[str, Any], key: str, lo: int = 1, hi: int = _INT64_MAX) -> i
     return v
 
 
-def _check_messages(messages: Any) -> int:
+def _check_messages(messages: Any) -> tuple[int, int]:
+    """The prompt's characters (the estimate) and its upper bound in tokens."""
     if messages is None:
         raise InvalidRequest("'messages' is a required property", param="messages",
                              code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array", param="messages")
-    chars = 0
+    chars = bound = 0
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
@@ -184,35 +224,64 @@ def _check_messages(messages: Any) -> int:
                 param=f"messages[{i}].role",
             )
         content = msg.get("content")
+        # Tool results and tool calls reach the model as JSON (quotes and line breaks
+        # escaped): the whole message, JSON-encoded, bounds them.
+        as_json = role == "tool" or msg.get("tool_calls") is not None
+        bound += _MESSAGE_OVERHEAD
+        if as_json:
+            bound += _json_tokens(orjson.dumps(msg))
         if isinstance(content, str):
             chars += len(content)
+            if not as_json:
+                bound += _utf8_len(content)
         elif isinstance(content, list):
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     chars += len(part["text"])
+                    if not as_json:
+                        bound += _PART_OVERHEAD + _utf8_len(part["text"])
+                else:
+                    bound += _NON_TEXT_PART_TOKENS
         elif content is not None:
             raise InvalidRequest(f"messages[{i}].content must be a string or an array",
                                  param=f"messages[{i}].content")
-    return chars
+    return chars, bound
 
 
-def _text_size(value: Any, key: str) -> int:
+def _utf8_len(text: str) -> int:
+    # isascii() reads a flag CPython keeps on every string: no pass over the text.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _json_tokens(encoded: bytes) -> int:
+    """A bound on the tokens of JSON as a chat template may render it: with a space after
+    every ',' and ':' (Python's json.dumps), and non-ASCII text possibly escaped to
+    \\uXXXX, at most three times its UTF-8 bytes."""
+    size = len(encoded) if encoded.isascii() else 3 * len(encoded)
+    return size + encoded.count(b",") + encoded.count(b":")
+
+
+def _text_size(value: Any, key: str) -> tuple[int, int]:
+    """The characters of a prompt or input (the estimate) and its upper bound in tokens."""
     if value is None:
         raise InvalidRequest(f"'{key}' is a required property", param=key,
                              code="missing_required_parameter")
     if isinstance(value, str):
-        return len(value)
+        return len(value), _PART_OVERHEAD + _utf8_len(value)
     if isinstance(value, list) and value:
-        total = 0
+        total = bound = 0
         for item in value:
             if isinstance(item, str):
                 total += len(item)
+                bound += _PART_OVERHEAD + _utf8_len(item)
             elif isinstance(item, (int, float)) and not isinstance(item, bool):
                 total += 4  # a token id (the upstream checks it is one)
+                bound += 1
             elif isinstance(item, list):
                 total += 4 * len(item)
+                bound += _PART_OVERHEAD + len(item)
             else:
                 raise InvalidRequest(f"'{key}' must be a string or an array of strings",
                                      param=key)
-        return total
+        return total, bound
     raise InvalidRequest(f"'{key}' must be a string or a non-empty array", param=key)

@@ -5,6 +5,7 @@ No I/O and no clock: everything it reads is handed in, so it is tested as a tabl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,13 @@ Force = Literal["local", "hosted", "auto"]
 # The order in which a skipped local explains why a request went hosted.
 _LOCAL_REASONS = ("forced", "license", "capability", "context-length", "local-saturated",
                   "local-down")
+# Skips that time can undo: an engine that comes up or drains, a budget hold released, a
+# breaker closing. A refusal is retryable (503/429 with Retry-After) only when one of its
+# skips is one of these; every other skip (capability, context length, licence, residency,
+# a forced route, the caller's cost cap, a missing API key) stands however long one waits.
+_TRANSIENT = frozenset({"local-down", "local-saturated", "budget", "unavailable"})
+# Retry-After for a wait with no better estimate: saturated engines drain in seconds.
+RETRY_SOON_S = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +41,32 @@ class RequestFacts:
     max_request_usd: float | None = None
     # What the caller may still spend hosted (the tightest of its and the global budgets).
     hosted_allowance_usd: float | None = None
-    # Output tokens assumed for the worst case when the request sets no max_tokens.
+    # Output tokens a request without max_tokens may produce (routing.default_max_tokens):
+    # a hosted call is sent this max_tokens, so the worst case below holds.
     assumed_max_tokens: int = 4096
+    # An upper bound on the prompt's tokens (prompt_tokens is only an estimate, for
+    # context lengths); 0: not known, the estimate stands in.
+    prompt_tokens_max: int = 0
+    # Answers generated per request (n, or best_of where larger): each may be max_tokens.
+    choices: int = 1
+
+    @property
+    def output_tokens_max(self) -> int:
+        if self.endpoint == "embeddings":
+            return 0
+        return (self.max_tokens or self.assumed_max_tokens) * self.choices
+
+    @property
+    def tokens_max(self) -> int:
+        """The most tokens this request can use: what rate limits charge up front."""
+        return max(self.prompt_tokens, self.prompt_tokens_max) + self.output_tokens_max
 
     def worst_case_usd(self, b: Backend) -> float:
+        """The most the request can cost on `b`: what a hosted attempt holds."""
         if b.price is None:
             return 0.0
-        out = self.max_tokens or self.assumed_max_tokens
-        return b.price.cost(max(1, self.prompt_tokens), out)
+        prompt = max(1, self.prompt_tokens, self.prompt_tokens_max)
+        return b.price.cost(prompt, self.output_tokens_max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +79,10 @@ class EngineLoad:
     running: float | None = None
     kv_cache: float | None = None
     age_s: float | None = None  # of the scraped metrics; None when never scraped
+    # Down because its process was started and has not answered /health since: it will.
+    starting: bool = False
+    starting_for_s: float | None = None
+    ready_in_s: float | None = None  # from how long its last start took; None if unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +97,10 @@ class Refusal:
     status: int  # 400, 403, 429, 503
     code: str
     message: str
+    # Whole seconds after which the same request may be answered; None when waiting cannot
+    # change the answer (then the status is never 429, and 503 only for a gateway that
+    # needs its operator).
+    retry_after_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +123,23 @@ def decide(
     backends: Sequence[Backend],
     load: Mapping[str, EngineLoad],
     unavailable: Mapping[str, str] | None = None,
+    *,
+    keyless: Mapping[str, str] | None = None,
+    retry_in: Mapping[str, float] | None = None,
 ) -> RoutePlan:
-    """`unavailable`: backends that cannot be tried now (open breaker, missing key)."""
+    """`unavailable`: backends that cannot be tried now (open breaker), `retry_in` seconds
+    until each may be tried again; `keyless`: hosted backends -> the API key variable that
+    is not set (they are not candidates at all)."""
     unavailable = unavailable or {}
+    keyless = keyless or {}
     skipped: list[Skip] = []
     ready: list[tuple[float, Backend]] = []
     saturated: list[tuple[float, Backend]] = []
     hosted: list[tuple[float, Backend]] = []
 
     for b in backends:
-        why = _unfit(facts, b, unavailable)
+        why = (("no-api-key", f"${keyless[b.name]} is not set")
+               if b.route == "hosted" and b.name in keyless else _unfit(facts, b, unavailable))
         if why is not None:
             skipped.append(Skip(b.name, *why))
         elif b.route == "hosted":
@@ -106,7 +147,7 @@ def decide(
         else:
             state = load.get(b.name)
             if state is None or not state.healthy:
-                skipped.append(Skip(b.name, "local-down", "engine not answering its health check"))
+                skipped.append(Skip(b.name, "local-down", _down_text(state)))
             elif state.saturated:
                 skipped.append(Skip(b.name, "local-saturated", _load_text(state)))
                 saturated.append((state.score, b))
@@ -128,7 +169,7 @@ def decide(
         wait = facts.mode == "cost-first" and bool(saturated)
         return RoutePlan(tuple(targets), _hosted_reason(skipped, backends), skips,
                          wait_for_local=wait)
-    refusal = _refusal(facts, skipped, bool(saturated))
+    refusal = _refusal(facts, skipped, backends, load, retry_in or {})
     return RoutePlan((), "none", skips, refusal, wait_for_local=bool(saturated))
 
 
@@ -155,11 +196,11 @@ def _unfit(facts: RequestFacts, b: Backend,
             return "unavailable", unavailable[b.name]
         worst = facts.worst_case_usd(b)
         if facts.max_request_usd is not None and worst > facts.max_request_usd:
-            return "cost", (f"worst case ${worst:.4f} is over the caller's "
-                            f"max_request_usd ${facts.max_request_usd:g}")
+            return "cost", (f"worst case ${worst:.4f} is over the "
+                            f"per-request limit ${facts.max_request_usd:g}")
         if facts.hosted_allowance_usd is not None and worst > facts.hosted_allowance_usd:
-            return "budget", (f"worst case ${worst:.4f} is over the "
-                              f"${facts.hosted_allowance_usd:.4f} left in the budget")
+            # Not the amount left: it may be the global budget's, no caller's to see.
+            return "budget", f"worst case ${worst:.4f} is over what is left in the budget"
     return None
 
 
@@ -173,33 +214,109 @@ def _hosted_reason(skipped: list[Skip], backends: Sequence[Backend]) -> str:
     return "local-down"
 
 
-def _refusal(facts: RequestFacts, skipped: list[Skip], saturated: bool) -> Refusal:
+def _refusal(facts: RequestFacts, skipped: list[Skip], backends: Sequence[Backend],
+             load: Mapping[str, EngineLoad], retry_in: Mapping[str, float]) -> Refusal:
     reasons = {s.reason for s in skipped}
-    details = {s.reason: s.detail for s in skipped}
+    if reasons & _TRANSIENT:
+        return _retryable(facts, skipped, backends, load, retry_in)
+    return _permanent(facts, skipped, backends)
+
+
+def _permanent(facts: RequestFacts, skipped: list[Skip],
+               backends: Sequence[Backend]) -> Refusal:
+    """Nothing here changes with time: the same request gets the same answer."""
+    reasons = {s.reason for s in skipped}
+    why = _why(skipped)
     if reasons <= {"capability"}:
         return Refusal(400, "unsupported", f"'{facts.alias}' does not serve {facts.endpoint}")
-    if reasons <= {"capability", "context-length"}:
-        return Refusal(400, "context_length_exceeded",
-                       "the prompt plus max_tokens exceed every backend's context length")
-    if reasons <= {"capability", "context-length", "forced"}:
-        return Refusal(400, "route_unavailable",
-                       f"no {facts.force} backend serves '{facts.alias}'")
-    if "license" in reasons and not saturated and "local-down" not in reasons:
+    if "license" in reasons:
+        detail = next(s.detail for s in skipped if s.reason == "license")
         return Refusal(403, "license", f"the local weights' licence forbids this use: "
-                       f"{details['license']}; no hosted backend may take it")
+                       f"{detail}; no hosted backend may take it ({why})")
+    if "context-length" in reasons:
+        limit = max(b.context_length or 0 for b in backends
+                    if any(s.backend == b.name and s.reason == "context-length"
+                           for s in skipped))
+        need = facts.prompt_tokens + (facts.max_tokens or 0)
+        return Refusal(400, "context_length_exceeded",
+                       f"the prompt (about {facts.prompt_tokens} tokens) plus max_tokens "
+                       f"({facts.max_tokens or 0}) need {need} tokens; the largest context "
+                       f"of a backend that may take this request is {limit} tokens ({why})")
+    if "forced" in reasons:
+        return Refusal(400, "route_unavailable",
+                       f"no {facts.force} backend serves '{facts.alias}' ({why})")
+    if "residency" in reasons:
+        return Refusal(403, "residency", f"the request must stay on-prem and '{facts.alias}' "
+                       f"has no local engine that serves it ({why})")
+    if "cost" in reasons:
+        return Refusal(400, "cost_limit", f"the request's worst case is over the caller's "
+                       f"max_request_usd on every hosted backend and no local engine may "
+                       f"take it; lower max_tokens ({why})")
+    # Only backends without an API key are left: a gateway only its operator can fix.
+    return Refusal(503, "no_backend", f"no backend of '{facts.alias}' can be used: no hosted "
+                   f"fallback is configured ({why})")
+
+
+def _retryable(facts: RequestFacts, skipped: list[Skip], backends: Sequence[Backend],
+               load: Mapping[str, EngineLoad], retry_in: Mapping[str, float]) -> Refusal:
+    """Waiting can help: say how long, in the header and the message alike."""
+    reasons = {s.reason for s in skipped}
+    details = {s.reason: s.detail for s in skipped}
+    down = [s.backend for s in skipped if s.reason == "local-down"]
+    starting = [load[n] for n in down if n in load and load[n].starting]
+    if starting and reasons <= {"local-down", "capability", "context-length", "license",
+                                "no-api-key", "residency", "forced", "cost"}:
+        etas = [e.ready_in_s for e in starting if e.ready_in_s is not None]
+        wait = max(1, math.ceil(min(etas))) if etas else RETRY_SOON_S * 2
+        eta = (f"expected ready in about {wait} s" if etas
+               else "its readiness is not known yet: it has not started here before")
+        names = ", ".join(f"'{n}'" for n in down if n in load and load[n].starting)
+        return Refusal(503, "local_starting", f"the local engine {names} is starting "
+                       f"({eta}) and {_no_hosted(facts, skipped, backends)}; retry in "
+                       f"{wait} s", wait)
     if "budget" in reasons:
         return Refusal(429, "budget_exceeded", f"hosted budget exhausted: {details['budget']}"
                        " and no local engine can take the request now")
     if "residency" in reasons:
         return Refusal(503, "residency", "the request must stay on-prem and no local engine "
-                       "can take it now")
+                       f"can take it now; retry in {RETRY_SOON_S} s", RETRY_SOON_S)
     if "cost" in reasons:
         return Refusal(503, "cost_limit", f"{details['cost']} and no local engine can take "
-                       "the request now")
-    if "unavailable" in reasons:
+                       f"the request now; retry in {RETRY_SOON_S} s", RETRY_SOON_S)
+    waits = [retry_in[s.backend] for s in skipped
+             if s.reason == "unavailable" and s.backend in retry_in]
+    if "unavailable" in reasons and not reasons & {"local-down", "local-saturated"}:
+        wait = max(1, math.ceil(min(waits))) if waits else RETRY_SOON_S
         return Refusal(503, "circuit_open", "every hosted backend that could take it is "
-                       f"failing: {details['unavailable']}")
-    return Refusal(503, "no_backend", "no backend can serve this request now")
+                       f"failing ({_why(skipped)}); retry in {wait} s", wait)
+    return Refusal(503, "no_backend", f"no backend can serve this request now "
+                   f"({_why(skipped)}); retry in {RETRY_SOON_S} s", RETRY_SOON_S)
+
+
+def _no_hosted(facts: RequestFacts, skipped: list[Skip], backends: Sequence[Backend]) -> str:
+    keyless = [s.detail for s in skipped if s.reason == "no-api-key"]
+    if keyless:
+        return f"no hosted fallback is configured ({', '.join(sorted(set(keyless)))})"
+    if not any(b.route == "hosted" for b in backends):
+        return f"'{facts.alias}' has no hosted fallback"
+    hosted = {b.name for b in backends if b.route == "hosted"}
+    return "no hosted backend may take it (" + "; ".join(
+        f"{s.backend}: {s.detail}" for s in skipped if s.backend in hosted) + ")"
+
+
+def _why(skipped: list[Skip]) -> str:
+    return "; ".join(f"{s.backend}: {s.detail}" for s in skipped)
+
+
+def _down_text(state: EngineLoad | None) -> str:
+    if state is None or not state.starting:
+        return "engine not answering its health check"
+    parts = ["engine starting"]
+    if state.starting_for_s is not None:
+        parts.append(f"for {state.starting_for_s:.0f} s")
+    if state.ready_in_s is not None:
+        parts.append(f"expected ready in about {max(1, math.ceil(state.ready_in_s))} s")
+    return ", ".join(parts)
 
 
 def _load_text(s: EngineLoad) -> str:

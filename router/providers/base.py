@@ -77,6 +77,15 @@ class OpenAITranslator:
         return restore_ids(data, prep.ids, "delta")
 
 
+def bound_output(prep: Prepared, endpoint: Endpoint, max_tokens: int) -> None:
+    """Send the max_tokens a budget hold assumed when the caller set none, so an answer
+    cannot outgrow what was reserved for it."""
+    if endpoint == "embeddings" or prep.body.get("max_tokens") is not None \
+            or prep.body.get("max_completion_tokens") is not None:
+        return
+    prep.body["max_tokens"] = max_tokens
+
+
 def restore_ids(data: dict[str, Any], ids: IdMap, key: str) -> bool:
     if not ids:
         return False
