@@ -4,15 +4,27 @@ vLLM's API server spawns an EngineCore process (and, on CPU, a worker) that hold
 model and the KV cache. Each engine is therefore started as the leader of its own session
 and process group, and every signal goes to the whole group: killing only the API server
 would leave an orphan that keeps the port, the GPU memory and the CPU busy.
+
+The group's leader is a small watchdog (serving/guard.py) that runs the engine and kills the
+group when the router dies, even by SIGKILL, so no engine outlives its router. A pidfile
+beside the engine's log names the group, the router and what it serves: a router that finds
+its port held decides from it (wait for a dying engine, adopt its own, or refuse with the
+name of the process that holds the port) instead of restarting an engine that cannot bind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
+import json
 import logging
 import os
+import re
+import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,10 +38,108 @@ import psutil
 _log = logging.getLogger(__name__)
 
 DEFAULT_LOG_TAIL_LINES = 40
+# What the router's log, /readyz and the dashboard show of a failed engine's own log.
+REASON_TAIL_LINES = 8
+GUARD = Path(__file__).with_name("guard.py")
+# How long the guard lets an orphaned engine shut down before it SIGKILLs the group.
+ORPHAN_GRACE_S = 3.0
+_START_MARK = "=== "
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class EngineStartError(RuntimeError):
     """The engine exited or did not become healthy in time; the message holds its log tail."""
+
+
+class EnginePortInUse(EngineStartError):
+    """The engine's port is held by a process this router did not start and cannot adopt."""
+
+
+@dataclass(frozen=True, slots=True)
+class PidRecord:
+    """What the pidfile beside an engine's log says about the engine a router started."""
+
+    pgid: int  # the guard's pid: leader of the engine's process group
+    started: float  # the guard's psutil create_time: a reused pid cannot match it
+    router_pid: int
+    router_started: float
+    host: str
+    port: int
+    model: str
+    served_model_name: str
+
+    def matches(self, spec: EngineSpec) -> bool:
+        return (self.host, self.port, self.model, self.served_model_name) == (
+            spec.host, spec.port, spec.model, spec.served_model_name)
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".pid.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> PidRecord | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def _same_process(pid: int, started: float) -> bool:
+    """Whether pid is still the process created at `started` (not a reuse of its number)."""
+    t = _create_time(pid)
+    return t is not None and abs(t - started) < 0.05
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (a bind, as the engine would do)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # the engine reports a host it cannot bind
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        # SO_REUSEADDR as servers set it: connections in TIME_WAIT do not count, listeners do.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def port_holder(port: int) -> psutil.Process | None:
+    """The process listening on port, where this user may see it."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(c.pid)
+    return None
+
+
+def describe_process(proc: psutil.Process | None) -> str:
+    if proc is None:
+        return "a process this user cannot see (another user's: `ss -ltnp` as root names it)"
+    try:
+        cmd = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        cmd = "?"
+    if len(cmd) > 160:
+        cmd = cmd[:157] + "..."
+    return f"pid {proc.pid} ({cmd})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,21 +290,46 @@ class EngineProcess:
         command: Sequence[str] | None = None,
         python: str = sys.executable,
         base_env: Mapping[str, str] | None = None,
+        orphan_grace: float = ORPHAN_GRACE_S,
     ) -> None:
         self.spec = spec
         self.log_path = Path(log_dir) / f"{spec.name}.log"
+        self.pid_path = Path(log_dir) / f"{spec.name}.pid"
         # Tests and unusual deployments replace the vLLM command line wholesale.
         self.command: list[str] = (
             list(command) if command is not None else engine_command(spec, python)
         )
         self._base_env = base_env
+        self._orphan_grace = orphan_grace
         self._process: asyncio.subprocess.Process | None = None
         self._pgid: int | None = None
         self._started_at: float | None = None
+        # The guard's child, found once it exists (the process operators call "the engine").
+        self._engine_pid: int | None = None
+        # An engine of an earlier run of this router, taken over instead of started.
+        self._adopted: psutil.Process | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        """The engine's own pid (vLLM's API server), else the guard's while it starts it."""
+        if self._adopted is not None:
+            return int(self._adopted.pid)
+        if self._process is None:
+            return None
+        if self._engine_pid is None and self._process.returncode is None:
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(self._process.pid).children()
+                if children:
+                    self._engine_pid = int(children[0].pid)
+        return self._engine_pid or self._process.pid
+
+    @property
+    def pgid(self) -> int | None:
+        return self._pgid
+
+    @property
+    def adopted(self) -> bool:
+        return self._adopted is not None
 
     @property
     def returncode(self) -> int | None:
@@ -202,6 +337,8 @@ class EngineProcess:
 
     @property
     def running(self) -> bool:
+        if self._adopted is not None:
+            return _alive(self._adopted)
         return self._process is not None and self._process.returncode is None
 
     @property
@@ -210,23 +347,46 @@ class EngineProcess:
         return self._started_at
 
     def log_tail(self, lines: int = DEFAULT_LOG_TAIL_LINES) -> str:
-        return read_log_tail(self.log_path, lines)
+        """The last lines the current (latest) run wrote, without terminal colours."""
+        text = read_log_tail(self.log_path, lines + 1)
+        kept = text.splitlines()
+        for i in range(len(kept) - 1, -1, -1):
+            if kept[i].startswith(_START_MARK):
+                kept = kept[i + 1:]
+                break
+        return "\n".join(_ANSI.sub("", ln) for ln in kept[-lines:])
 
     async def start(self) -> None:
+        """Start the engine; or adopt this router's own engine from an earlier run when it
+        still holds the port; raise EnginePortInUse when something else holds it."""
         if self.running:
             raise RuntimeError(f"engine {self.spec.name} is already running (pid {self.pid})")
         if self._pgid is not None:
             # A previous incarnation died; its children may still hold the port.
             await self._kill_group(self._pgid, grace=0.0)
+            self._pgid = None
+        self._adopted = None
+        self._engine_pid = None
+        held = await asyncio.to_thread(port_in_use, self.spec.host, self.spec.port)
+        if held and await self._claim_held_port():
+            return
+        # The guard would only log it; a command that cannot run is the caller's error.
+        if shutil.which(self.command[0]) is None:
+            raise FileNotFoundError(errno.ENOENT, "no such executable", self.command[0])
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, str(GUARD), str(os.getpid()), str(self._orphan_grace), "--",
+                *self.command]
         with self.log_path.open("ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"\n=== {stamp} spillover starting engine {self.spec.name}: ".encode())
+            head = f"\n{_START_MARK}{stamp} spillover starting engine {self.spec.name}: "
+            log.write(head.encode())
             log.write((" ".join(self.command) + "\n").encode())
             log.flush()
             # The child gets its own copy of the descriptor; ours closes with the block.
+            # The guard must be forked by a thread that lives as long as the router: its
+            # parent-death signal fires when the forking thread ends. The event loop's is.
             self._process = await asyncio.create_subprocess_exec(
-                *self.command,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -235,10 +395,71 @@ class EngineProcess:
             )
         self._pgid = self._process.pid
         self._started_at = time.monotonic()
+        me = psutil.Process()
+        PidRecord(
+            pgid=self._pgid, started=_create_time(self._pgid) or 0.0,
+            router_pid=me.pid, router_started=me.create_time(),
+            host=self.spec.host, port=self.spec.port, model=self.spec.model,
+            served_model_name=self.spec.served_model_name,
+        ).write(self.pid_path)
         _log.info("engine %s started, pid %d, log %s", self.spec.name, self._pgid, self.log_path)
 
-    async def wait_exit(self) -> int:
-        """Wait for the current process to exit; its return code."""
+    async def _claim_held_port(self) -> bool:
+        """The port is held. True: adopted our own engine; False: it was ours and is gone
+        now, start anew; EnginePortInUse: not ours to take."""
+        spec = self.spec
+        holder = await asyncio.to_thread(port_holder, spec.port)
+        record = PidRecord.read(self.pid_path)
+        if not await asyncio.to_thread(_ours, record, holder, spec):
+            raise EnginePortInUse(
+                f"engine {spec.name}: port {spec.port} is already in use by "
+                f"{describe_process(holder)}, which is not an engine this router started "
+                f"(no matching {self.pid_path}); stop it or give {spec.name} another port")
+        assert record is not None and holder is not None
+        if _same_process(record.router_pid, record.router_started):
+            raise EnginePortInUse(
+                f"engine {spec.name}: port {spec.port} is held by the engine of another "
+                f"spillover router still running (pid {record.router_pid}); stop that router "
+                f"or give {spec.name} another port")
+        if _same_process(record.pgid, record.started):
+            # Its guard lives and its router is gone: the guard is stopping it right now.
+            _log.info("engine %s: the engine of the previous run (pid %d) is stopping; waiting",
+                      spec.name, holder.pid)
+            if not await _wait_group_gone(record.pgid, self._orphan_grace + 10.0):
+                await self._kill_group(record.pgid, grace=0.0)
+            return False
+        if await self._serves(spec.served_model_name):
+            self._adopted, self._pgid = holder, record.pgid
+            self._started_at = time.monotonic()
+            _log.warning("engine %s: adopted the engine of an earlier run on port %d "
+                         "(pid %d, serving %s)", spec.name, spec.port, holder.pid,
+                         spec.served_model_name)
+            return True
+        _log.warning("engine %s: the engine of an earlier run (pid %d) holds port %d but "
+                     "does not serve %s; stopping it", spec.name, holder.pid, spec.port,
+                     spec.served_model_name)
+        await self._kill_group(record.pgid, grace=5.0)
+        return False
+
+    async def _serves(self, model: str) -> bool:
+        """Whether the engine at the spec's address lists model in /v1/models."""
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0),
+                                         trust_env=False) as client:
+                response = await client.get(self.spec.base_url + "/models")
+                ids = [m.get("id") for m in response.json().get("data", [])]
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+        return model in ids
+
+    async def wait_exit(self) -> int | None:
+        """Wait for the current process to exit; its return code (None for an adopted
+        engine, whose parent is not this router)."""
+        if self._adopted is not None:
+            # Not our child: no exit to wait on, so it is polled (cheap: one /proc read).
+            while _alive(self._adopted):  # noqa: ASYNC110
+                await asyncio.sleep(1.0)
+            return None
         if self._process is None:
             raise RuntimeError(f"engine {self.spec.name} was never started")
         return await self._process.wait()
@@ -252,11 +473,10 @@ class EngineProcess:
         poll_interval: float = 0.5,
     ) -> None:
         """Return once GET /health answers 200; raise EngineStartError on exit or timeout."""
-        process = self._process
-        if process is None:
+        if self._process is None and self._adopted is None:
             raise RuntimeError(f"engine {self.spec.name} was never started")
         deadline = time.monotonic() + timeout
-        exited = asyncio.ensure_future(process.wait())
+        exited = asyncio.ensure_future(self.wait_exit())
         http_timeout = httpx.Timeout(2.0, connect=1.0)
         try:
             # trust_env=False: a proxy from the environment must not sit in front of loopback.
@@ -288,12 +508,22 @@ class EngineProcess:
         """SIGTERM the whole process group, SIGKILL whatever is left after grace seconds."""
         if self._pgid is None:
             return
-        await self._kill_group(self._pgid, grace=grace)
+        pgid = self._pgid
+        await self._kill_group(pgid, grace=grace)
         if self._process is not None and self._process.returncode is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._process.wait(), timeout=5.0)
         self._pgid = None
+        self._adopted = None
+        record = PidRecord.read(self.pid_path)
+        if record is not None and record.pgid == pgid:
+            self.pid_path.unlink(missing_ok=True)
         _log.info("engine %s stopped", self.spec.name)
+
+    async def reap_leftovers(self) -> None:
+        """After the engine exited: kill what is left of its group (EngineCore, workers)."""
+        if self._pgid is not None and self._adopted is None:
+            await self._kill_group(self._pgid, grace=0.0)
 
     async def _kill_group(self, pgid: int, grace: float) -> None:
         if grace > 0:
@@ -306,15 +536,42 @@ class EngineProcess:
             _log.error("engine %s: process group %d survived SIGKILL", self.spec.name, pgid)
 
 
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _ours(record: PidRecord | None, holder: psutil.Process | None, spec: EngineSpec) -> bool:
+    """Whether the port's holder is provably the engine this router's pidfile describes:
+    same address and model, in the recorded process group, started after the record's
+    guard (a group id cannot be reused while any member lives)."""
+    if record is None or holder is None or not record.matches(spec):
+        return False
+    try:
+        return bool(os.getpgid(holder.pid) == record.pgid
+                    and holder.create_time() >= record.started - 0.05)
+    except (OSError, psutil.Error):
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class RestartBackoff:
-    """Capped exponential delay between restarts of a crashing engine."""
+    """Capped exponential delay between restarts of a crashing engine; slow retries once
+    it is crash-looping."""
 
     initial: float = 1.0
     maximum: float = 30.0
     factor: float = 2.0
     # An engine that stayed up this long is considered healthy again: restart promptly.
     reset_after: float = 120.0
+    # This many exits in a row, each sooner than reset_after after its start, is a crash
+    # loop: a bad path, flag or a GPU that is full will not fix itself in seconds. Retried
+    # every crash_loop_delay seconds from then on, so a passing cause (memory another job
+    # held) still heals by itself, without a restart every few seconds meanwhile.
+    crash_loop_after: int = 3
+    crash_loop_delay: float = 120.0
 
     def next_delay(self, previous: float | None, uptime: float) -> float:
         if previous is None or uptime >= self.reset_after:
@@ -329,6 +586,19 @@ class EngineStatus:
     running: bool
     restarts: int
     last_exit_code: int | None
+    adopted: bool = False
+    crash_looping: bool = False
+    failures_in_a_row: int = 0
+    # Why the engine is not serving (its exit and the last lines of its log), while it is not.
+    down_reason: str | None = None
+    retry_in_s: float | None = None
+
+
+@dataclass(slots=True)
+class _Trouble:
+    failures: int = 0  # exits in a row, each soon after its start
+    reason: str | None = None
+    retry_at: float | None = None  # time.monotonic() of the next start
 
 
 class EngineSupervisor:
@@ -363,23 +633,56 @@ class EngineSupervisor:
         self.stop_grace = stop_grace
         self._restarts = dict.fromkeys(names, 0)
         self._last_exit: dict[str, int | None] = dict.fromkeys(names)
+        self._trouble = {name: _Trouble() for name in names}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
 
     def restarts(self, name: str) -> int:
         return self._restarts[name]
 
+    def crash_looping(self, name: str) -> bool:
+        return self._trouble[name].failures >= self.backoff.crash_loop_after
+
     def status(self) -> list[EngineStatus]:
-        return [
-            EngineStatus(
+        out = []
+        for name, engine in self.engines.items():
+            t = self._trouble[name]
+            note = self.note(name)
+            out.append(EngineStatus(
                 name=name,
                 pid=engine.pid,
                 running=engine.running,
                 restarts=self._restarts[name],
                 last_exit_code=self._last_exit[name],
-            )
-            for name, engine in self.engines.items()
-        ]
+                adopted=engine.adopted,
+                crash_looping=self.crash_looping(name),
+                failures_in_a_row=t.failures,
+                down_reason=note[1] if note is not None else None,
+                retry_in_s=(None if t.retry_at is None
+                            else round(max(0.0, t.retry_at - time.monotonic()), 1)),
+            ))
+        return out
+
+    def note(self, name: str) -> tuple[bool, str] | None:
+        """What the supervisor knows that probes cannot: (running, why) while the engine is
+        not running (nothing on its port is ours then) or runs again soon after failures;
+        None when it has nothing to add."""
+        engine = self.engines.get(name)
+        if engine is None:
+            return None
+        t = self._trouble[name]
+        if engine.running:
+            started = engine.started_at
+            if t.reason and started is not None and (
+                    time.monotonic() - started < self.backoff.reset_after):
+                return True, f"starting again after: {t.reason}"
+            return None
+        if self._stopping:
+            return False, "stopped"
+        why = t.reason or "not started"
+        if t.retry_at is not None:
+            why = f"{why}\n(next start in {max(0.0, t.retry_at - time.monotonic()):.0f} s)"
+        return False, why
 
     async def start_all(
         self,
@@ -389,12 +692,19 @@ class EngineSupervisor:
         """Start every engine; with wait_ready, return once all answer /health.
 
         If an engine fails to come up, every engine is stopped before the error propagates:
-        a start that fails must not leave processes behind.
+        a start that fails must not leave processes behind. Without wait_ready, an engine
+        whose port something else holds is reported and retried slowly; the others start.
         """
         self._stopping = False
         try:
-            for engine in self.engines.values():
-                await engine.start()
+            for name, engine in self.engines.items():
+                try:
+                    await engine.start()
+                except EnginePortInUse as exc:
+                    if wait_ready:
+                        raise
+                    self._trouble[name].reason = str(exc)
+                    _log.error("%s", exc)
             if wait_ready:
                 limit = self.ready_timeout if timeout is None else timeout
                 await asyncio.gather(*(e.wait_ready(limit) for e in self.engines.values()))
@@ -429,31 +739,59 @@ class EngineSupervisor:
 
     async def _watch(self, name: str) -> None:
         engine = self.engines[name]
+        t = self._trouble[name]
         delay: float | None = None
         while not self._stopping:
-            code = await engine.wait_exit()
-            if self._stopping:
-                return
-            self._last_exit[name] = code
-            started = engine.started_at
-            uptime = time.monotonic() - started if started is not None else 0.0
-            delay = self.backoff.next_delay(delay, uptime)
-            _log.warning(
-                "engine %s exited with code %s after %.0f s; restarting in %.1f s",
-                name,
-                code,
-                uptime,
-                delay,
-            )
+            if engine.running:
+                code = await engine.wait_exit()
+                if self._stopping:
+                    return
+                await engine.reap_leftovers()
+                delay = self._exited(name, code, delay)
+            else:
+                # Not started: its port is held by another process; look again slowly.
+                delay = self.backoff.crash_loop_delay
+            t.retry_at = time.monotonic() + delay
             await asyncio.sleep(delay)
             if self._stopping:
                 return
+            t.retry_at = None
             try:
                 await engine.start()  # also kills what is left of the old process group
+            except EnginePortInUse as exc:
+                t.reason = str(exc)
+                _log.error("%s", exc)
+                continue
             except OSError as exc:
-                # The executable itself cannot run; retrying on the backoff is all we can do.
+                # The executable itself cannot run; retrying slowly is all we can do.
+                t.reason = f"engine could not be started: {exc}"
                 _log.error("engine %s could not be restarted: %s", name, exc)
                 self._restarts[name] += 1
-                await asyncio.sleep(self.backoff.maximum)
                 continue
             self._restarts[name] += 1
+
+    def _exited(self, name: str, code: int | None, delay: float | None) -> float:
+        """Record an exit, log it with the engine's last lines; the delay before a restart."""
+        engine = self.engines[name]
+        t = self._trouble[name]
+        self._last_exit[name] = code
+        started = engine.started_at
+        uptime = time.monotonic() - started if started is not None else 0.0
+        fast = uptime < self.backoff.reset_after
+        t.failures = t.failures + 1 if fast else 1
+        looping = self.crash_looping(name)
+        delay = (self.backoff.crash_loop_delay if looping
+                 else self.backoff.next_delay(delay, uptime))
+        how = "its adopted process ended" if code is None else f"exited with code {code}"
+        what = f"engine {name} {how} after {uptime:.0f} s"
+        if looping:
+            what += (f"; crash-looping ({t.failures} exits in a row, each within "
+                     f"{self.backoff.reset_after:.0f} s of its start): retrying every "
+                     f"{delay:.0f} s")
+        tail = engine.log_tail(REASON_TAIL_LINES)
+        t.reason = what + (f"; last lines of {engine.log_path}:\n{tail}" if tail else "")
+        if looping:
+            _log.error("%s", t.reason)
+        else:
+            _log.warning("%s; restarting in %.1f s", t.reason, delay)
+        return delay
