@@ -19,9 +19,12 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Self, TypeAlias
+
+from router.ledger_spool import StoreHealth
 
 log = logging.getLogger("spillover.ledger")
 
@@ -80,7 +83,10 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
     "CREATE INDEX IF NOT EXISTS calls_caller_ts ON calls (caller, ts)",
+    # Written only to find out whether a failed store takes writes again (see _drain).
+    "CREATE TABLE IF NOT EXISTS ledger_batches (id TEXT PRIMARY KEY, at REAL NOT NULL)",
 )
+_PROBE = "INSERT INTO ledger_batches (id, at) VALUES (?, ?)"
 
 
 class Dialect(NamedTuple):
@@ -103,6 +109,8 @@ class CallLedger(Protocol):
 
     @property
     def path(self) -> str: ...  # where the rows live, safe to log (no password)
+    @property
+    def health(self) -> StoreHealth: ...  # the store's state, the policy when it fails
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     def close(self) -> None: ...
@@ -121,6 +129,18 @@ class LedgerError(RuntimeError):
     """A row could not be committed, or the ledger is not running."""
 
 
+class StoreUnavailable(LedgerError):
+    """The store does not answer (and, for a row, the spool could not keep it either):
+    counted and logged once by `StoreHealth`, not once per row."""
+
+
+def store_failure(exc: sqlite3.Error) -> bool:
+    """The store fails (full disk, I/O error, read-only, damaged file), as opposed to one
+    row it refuses (a constraint, a value it cannot bind)."""
+    return not isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError
+                          | sqlite3.InterfaceError | sqlite3.DataError)
+
+
 class LedgerBase:
     """What both stores do alike: the lifecycle around their writer and the reads. A store
     gives its dialect, its read connection and lock, `start`/`stop`, `_writing` and
@@ -131,6 +151,11 @@ class LedgerBase:
     _read_lock: threading.Lock
     _accepting: bool
     _closed: bool
+    _health: StoreHealth
+
+    @property
+    def health(self) -> StoreHealth:
+        return self._health
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -220,8 +245,11 @@ class Ledger(LedgerBase):
     _dialect = _SQLITE
 
     def __init__(self, path: str | os.PathLike[str], *,
-                 checkpoint_s: float = _CHECKPOINT_S) -> None:
+                 checkpoint_s: float = _CHECKPOINT_S, health: StoreHealth | None = None) -> None:
         self._path = os.fspath(path)
+        # Without a spool (tests, tools that only read) rows the store refuses are lost,
+        # counted in the health's rows_lost.
+        self._health = health or StoreHealth(self._path)
         self._checkpoint_s = checkpoint_s
         self._memory = self._path == MEMORY
         try:
@@ -246,6 +274,7 @@ class Ledger(LedgerBase):
         self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
             contextlib.nullcontext())
         self._checkpointer: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
         self._dirty = False
         self._accepting = False
         self._closed = False
@@ -282,6 +311,7 @@ class Ledger(LedgerBase):
             self._write.execute("PRAGMA wal_autocheckpoint = 0")
             self._checkpointer = asyncio.create_task(self._checkpoints(),
                                                      name="spillover-ledger-checkpoint")
+        self._drainer = asyncio.create_task(self._drains(), name="spillover-ledger-drain")
         self._accepting = True
 
     async def stop(self) -> None:
@@ -291,6 +321,12 @@ class Ledger(LedgerBase):
             self.close()
             return
         self._flush()
+        if self._drainer is not None:
+            # Rows still in the spool stay there, durable: the next start writes them.
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+            self._drainer = None
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -300,6 +336,8 @@ class Ledger(LedgerBase):
         if self._write is not self._read:
             self._write.close()
         self._write = None
+        if self._health.spool is not None:
+            self._health.spool.close()
         self.close()
 
     def _writing(self) -> bool:
@@ -337,23 +375,89 @@ class Ledger(LedgerBase):
         conn = self._write
         if not batch or conn is None:
             return
-        errors: list[str | None] = [None] * len(batch)
-        try:
-            with self._write_lock, conn:  # one transaction: committed, or rolled back
-                conn.executemany(_INSERT, [row for row, _ in batch])
-        except Exception:
-            # One bad row must not cost the others theirs: retry them one by one, so only
-            # the rows that cannot be written (or all of them, when the disk is full) fail.
-            for i, (row, _) in enumerate(batch):
-                try:
-                    with self._write_lock, conn:
-                        conn.execute(_INSERT, row)
-                except Exception as exc:
-                    log.exception("ledger: row %s not committed", row.request_id)
-                    errors[i] = str(exc)
+        rows = [row for row, _ in batch]
+        errors: list[str | LedgerError | None] = [None] * len(batch)
+        if self.health.pending and self.health.spool_error is None:
+            # Rows already wait in the spool: these join them, and the drain writes them
+            # in order (it also finds out when the store answers again).
+            errors = [self._keep(rows)] * len(batch)
+        else:
+            try:
+                with self._write_lock, conn:  # one transaction: committed, or rolled back
+                    conn.executemany(_INSERT, rows)
+                self.health.recovered()
+            except sqlite3.Error as exc:
+                if store_failure(exc):
+                    # The disk is full, unwritable, the file damaged: no row would go in.
+                    self.health.failed(exc)
+                    errors = [self._keep(rows)] * len(batch)
+                else:
+                    errors = self._one_by_one(conn, rows)
         self._dirty = True
         resolve_waiters([(done, error) for (_, done), error in zip(batch, errors, strict=True)
                          if done is not None])
+
+    def _one_by_one(self, conn: sqlite3.Connection,
+                    rows: list[LedgerRow]) -> list[str | LedgerError | None]:
+        """One bad row must not cost the others theirs: retry them one by one, so only the
+        rows that cannot be written fail."""
+        errors: list[str | LedgerError | None] = []
+        for row in rows:
+            try:
+                with self._write_lock, conn:
+                    conn.execute(_INSERT, row)
+                errors.append(None)
+            except sqlite3.Error as exc:
+                if store_failure(exc):
+                    self.health.failed(exc)
+                    errors.append(self._keep([row]))
+                else:
+                    log.error("ledger: row %s not committed: %s", row.request_id, exc)
+                    errors.append(str(exc))
+        return errors
+
+    def _keep(self, rows: list[LedgerRow]) -> LedgerError | None:
+        error = self.health.keep(os.urandom(16).hex(), [["row", *row] for row in rows],
+                                 len(rows))
+        return None if error is None else StoreUnavailable(f"ledger row not kept: {error}")
+
+    async def _drains(self) -> None:
+        """While rows wait in the spool or the store fails: try the store again, every
+        `retry_s`, and write the spooled rows to it."""
+        while True:
+            await asyncio.sleep(self.health.retry_s)
+            while self.health.pending or self.health.failing:
+                if not await self._drain():
+                    break
+
+    async def _drain(self) -> bool:
+        """One pass over the spool; True when it all went in (the store answers)."""
+        spool, conn = self.health.spool, self._write
+        if conn is None:
+            return False
+        try:
+            if spool is None or not spool.rows:
+                with self._write_lock, conn:  # a real write: does the store take one?
+                    conn.execute(_PROBE, (os.urandom(16).hex(), time.time()))
+                    conn.execute("DELETE FROM ledger_batches")
+                self.health.recovered()
+                return True
+            for path in spool.sealed():
+                rows = 0
+                for _, items in spool.read(path):
+                    batch = [LedgerRow(*item[1:]) for item in items]
+                    with self._write_lock, conn:
+                        if not committed(batch[0] if batch else None,
+                                         lambda r: _exists(conn, r)):
+                            conn.executemany(_INSERT, batch)
+                    self.health.recovered()
+                    rows += len(batch)
+                    await asyncio.sleep(0)  # other requests' commits go on meanwhile
+                spool.drained(path, rows)
+        except (sqlite3.Error, OSError) as exc:
+            self.health.failed(exc)
+            return False
+        return True
 
     async def _checkpoints(self) -> None:
         while True:
@@ -363,7 +467,8 @@ class Ledger(LedgerBase):
                 try:
                     await asyncio.to_thread(self._checkpoint)
                 except sqlite3.Error as exc:  # retried next time; the WAL only grows
-                    log.warning("ledger checkpoint failed: %s", exc)
+                    if not self._health.failing:  # said once, by the health, meanwhile
+                        log.warning("ledger checkpoint failed: %s", exc)
 
     def _checkpoint(self) -> None:
         """PASSIVE: copies what no reader still needs, without waiting for anyone."""
@@ -384,6 +489,12 @@ class Ledger(LedgerBase):
                 return cursor.fetchall()
             finally:
                 cursor.close()
+
+
+def _exists(conn: sqlite3.Connection, row: LedgerRow) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM calls WHERE caller = ? AND ts = ? AND request_id = ? LIMIT 1",
+        (row.caller, row.ts, row.request_id)).fetchone() is not None
 
 
 def usage_sql(
@@ -446,11 +557,20 @@ def usage_totals(keys: list[str], records: Sequence[tuple[Any, ...]]) -> list[di
     return out
 
 
-def resolve_waiters(outcomes: list[tuple[asyncio.Future[None], str | None]]) -> None:
+def resolve_waiters(outcomes: list[tuple[asyncio.Future[None], str | LedgerError | None]],
+                    ) -> None:
     for done, error in outcomes:
         if done.done():
             continue  # the waiter was cancelled; its row is committed all the same
         if error is None:
             done.set_result(None)
+        elif isinstance(error, LedgerError):
+            done.set_exception(error)
         else:
             done.set_exception(LedgerError(f"ledger write failed: {error}"))
+
+
+def committed(first: LedgerRow | None, exists: Callable[[LedgerRow], bool]) -> bool:
+    """Whether a spooled batch is in the store already: its rows commit together, so its
+    first row says (a caller, its start time to the microsecond and a request id)."""
+    return first is not None and exists(first)

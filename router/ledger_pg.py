@@ -29,8 +29,11 @@ from router.ledger import (
     LedgerBase,
     LedgerError,
     LedgerRow,
+    StoreUnavailable,
+    committed,
     resolve_waiters,
 )
+from router.ledger_spool import StoreHealth
 from router.pg import (
     GLOBAL_SCOPE,
     READ_STATEMENT_TIMEOUT_MS,
@@ -95,8 +98,9 @@ class PgLedger(LedgerBase):
 
     _dialect = _PG
 
-    def __init__(self, target: PgTarget) -> None:
+    def __init__(self, target: PgTarget, *, health: StoreHealth | None = None) -> None:
         self._target = target
+        self._health = health or StoreHealth(target.where)
         self._read: Conn = self._connect(READ_STATEMENT_TIMEOUT_MS, autocommit=True)
         self._read_lock = threading.Lock()
         try:
@@ -156,10 +160,16 @@ class PgLedger(LedgerBase):
         if self._budget_conn is not None:
             self._budget_conn.close()
             self._budget_conn = None
+        if self._health.spool is not None:
+            self._health.spool.close()
         self.close()
 
     def _writing(self) -> bool:
         return self._thread is not None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
 
     # -- writes --------------------------------------------------------------------
 
@@ -189,12 +199,21 @@ class PgLedger(LedgerBase):
         await done
 
     def _writer(self, conn: Conn) -> None:
+        health = self._health
         try:
             stopping = False
+            drain_at = 0.0
             while not stopping:
                 batch: list[_Pending] = []
-                item = self._queue.get()
-                while True:
+                waiting = bool(health.pending or health.failing)
+                item: _Pending | None
+                try:
+                    # While rows wait in the spool, wake up to retry the store.
+                    item = self._queue.get(timeout=health.retry_s if waiting else None)
+                    idle = False
+                except queue.Empty:
+                    item, idle = None, True
+                while not idle:
                     if item is None:
                         stopping = True
                         break
@@ -205,28 +224,38 @@ class PgLedger(LedgerBase):
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
+                if waiting and not stopping and time.monotonic() >= drain_at:
+                    conn, drained = self._drain(conn)
+                    drain_at = 0.0 if drained else time.monotonic() + health.retry_s
                 if batch:
                     conn = self._commit(conn, batch)
         finally:
             conn.close()
 
     def _commit(self, conn: Conn, batch: list[_Pending]) -> Conn:
-        """Commit the batch; returns the connection to use next (a fresh one after a
-        connection was lost)."""
-        errors: list[str | None] = [None] * len(batch)
-        try:
-            conn = self._transact(conn, [item for item, _, _ in batch])
-        except Exception:
-            # One bad row must not cost the others theirs: retry them one by one.
-            for i, (item, _, _) in enumerate(batch):
-                try:
-                    conn = self._transact(conn, [item])
-                except Exception as exc:
-                    # The writer thread must survive anything: waiters would hang forever.
-                    log.exception("ledger: %s not committed", _describe(item))
-                    errors[i] = str(exc)
-        waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], str | None]]]
-        waiting = {}
+        """Commit the batch, or spool it when the store fails; returns the connection to
+        use next (a fresh one after a connection was lost)."""
+        health = self._health
+        items = [item for item, _, _ in batch]
+        errors: list[str | LedgerError | None] = [None] * len(batch)
+        if health.pending and health.spool_error is None:
+            # Rows already wait in the spool: these join them; the drain writes them.
+            errors = [self._keep(os.urandom(16).hex(), items)] * len(batch)
+        else:
+            batch_id = os.urandom(16).hex()
+            try:
+                conn = self._transact(conn, items, batch_id)
+                health.recovered()
+            except Exception as exc:
+                if _store_failure(exc):
+                    health.failed(exc)
+                    # Under the id it was tried with: if its COMMIT did reach the server
+                    # after all, the drain finds the mark and does not apply it twice.
+                    errors = [self._keep(batch_id, items)] * len(batch)
+                else:
+                    conn, errors = self._one_by_one(conn, items)
+        waiting: dict[asyncio.AbstractEventLoop,
+                      list[tuple[asyncio.Future[None], str | LedgerError | None]]] = {}
         for (_, loop, done), error in zip(batch, errors, strict=True):
             if loop is not None and done is not None:
                 waiting.setdefault(loop, []).append((done, error))
@@ -235,32 +264,101 @@ class PgLedger(LedgerBase):
                 loop.call_soon_threadsafe(resolve_waiters, outcomes)
         return conn
 
-    def _transact(self, conn: Conn, items: Sequence[_Item]) -> Conn:
-        """Apply `items` in one transaction, marked with a batch id; returns the connection
+    def _one_by_one(self, conn: Conn,
+                    items: list[_Item]) -> tuple[Conn, list[str | LedgerError | None]]:
+        """One bad row must not cost the others theirs: retry them one by one."""
+        errors: list[str | LedgerError | None] = []
+        for i, item in enumerate(items):
+            batch_id = os.urandom(16).hex()
+            try:
+                conn = self._transact(conn, [item], batch_id)
+                errors.append(None)
+            except Exception as exc:
+                # The writer thread must survive anything: waiters would hang forever.
+                if _store_failure(exc):
+                    self._health.failed(exc)
+                    kept = self._keep(batch_id, items[i:])
+                    errors.extend([kept] * (len(items) - i))
+                    break
+                log.error("ledger: %s not committed: %s", _describe(item), exc)
+                errors.append(str(exc))
+        return conn, errors
+
+    def _keep(self, batch_id: str, items: Sequence[_Item]) -> LedgerError | None:
+        encoded = [_encode(item) for item in items if not isinstance(item, _Barrier)]
+        if not encoded:
+            return None
+        rows = sum(isinstance(item, LedgerRow) for item in items)
+        error = self._health.keep(batch_id, encoded, rows)
+        return None if error is None else StoreUnavailable(f"ledger row not kept: {error}")
+
+    def _drain(self, conn: Conn) -> tuple[Conn, bool]:
+        """One pass over the spool, on the writer thread; (connection, True) when it all
+        went in. With nothing spooled, one empty transaction tells whether the store
+        answers again."""
+        spool = self._health.spool
+        try:
+            if spool is None or not spool.rows:
+                conn = self._transact(conn, [], os.urandom(16).hex())
+                self._health.recovered()
+                return conn, True
+            for path in spool.sealed():
+                rows = 0
+                for batch_id, encoded in spool.read(path):
+                    items = [_decode(e) for e in encoded]
+                    try:
+                        conn = self._transact(conn, items, batch_id, once=True)
+                    except Exception as exc:
+                        if _store_failure(exc):
+                            raise
+                        # Not the store's fault: retrying would block the spool forever.
+                        log.error("ledger: spooled batch %s not committed: %s", batch_id, exc)
+                        self._health.rows_lost += sum(isinstance(i, LedgerRow) for i in items)
+                    self._health.recovered()
+                    rows += sum(isinstance(i, LedgerRow) for i in items)
+                spool.drained(path, rows)
+        except Exception as exc:
+            if not _store_failure(exc) and not isinstance(exc, OSError):
+                raise
+            self._health.failed(exc)
+            return conn, False
+        return conn, True
+
+    def _transact(self, conn: Conn, items: Sequence[_Item], batch_id: str, *,
+                  once: bool = False) -> Conn:
+        """Apply `items` in one transaction, marked with `batch_id`; returns the connection
         to use next. A connection lost during COMMIT leaves it unknown whether the server
-        committed: the mark says, and a committed batch is not applied again."""
-        batch_id = os.urandom(16).hex()
+        committed: the mark says, and a committed batch is not applied again. `once`: skip
+        a batch that is in already (a spooled one, by its mark or its first row)."""
         conn = self._alive(conn)
         now = time.time()
         self._marks += 1
         try:
             with conn.transaction():
+                if once and _done(conn, batch_id, items):
+                    return conn
                 conn.execute("INSERT INTO ledger_batches (id, at) VALUES (%s, %s)",
                              (batch_id, now))
                 if self._marks % _PURGE_MARKS_EVERY == 0:
-                    # A mark is only ever looked up right after its own commit.
+                    # A mark is only ever looked up right after its own commit, or by a
+                    # spool drain, which also looks for the batch's first row.
                     conn.execute("DELETE FROM ledger_batches WHERE at < %s",
                                  (now - _MARK_TTL_S,))
                 _apply(conn, items)
         except psycopg.OperationalError:
             if not (conn.closed or conn.broken):
                 raise
-            conn = self._alive(conn)
+            conn = self._alive(conn)  # raises while the server cannot be reached
             done = conn.execute("SELECT 1 FROM ledger_batches WHERE id = %s",
                                 (batch_id,)).fetchone()
             conn.commit()
             if done is None:
-                raise
+                # Not committed, and the server answers again (a restart, a failover):
+                # once more on the fresh connection.
+                with conn.transaction():
+                    conn.execute("INSERT INTO ledger_batches (id, at) VALUES (%s, %s)",
+                                 (batch_id, now))
+                    _apply(conn, items)
         return conn
 
     def _alive(self, conn: Conn) -> Conn:
@@ -280,12 +378,20 @@ class PgLedger(LedgerBase):
         return await asyncio.get_running_loop().run_in_executor(pool, self._on_budget_conn, fn)
 
     def _on_budget_conn(self, fn: Callable[[Conn], T]) -> T:
-        conn = self._budget_conn
-        if conn is None or conn.closed or conn.broken:
-            if conn is not None:
-                conn.close()
-            conn = self._budget_conn = self._connect(RESERVE_STATEMENT_TIMEOUT_MS)
-        return fn(conn)
+        for attempt in (1, 2):
+            conn = self._budget_conn
+            if conn is None or conn.closed or conn.broken:
+                if conn is not None:
+                    conn.close()
+                conn = self._budget_conn = self._connect(RESERVE_STATEMENT_TIMEOUT_MS)
+            try:
+                return fn(conn)
+            except psycopg.OperationalError:
+                # A connection the server dropped (a restart) gets one fresh try; a hold
+                # it may have committed expires at its deadline, the safe side.
+                if attempt == 2 or not conn.broken:
+                    raise
+        raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[Conn], T]) -> T:
         """Run `fn(connection)` on the (autocommit) read connection."""
@@ -335,6 +441,41 @@ def _apply(conn: Conn, items: Sequence[_Item]) -> None:
             # Sorted: replicas' writers lock the same rows in the same order, so two of
             # them never deadlock on one another.
             cur.executemany(_ADD_SPEND, [(*key, amount) for key, amount in sorted(spend.items())])
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """The store fails (unreachable, restarting, timing out), as opposed to one item it
+    refuses (a constraint, a value out of range)."""
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | LedgerError)
+
+
+def _done(conn: Conn, batch_id: str, items: Sequence[_Item]) -> bool:
+    if conn.execute("SELECT 1 FROM ledger_batches WHERE id = %s", (batch_id,)).fetchone():
+        return True
+
+    def exists(row: LedgerRow) -> bool:
+        return conn.execute(
+            "SELECT 1 FROM calls WHERE caller = %s AND ts = %s AND request_id = %s LIMIT 1",
+            (row.caller, row.ts, row.request_id)).fetchone() is not None
+
+    return committed(next((i for i in items if isinstance(i, LedgerRow)), None), exists)
+
+
+def _encode(item: _Item) -> list[Any]:
+    if isinstance(item, LedgerRow):
+        return ["row", *item]
+    if isinstance(item, HoldSettled):
+        return ["settled", *item]
+    return ["released", *item]
+
+
+def _decode(encoded: list[Any]) -> _Item:
+    kind, fields = encoded[0], encoded[1:]
+    if kind == "row":
+        return LedgerRow(*fields)
+    if kind == "settled":
+        return HoldSettled(*fields)
+    return HoldReleased(*fields)
 
 
 def _describe(item: _Item) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.call import Call
@@ -26,9 +26,11 @@ class _Live(Collector):
     def __init__(self, engines: Callable[[], Mapping[str, Mapping[str, object]]],
                  breakers: Callable[[], Mapping[str, Mapping[str, object]]],
                  budgets: Callable[[], Mapping[str, object]],
-                 today: Callable[[], Mapping[str, float]]) -> None:
+                 today: Callable[[], Mapping[str, float]],
+                 ledger: Callable[[], Mapping[str, object]] | None = None) -> None:
         self._engines, self._breakers = engines, breakers
         self._budgets, self._today = budgets, today
+        self._ledger = ledger
 
     def collect(self) -> Iterable[Metric]:
         gauges = {
@@ -86,6 +88,39 @@ class _Live(Collector):
                                   "Share of today's served requests that ran locally (UTC day)")
         share.add_metric([], float(self._today().get("local_share", 0.0)))
         yield share
+        if self._ledger is not None:
+            yield from _ledger_metrics(self._ledger())
+
+
+def _ledger_metrics(state: Mapping[str, object]) -> Iterable[Metric]:
+    """The ledger store's state (see router.ledger_spool.StoreHealth.snapshot)."""
+    def number(key: str) -> float:
+        v = state.get(key)
+        return float(v) if isinstance(v, (int, float)) else 0.0
+
+    for name, text, value in (
+        ("spillover_ledger_store_up", "1 while the ledger's store takes writes, 0 while it "
+         "fails", 0.0 if state.get("state") == "failing" else 1.0),
+        ("spillover_ledger_failing_seconds", "How long the ledger's store has been failing "
+         "(0 when it works)", number("failing_for_s")),
+        ("spillover_ledger_refusing", "1 while new calls are refused for want of a ledger",
+         1.0 if state.get("refusing") else 0.0),
+        ("spillover_ledger_spooled_rows", "Rows of answered calls kept in the spool, "
+         "waiting for the store", number("spooled_rows")),
+        ("spillover_ledger_spool_bytes", "Size of the spool", number("spool_bytes")),
+    ):
+        g = GaugeMetricFamily(name, text)
+        g.add_metric([], value)
+        yield g
+    for name, text, key in (
+        ("spillover_ledger_rows_spooled", "Rows kept in the spool because the store failed",
+         "rows_spooled_total"),
+        ("spillover_ledger_rows_lost", "Rows neither the store nor the spool could keep",
+         "rows_lost_total"),
+    ):
+        c = CounterMetricFamily(name, text)
+        c.add_metric([], number(key))
+        yield c
 
 
 class Metrics:
@@ -127,8 +162,9 @@ class Metrics:
     def watch(self, engines: Callable[[], Mapping[str, Mapping[str, object]]],
               breakers: Callable[[], Mapping[str, Mapping[str, object]]],
               budgets: Callable[[], Mapping[str, object]],
-              today: Callable[[], Mapping[str, float]]) -> None:
-        self.registry.register(_Live(engines, breakers, budgets, today))
+              today: Callable[[], Mapping[str, float]],
+              *, ledger: Callable[[], Mapping[str, object]] | None = None) -> None:
+        self.registry.register(_Live(engines, breakers, budgets, today, ledger))
 
     def observe(self, call: Call) -> None:
         route = call.route or "none"

@@ -4,6 +4,7 @@ the live counters, and one ledger row, durable before the response finishes."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -12,13 +13,14 @@ from typing import Any
 import orjson
 
 from router.call import Call
-from router.ledger import CallLedger, LedgerError, LedgerRow
+from router.ledger import CallLedger, LedgerError, LedgerRow, StoreUnavailable
 
 access = logging.getLogger("spillover.access")
 log = logging.getLogger("spillover.recorder")
 
 
 BUCKET_S = 10
+REFUSED_LOG_EVERY_S = 10.0  # at most one line this often about calls refused before routing
 BUCKETS = 90  # 15 minutes of history for the dashboard
 
 
@@ -33,6 +35,9 @@ class Recorder:
         # [bucket start, local, hosted, errors], oldest first.
         self._series: deque[list[float]] = deque(maxlen=BUCKETS)
         self._day = -1
+        # Refusals since the last sampled log line about them, and when that was.
+        self._refused = 0
+        self._refused_logged = -math.inf
         self._today = dict.fromkeys(_TODAY, 0.0)
 
     async def finish(self, call: Call) -> None:
@@ -40,6 +45,8 @@ class Recorder:
         if self.ledger is not None:
             try:
                 await self.ledger.record(row)
+            except StoreUnavailable:
+                pass  # counted, and said once for the whole outage, by the store's health
             except LedgerError as exc:
                 # The caller still gets its answer; the operator gets a loud log line.
                 log.error("ledger write failed for request %s: %s", call.request_id, exc)
@@ -52,6 +59,32 @@ class Recorder:
                 self.ledger.record_nowait(row)
             except LedgerError as exc:
                 log.error("ledger write failed for request %s: %s", call.request_id, exc)
+
+    def refusal(self) -> str | None:
+        """Why new calls must be refused (a ledger that can keep no rows, or set to refuse
+        while its store fails); None while they may be served."""
+        return None if self.ledger is None else self.ledger.health.refusal()
+
+    def refuse(self, call: Call) -> None:
+        """A call refused before routing (no or a bad key, bad input, a caller's limits):
+        counted by the observers (the metrics, by status and reason), neither a ledger row
+        nor a latest decision nor an access line each, so that a flood of keyless requests
+        costs neither disk nor the dashboard; a sampled log line says how many there were."""
+        if call.admission is not None:
+            call.admission.settle(0)
+            call.admission = None
+        for observe in self.observers:
+            observe(call)
+        self._refused += 1
+        now = self._clock()
+        if now - self._refused_logged >= REFUSED_LOG_EVERY_S and access.isEnabledFor(
+                logging.INFO):
+            access.info("%s", orjson.dumps({
+                "refused_before_routing": self._refused, "since_s": round(
+                    min(now - self._refused_logged, 1e9), 1),
+                "last": {"request_id": call.request_id, "status": call.status,
+                         "reason": call.reason}}).decode())
+            self._refused, self._refused_logged = 0, now
 
     def _close(self, call: Call) -> LedgerRow:
         if call.admission is not None:

@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping
 from router.accounting import BudgetBook
 from router.budgets_pg import PgBudgetBook
 from router.config import Config, Server
-from router.ledger import CallLedger, Ledger
+from router.ledger import MEMORY, CallLedger, Ledger
 from router.ledger_pg import PgLedger
+from router.ledger_spool import Spool, StoreHealth
 from router.pg import PgConfigError, PgTarget
 
 
@@ -30,9 +31,16 @@ def database_target(server: Server, env: Mapping[str, str]) -> PgTarget | None:
 
 def open_ledger(server: Server, env: Mapping[str, str]) -> CallLedger:
     target = database_target(server, env)
+    spool = None
+    if server.ledger_path != MEMORY or target is not None:
+        # A ledger kept in memory only has nothing durable to fall back to.
+        spool = Spool(server.ledger_spool_dir, server.ledger_spool_max_bytes)
+    where = server.ledger_path if target is None else target.where
+    health = StoreHealth(where, policy=server.ledger_failure, spool=spool,
+                         retry_s=server.ledger_retry_s)
     if target is None:
-        return Ledger(server.ledger_path)
-    return PgLedger(target)
+        return Ledger(server.ledger_path, health=health)
+    return PgLedger(target, health=health)
 
 
 def budget_book(config: Config, ledger: CallLedger,

@@ -1,0 +1,246 @@
+"""What the ledger does when its store fails: the rows of answered calls are kept in a
+spool on this replica and written to the store once it answers again.
+
+The spool is a directory of append-only JSON-lines files, one line per batch the store
+could not take, each line fsync'd before the calls it holds are answered, so the ledger's
+promise (a row durable before the response finishes) holds through the outage. A line
+carries the batch id its writer used: written to the store later, a batch is applied only
+if neither its mark nor its first row is there already, so a batch whose COMMIT was lost
+on the wire before the spooling is never applied twice.
+
+`StoreHealth` keeps the state the operator sees (`/readyz`, `/status`, metrics) and says
+when new calls must be refused: `server.ledger_failure: refuse`, or a spool that is full
+or cannot be written. It logs one warning when a failure starts and one when it ends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+log = logging.getLogger("spillover.ledger")
+
+Policy = Literal["spool", "refuse"]
+# What a client is told to wait before trying again while new calls are refused.
+RETRY_AFTER_S = 5
+_SUFFIX = ".jsonl"
+
+
+class SpoolFull(OSError):
+    """The spool holds its configured maximum: the batch was not kept."""
+
+
+class Spool:
+    """Append-only batches in `directory`, at most `max_bytes` in all. Thread-safe: the
+    PostgreSQL ledger spools from its writer thread, the SQLite one from the loop."""
+
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._current: Path | None = None
+        self._lock_fd: int | None = None
+        self._seq = 0
+        self.rows = 0
+        self.bytes = 0
+        # What an earlier run left behind is written to the store like anything else.
+        if self.directory.is_dir():
+            for path in self._files():
+                self.bytes += path.stat().st_size
+                self.rows += sum(len(items) for _, items in self.read(path))
+
+    def _lock_directory(self) -> None:
+        """Taken on first use and held for the process's life: two replicas draining one
+        directory would delete each other's rows. Raises OSError when another holds it."""
+        if self._lock_fd is not None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(f"the spool {self.directory} is in use by another process: give "
+                          "each replica its own server.ledger_spool_dir") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _files(self) -> list[Path]:
+        return sorted(self.directory.glob(f"*{_SUFFIX}"))
+
+    def append(self, batch_id: str, items: list[list[Any]]) -> None:
+        """Keep one batch durably (written and fsync'd) or raise OSError / SpoolFull."""
+        line = orjson.dumps({"batch": batch_id, "items": items}) + b"\n"
+        with self._lock:
+            if self.bytes + len(line) > self.max_bytes:
+                raise SpoolFull(f"the spool at {self.directory} is full "
+                                f"({self.bytes} of {self.max_bytes} bytes)")
+            self._lock_directory()
+            if self._current is None:
+                # Named by time and a counter: files drain oldest first.
+                self._seq += 1
+                self._current = self.directory / (
+                    f"{time.time_ns():020d}-{os.getpid()}-{self._seq}{_SUFFIX}")
+            fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(f"short write to {self._current}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.bytes += len(line)
+            self.rows += len(items)
+
+    def sealed(self) -> list[Path]:
+        """Every file with batches in it, oldest first; appends go to a new file from now
+        on, so what is being drained never grows under the reader."""
+        with self._lock:
+            self._current = None
+            files = self._files() if self.directory.is_dir() else []
+            if files:
+                self._lock_directory()
+            if not files:  # the files were removed by hand: nothing waits any more
+                self.rows = self.bytes = 0
+            return files
+
+    @staticmethod
+    def read(path: Path) -> Iterator[tuple[str, list[list[Any]]]]:
+        with path.open("rb") as f:
+            for line in f:
+                try:
+                    entry = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    # A torn last line: its fsync never returned, so no call was answered
+                    # on the strength of it.
+                    continue
+                yield str(entry["batch"]), list(entry["items"])
+
+    def drained(self, path: Path, rows: int) -> None:
+        """Every batch of `path` is in the store: the file goes."""
+        with self._lock:
+            size = path.stat().st_size
+            path.unlink()
+            self.bytes = max(0, self.bytes - size)
+            self.rows = max(0, self.rows - rows)
+
+
+class StoreHealth:
+    """The store's state and the policy for a store that fails."""
+
+    def __init__(self, where: str, *, policy: Policy = "spool", spool: Spool | None = None,
+                 retry_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+        self.where = where
+        self.policy = policy
+        self.spool = spool
+        self.retry_s = retry_s
+        self._clock = clock
+        self.failing_since: float | None = None
+        self.error: str | None = None
+        # Why the spool took nothing last time; None while it works (or is not needed).
+        self.spool_error: str | None = None
+        self.rows_spooled = 0  # since start, counters for the metrics
+        self.rows_lost = 0
+        self.failures = 0
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    @property
+    def pending(self) -> int:
+        """Rows in the spool, waiting for the store."""
+        return 0 if self.spool is None else self.spool.rows
+
+    def failed(self, error: BaseException | str) -> None:
+        self.error = _short(error)
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+            self.failures += 1
+            what = ("rows go to the spool at " + str(self.spool.directory)
+                    if self.spool is not None else "rows cannot be kept (no spool)")
+            if self.policy == "refuse":
+                what += "; new calls are refused (server.ledger_failure: refuse)"
+            log.warning("ledger store %s is failing (%s): %s", self.where, self.error, what)
+
+    def recovered(self) -> None:
+        if self.failing_since is None:
+            return  # the hot path: every commit says so
+        log.warning("ledger store %s answers again after %.1f s; %d spooled rows left to "
+                    "write, %d rows lost", self.where, self._clock() - self.failing_since,
+                    self.pending, self.rows_lost)
+        self.failing_since = None
+        self.error = None
+
+    def keep(self, batch_id: str, items: list[list[Any]], rows: int) -> str | None:
+        """Spool a batch the store could not take; None when kept, else why it was lost."""
+        if self.spool is None:
+            self.rows_lost += rows
+            return "the ledger store failed and no spool is configured"
+        try:
+            self.spool.append(batch_id, items)
+        except OSError as exc:
+            self.rows_lost += rows
+            if self.spool_error is None:
+                log.warning("ledger spool cannot keep rows (%s): new calls are refused until "
+                            "the store answers", _short(exc))
+            self.spool_error = _short(exc)
+            return self.spool_error
+        self.rows_spooled += rows
+        self.spool_error = None
+        return None
+
+    def refusal(self) -> str | None:
+        """Why new calls must be refused now, None while they may be served."""
+        if not self.failing:
+            return None
+        if self.policy == "refuse":
+            return (f"the call ledger ({self.where}) cannot be written since "
+                    f"{_iso(self.failing_since)} and this gateway is set to refuse calls it "
+                    "cannot bill (server.ledger_failure: refuse); retry later")
+        if self.spool_error is not None or self.spool is None:
+            return (f"the call ledger ({self.where}) cannot be written and its spool cannot "
+                    f"keep more rows ({self.spool_error or 'no spool'}); retry later")
+        return None
+
+    def snapshot(self) -> dict[str, object]:
+        since = self.failing_since
+        return {
+            "state": "failing" if since is not None else "ok",
+            "where": self.where,
+            "policy": self.policy,
+            "failing_since": since,
+            "failing_for_s": None if since is None else round(self._clock() - since, 1),
+            "error": self.error,
+            "refusing": self.refusal() is not None,
+            "spooled_rows": self.pending,
+            "spool_bytes": 0 if self.spool is None else self.spool.bytes,
+            "spool_max_bytes": None if self.spool is None else self.spool.max_bytes,
+            "spool_error": self.spool_error,
+            "rows_spooled_total": self.rows_spooled,
+            "rows_lost_total": self.rows_lost,
+        }
+
+
+def _short(error: BaseException | str) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return "now"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
