@@ -95,7 +95,7 @@ class Runtime:
         catalog = Catalog(config)
         server = config.server
         monitor = LoadMonitor(self.client, catalog.all(), interval_s=server.metrics_interval_s,
-                              stale_s=server.metrics_stale_s)
+                              stale_s=server.metrics_stale_s, engine_note=self._engine_note)
         key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
         api_keys = {name: self.env.get(name) for name in key_envs}
         translators = {b.name: translator_for(b.flavour) for b in catalog.all()}
@@ -126,6 +126,12 @@ class Runtime:
          self.breakers, self.dispatcher, self.auth, self.gateway) = (
             config, catalog, monitor, api_keys, budgets, limiter, breakers, dispatcher, auth,
             gateway)
+
+    def _engine_note(self, name: str) -> tuple[bool, str] | None:
+        """What the supervisor knows of a managed engine (an exit, its log's last lines, a
+        port another process holds), for its down reason in /readyz and the dashboard."""
+        sup = self.supervisor
+        return None if sup is None else sup.note(name)
 
     async def reload(self, path: str | None = None, *, allow_open: bool = False) -> Config:
         """Re-read models.yaml and swap it in; a file that does not validate raises

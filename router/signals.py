@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -102,8 +102,13 @@ class LoadMonitor:
         interval_s: float = 0.5,
         stale_s: float = 5.0,
         probe_timeout_s: float = 2.0,
+        engine_note: Callable[[str], tuple[bool, str] | None] | None = None,
     ) -> None:
         self._client = client
+        # From the engines' supervisor, when this process manages them: (running, why).
+        # Not running: nothing that answers on the port is ours (an orphan, another
+        # program), so the engine is down whatever the probes say.
+        self._engine_note = engine_note
         self._engines = {b.name: _Engine(b) for b in backends if b.route == "local"}
         self._interval = interval_s
         self._stale = stale_s
@@ -151,6 +156,10 @@ class LoadMonitor:
         self._notify()
 
     async def _probe(self, e: _Engine) -> None:
+        note = self._engine_note(e.backend.name) if self._engine_note is not None else None
+        if note is not None and not note[0]:
+            self._set_down(e, note[1])
+            return
         root = e.backend.base_url.removesuffix("/v1")
         try:
             health, metrics = await asyncio.gather(
@@ -191,6 +200,9 @@ class LoadMonitor:
             e.metrics, e.metrics_at = m, now
 
     def _set_down(self, e: _Engine, why: str) -> None:
+        note = self._engine_note(e.backend.name) if self._engine_note is not None else None
+        if note is not None and note[0]:
+            why = f"{why}; {note[1]}"  # the exit and log lines that explain it
         if e.healthy:
             log.warning("engine %s is down: %s", e.backend.name, why)
         e.healthy = False

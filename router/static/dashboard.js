@@ -296,7 +296,11 @@
             : badge("down", "bad", { "data-testid": "engine-health", title: e.down_reason || "" }),
           e.healthy ? (e.saturated ? badge("saturated", "bad", { "data-testid": "engine-saturation" })
             : badge("has room", "ok subtle", { "data-testid": "engine-saturation" })) : null)),
-      !e.healthy && e.down_reason ? h("p", { class: "down-reason" }, e.down_reason) : null,
+      // A managed engine that failed carries its exit and the last lines of its own log.
+      !e.healthy && e.down_reason ? h("p", {
+        class: e.down_reason.includes("\n") ? "down-reason log-tail" : "down-reason",
+        "data-testid": "engine-down-reason",
+      }, e.down_reason) : null,
       h("div", { class: "score" },
         h("span", { class: "label" }, "load score"),
         bar([[score, `score-fill ${scoreCls}`]], { "data-testid": "engine-score-bar" }),
