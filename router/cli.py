@@ -19,6 +19,7 @@ from router.config import (
     ConfigError,
     config_path,
     load_config,
+    model_path_problems,
 )
 from serving.engine import EngineSpec, EngineSupervisor
 
@@ -94,13 +95,25 @@ def _load(explicit: str | None) -> tuple[str, Config | None]:
 
 def _check(explicit: str | None) -> int:
     path, cfg = _load(explicit)
-    if cfg is None:
+    if cfg is None or not _models_exist(path, cfg):
         return 1
     n_local = sum(len(a.local) for a in cfg.aliases.values())
     n_hosted = sum(len(a.hosted) for a in cfg.aliases.values())
     print(f"{path}: ok ({len(cfg.aliases)} aliases, {n_local} local deployments, "
           f"{n_hosted} hosted offerings, {len(cfg.providers)} providers)")
     return 0
+
+
+def _models_exist(path: str, cfg: Config) -> bool:
+    """Every managed engine's model, where it is a local path, holds a model; else print
+    each problem with its line. A typo here would otherwise surface as an engine that
+    restarts until someone reads its log."""
+    problems = model_path_problems(cfg, path)
+    if problems:
+        print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+    return not problems
 
 
 def _database_problem(cfg: Config) -> str | None:
@@ -173,7 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     path, cfg = _load(args.config)
-    if cfg is None:
+    if cfg is None or (not args.no_engines and not _models_exist(path, cfg)):
         return 1
     # uvicorn turns Ctrl-C into a clean shutdown; a second one may still land here.
     try:

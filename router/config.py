@@ -422,3 +422,59 @@ def _line(node: yaml.Node | None, path: list[Any]) -> int | None:
             break
         node = child
     return line
+
+
+# A Hugging Face repository id: "name" or "org/name" (letters, digits, ".", "_", "-").
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# What a weights directory vLLM can serve holds: Hugging Face's config or Mistral's params.
+_MODEL_FILES = ("config.json", "params.json")
+
+
+def looks_local(model: str, cwd: Path) -> bool:
+    """Whether `model` names a path on this machine rather than a hub repository id.
+
+    Paths: anything starting with "/", "." or "~", anything that is not a valid hub id
+    (two slashes, spaces), and anything that exists. "org/name" whose "org" is a directory
+    here is a path with a typo, not a repository (vLLM would try the hub and fail offline).
+    """
+    if model.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(model):
+        return True
+    if (cwd / model).exists():
+        return True
+    return "/" in model and (cwd / model.split("/", 1)[0]).is_dir()
+
+
+def model_path_problem(model: str, cwd: Path) -> str | None:
+    """Why a local model path cannot be served, or None (also for hub ids)."""
+    if not looks_local(model, cwd):
+        return None
+    path = Path(model).expanduser()
+    full = path if path.is_absolute() else cwd / path
+    if not full.exists():
+        where = "" if path.is_absolute() else f" (relative to {cwd}, where spillover runs)"
+        return f"{model} does not exist{where}"
+    if full.is_file():
+        return None if full.suffix == ".gguf" else f"{model} is a file, not a model directory"
+    if not any((full / name).is_file() for name in _MODEL_FILES):
+        return f"{model} holds no model (no {' or '.join(_MODEL_FILES)})"
+    return None
+
+
+def model_path_problems(cfg: Config, path: str | os.PathLike[str],
+                        cwd: Path | None = None) -> list[Problem]:
+    """Managed local deployments whose model is a path that holds no model, each with its
+    line in the file at `path` (which cfg was loaded from). Engines run where spillover runs,
+    so relative paths are checked from cwd (default: the current directory)."""
+    cwd = Path.cwd() if cwd is None else cwd
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        root = None
+    out: list[Problem] = []
+    for alias_name, alias in cfg.aliases.items():
+        for i, dep in enumerate(alias.local):
+            if not dep.managed or (why := model_path_problem(dep.model, cwd)) is None:
+                continue
+            loc: list[Any] = ["aliases", alias_name, "local", i, "model"]
+            out.append(Problem(".".join(map(str, loc)), _line(root, loc), why))
+    return out
