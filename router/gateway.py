@@ -165,10 +165,8 @@ class Gateway:
         backends = self.catalog.backends(raw.alias)
         policy = principal.policy
         if backends is None or (policy.aliases is not None and raw.alias not in policy.aliases):
-            # Not allowed looks like not there: a caller cannot probe for other aliases.
-            if backends is not None and policy.aliases is not None:
-                raise Forbidden(f"caller '{principal.name}' may not use the model "
-                                f"'{raw.alias}'", param="model", code="model_not_allowed")
+            # Not allowed answers exactly like not there: a caller cannot probe for the
+            # aliases of others.
             raise NotFound(f"The model '{raw.alias[:100]}' does not exist; GET /v1/models lists "
                            "the models this gateway serves", param="model",
                            code="model_not_found")
@@ -232,6 +230,7 @@ class Gateway:
                 headers: Mapping[str, str]) -> dict[str, Any]:
         p = self.plan(principal, endpoint, body, headers)
         f, plan = p.facts, p.plan
+        mine = {b.name for b in p.backends}
         refusal = plan.refusal
         return {
             "caller": principal.name,
@@ -250,8 +249,10 @@ class Gateway:
             "candidates": [_candidate(b, f) for b in p.backends],
             "filtered": [{"backend": s.backend, "reason": s.reason, "detail": s.detail}
                          for s in plan.skipped],
-            "load": self.monitor.status(),
-            "breakers": self.breakers.snapshot(),
+            # Only this alias's engines and upstreams: nothing of the other aliases'.
+            "load": {name: e for name, e in self.monitor.status().items() if name in mine},
+            "breakers": {name: b for name, b in self.breakers.snapshot().items()
+                         if name in mine},
             "plan": {
                 "route": plan.route,
                 "reason": plan.reason,

@@ -103,9 +103,20 @@ async def test_missing_and_unknown_keys_are_401(world: World) -> None:
 
 async def test_alias_not_allowed_and_force_not_allowed(world: World) -> None:
     async with router(world, brain_config()) as c:
+        # An alias the caller may not use answers exactly like one that does not exist.
         r = await c.post("/v1/chat/completions", json={**CHAT, "model": "research"},
                          headers=auth("bob"))
-        assert assert_openai_error(r, 403)["code"] == "model_not_allowed"
+        nothing = await c.post("/v1/chat/completions", json={**CHAT, "model": "researcX"},
+                               headers=auth("bob"))
+        assert assert_openai_error(r, 404)["code"] == "model_not_found"
+        assert r.json() == json.loads(nothing.text.replace("researcX", "research"))
+        assert {k: v for k, v in r.headers.items() if k not in ("x-request-id",
+                                                                "content-length")} == {
+            k: v for k, v in nothing.headers.items() if k not in ("x-request-id",
+                                                                 "content-length")}
+        for path in ("/v1/route/explain", "/v1/chat/completions"):
+            r = await c.post(path, json={**CHAT, "model": "research"}, headers=auth("bob"))
+            assert assert_openai_error(r, 404)["code"] == "model_not_found"
         models = (await c.get("/v1/models", headers=auth("bob"))).json()
         assert [m["id"] for m in models["data"]] == ["demo"]
         r = await c.post("/v1/chat/completions", json=CHAT,
@@ -315,11 +326,13 @@ async def test_one_access_log_line_per_request(world: World,
                      headers={"authorization": "Bearer sk-wrong", "x-request-id": "rid-2"})
     lines = [json.loads(r.getMessage()) for r in caplog.records
              if r.name == "spillover.access"]
-    assert [ln["request_id"] for ln in lines] == ["rid-1", "rid-2"]
+    # A request refused before routing gets no line of its own: a sampled line counts them.
     ok, bad = lines
+    assert ok["request_id"] == "rid-1"
     assert ok["caller"] == "alice" and ok["route"] == "local" and ok["status"] == 200
     assert ok["reason"] == "local-ok" and ok["prompt_tokens"] == 10
-    assert bad["status"] == 401 and bad["caller"] == "anonymous"
+    assert bad["refused_before_routing"] == 1
+    assert bad["last"] == {"request_id": "rid-2", "status": 401, "reason": "invalid_api_key"}
     assert "sk-wrong" not in caplog.text and "sk-test-secret" not in caplog.text
 
 

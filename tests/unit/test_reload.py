@@ -86,7 +86,7 @@ async def test_reload_that_opens_the_gateway_needs_allow_open(tmp_path: Path,
 
 async def test_reload_keeping_callers_and_admin_needs_no_flag(tmp_path: Path) -> None:
     world = World()
-    async with served(tmp_path, brain_config(), world.transport()) as (c, rt, path):
+    async with served(tmp_path, brain_config(), world.transport()) as (c, _rt, path):
         data = brain_config()
         del data["callers"]["lab"]
         path.write_text(yaml.safe_dump(data))
