@@ -19,11 +19,14 @@ import pytest
 import yaml
 
 from router.app import Settings, create_app
+from router.auth import key_digest
 from router.config import parse_config
 from serving.demo_model import build_demo_model
 from serving.engine import EngineProcess, EngineSpec
 from tests.fakes import FakePlateforme, ServerThread, free_port
 from tests.fakes import create_app as create_fake_app
+
+E2E_ADMIN_KEY = "sk-e2e-fixture-admin"
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -183,6 +186,9 @@ class Router:
     server: ServerThread | None = None
     config_path: Path | None = None
     config: dict[str, Any] | None = None
+    # Sent on the router's own endpoints (readiness details) when the config has an admin
+    # key: without it /readyz answers only whether the router is ready.
+    admin_key: str | None = None
 
     def stop(self) -> None:
         if self.server is not None:
@@ -190,7 +196,9 @@ class Router:
             self.server = None
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30)
+        headers = {} if self.admin_key is None else {
+            "authorization": f"Bearer {self.admin_key}"}
+        return httpx.get(self.url + path, timeout=30, headers=headers)
 
     def wait_for(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -219,6 +227,10 @@ def make_router(engine: Engine, plateforme: Hosted, backup: Hosted,
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value
+        admin_key = None
+        if data.get("admin_key_sha256"):  # one more admin key, the fixture's own
+            admin_key = E2E_ADMIN_KEY
+            data["admin_key_sha256"] = [*data["admin_key_sha256"], key_digest(admin_key)]
         text = yaml.safe_dump(data)
         cfg = parse_config(text)
         path = tmp_path / f"models-{len(servers)}.yaml"
@@ -230,7 +242,7 @@ def make_router(engine: Engine, plateforme: Hosted, backup: Hosted,
         servers.append(st)
         client = openai.OpenAI(base_url=st.url + "/v1", api_key=api_key,
                                max_retries=0, timeout=60)
-        r = Router(st.url, client, st, path, data)
+        r = Router(st.url, client, st, path, data, admin_key)
         if engine_url is None:
             r.wait_for(lambda s: s["engines"]["demo-local"]["healthy"], 10, "engine healthy")
         return r

@@ -227,7 +227,10 @@ def test_metrics_parse_back(make_router: Any) -> None:
                                   extra_headers={"x-spillover-route": "hosted"})
     with pytest.raises(openai.NotFoundError):
         alpha.chat.completions.create(model="no-such-model", messages=HELLO)
-    text = httpx.get(router.url + "/metrics", timeout=10).text
+    # /metrics names callers and their spend: only the admin key (or a metrics token).
+    assert httpx.get(router.url + "/metrics", timeout=10).status_code == 401
+    text = httpx.get(router.url + "/metrics", timeout=10,
+                     headers={"authorization": f"Bearer {KEYS['admin']}"}).text
     samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
     def value(name: str, **labels: str) -> float:
@@ -280,6 +283,16 @@ def test_reload_good_and_bad_files(make_router: Any) -> None:
     assert "line " in err["message"]
     models = {m.id for m in client(router, "alpha").models.list()}
     assert models == {"demo", "demo-too", "code", "embed"}
+    # A file cut off before its callers would open the gateway: refused without allow_open.
+    cut = yaml.safe_load(router.config_path.read_text().replace(
+        "license: no-such-licence", "license: apache-2.0"))
+    del cut["callers"]
+    router.config_path.write_text(yaml.safe_dump(cut))
+    r = httpx.post(router.url + "/admin/reload", headers=admin, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "reload_opens_gateway"
+    r = httpx.post(router.url + "/v1/chat/completions", timeout=10,
+                   json={"model": "demo", "messages": HELLO})
+    assert r.status_code == 401
     r = httpx.post(router.url + "/admin/reload", timeout=30,
                    headers={"authorization": f"Bearer {KEYS['alpha']}"})
     assert r.status_code == 403
