@@ -18,7 +18,8 @@ started, `sse_event` once a stream is under way (a status code can no longer cha
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -136,6 +137,24 @@ def sse_event(err: SpilloverError) -> bytes:
     real exception rather than a silently truncated answer.
     """
     return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+
+
+class Scrubber:
+    """Removes secrets (the provider keys we send) from text an upstream wrote: a provider
+    that echoes the Authorization header must not hand our key to a caller or a log."""
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first, so a key that contains another is removed whole; the Bearer form
+        # goes with the key, "Bearer" itself is harmless.
+        keys = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, keys))) if keys else None
+
+    def __call__(self, text: str) -> str:
+        if self._pattern is None:
+            return text
+        return self._pattern.sub("[redacted]", text)
 
 
 def from_upstream(status: int, payload: bytes) -> SpilloverError:

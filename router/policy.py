@@ -233,6 +233,11 @@ def _permanent(facts: RequestFacts, skipped: list[Skip],
         detail = next(s.detail for s in skipped if s.reason == "license")
         return Refusal(403, "license", f"the local weights' licence forbids this use: "
                        f"{detail}; no hosted backend may take it ({why})")
+    # The hosted backends' own cap comes first: lowering max_tokens is what helps.
+    if "cost" in reasons:
+        return Refusal(400, "cost_limit", f"the request's worst case is over the caller's "
+                       f"max_request_usd on every hosted backend and no local engine may "
+                       f"take it; lower max_tokens ({why})")
     if "context-length" in reasons:
         limit = max(b.context_length or 0 for b in backends
                     if any(s.backend == b.name and s.reason == "context-length"
@@ -248,10 +253,6 @@ def _permanent(facts: RequestFacts, skipped: list[Skip],
     if "residency" in reasons:
         return Refusal(403, "residency", f"the request must stay on-prem and '{facts.alias}' "
                        f"has no local engine that serves it ({why})")
-    if "cost" in reasons:
-        return Refusal(400, "cost_limit", f"the request's worst case is over the caller's "
-                       f"max_request_usd on every hosted backend and no local engine may "
-                       f"take it; lower max_tokens ({why})")
     # Only backends without an API key are left: a gateway only its operator can fix.
     return Refusal(503, "no_backend", f"no backend of '{facts.alias}' can be used: no hosted "
                    f"fallback is configured ({why})")

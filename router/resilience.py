@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import json
+import math
 import random
 import re
 import time
@@ -45,6 +47,32 @@ def parse_retry_after(value: str | None, now_wall: float) -> float | None:
         # A "-0000" zone parses as naive; HTTP-dates are GMT by definition.
         when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - now_wall)
+
+
+# How providers say that a 429 concerns the request itself (too many tokens for the
+# per-minute limit: OpenAI's "Request too large for ... on tokens per min (TPM)", Anthropic's
+# request_too_large), not the traffic: it fails every time, however long one waits.
+_TOO_LARGE_CODES = frozenset({"request_too_large", "tokens_too_large", "payload_too_large",
+                              "context_length_exceeded", "string_above_max_length"})
+_TOO_LARGE_TEXT = re.compile(r"request (?:is )?too large|too large for|must be reduced|"
+                             r"exceeds? (?:the )?(?:maximum|max) (?:request|token)",
+                             re.IGNORECASE)
+
+
+def request_too_large(body: bytes) -> bool:
+    """Whether a 429's body blames the request's size rather than the rate of requests."""
+    text = body[:4096].decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return bool(_TOO_LARGE_TEXT.search(text))
+    error = data.get("error") if isinstance(data, dict) else None
+    fields = error if isinstance(error, dict) else data if isinstance(data, dict) else {}
+    for key in ("code", "type"):
+        if isinstance(fields.get(key), str) and fields[key].lower() in _TOO_LARGE_CODES:
+            return True
+    message = fields.get("message", error if isinstance(error, str) else None)
+    return isinstance(message, str) and bool(_TOO_LARGE_TEXT.search(message))
 
 
 class RetryPolicy:
@@ -170,6 +198,11 @@ class CircuitBreaker:
         """The attempt ended without a verdict (e.g. the caller left): let another probe go."""
         self._probe_out = False
 
+    def retry_after_s(self) -> int:
+        """retry_in() as a Retry-After header carries it (whole seconds, rounded up), and as
+        every message that names the wait says it."""
+        return math.ceil(self.retry_in())
+
     def retry_in(self) -> float:
         now = self._clock()
         if self._state_at(now) == "open" and self._open_until is not None:
@@ -214,10 +247,15 @@ class Breakers:
             if breaker.available():
                 continue
             if breaker.state == "open":
-                out[name] = f"circuit open, retry in {breaker.retry_in():.1f}s"
+                out[name] = f"circuit open, retry in {breaker.retry_after_s()} s"
             else:
                 out[name] = "circuit half-open, probe in flight"
         return out
+
+    def waits(self) -> dict[str, float]:
+        """Seconds until each upstream that may not be tried now may be tried again (a
+        half-open one: as soon as its probe ends, so 0)."""
+        return {name: b.retry_in() for name, b in self._breakers.items() if not b.available()}
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         return {name: b.snapshot() for name, b in sorted(self._breakers.items())}

@@ -139,3 +139,105 @@ def test_every_skip_is_explained() -> None:
     skips = {(s.backend, s.reason) for s in plan.skipped}
     assert skips == {("gpu0", "local-down"), ("gpu1", "local-saturated"),
                      ("other:big", "residency"), ("mistral:small", "residency")}
+
+
+# --- refusals: retryable (503/429 with Retry-After) only where waiting can help ------------
+
+STARTING = EngineLoad(healthy=False, saturated=False, score=0.0, starting=True,
+                      starting_for_s=30.0, ready_in_s=89.2)
+STARTING_FIRST = EngineLoad(healthy=False, saturated=False, score=0.0, starting=True,
+                            starting_for_s=30.0)
+KEYLESS = {"mistral:small": "K", "other:big": "K2", "mistral:large": "K",
+           "mistral:mistral-embed": "K"}
+
+REFUSALS = [
+    # name, facts, load, keyless, status, code, retry_after (None: not retryable)
+    ("on-prem prompt over every local context", f(onprem_only=True, prompt_tokens=5000),
+     {"gpu0": OK, "gpu1": FULL}, {}, 400, "context_length_exceeded", None),
+    ("on-prem prompt too long, engines down too", f(onprem_only=True, prompt_tokens=5000),
+     {"gpu0": DOWN, "gpu1": DOWN}, {}, 400, "context_length_exceeded", None),
+    ("too long locally, hosted without key", f(prompt_tokens=5000), {"gpu0": OK, "gpu1": OK},
+     KEYLESS, 400, "context_length_exceeded", None),
+    ("on-prem, saturated: waiting helps", f(onprem_only=True), {"gpu0": FULL, "gpu1": FULL},
+     {}, 503, "residency", 5),
+    ("on-prem, one engine down one too small", f(onprem_only=True, max_tokens=500,
+                                                 prompt_tokens=600),
+     {"gpu0": DOWN, "gpu1": DOWN}, {}, 400, "context_length_exceeded", None),
+    ("on-prem alias with no local engine", f("embed", endpoint="embeddings",
+                                             onprem_only=True), {}, {}, 403, "residency",
+     None),
+    ("starting engine, no key: retry when it should be ready", f(),
+     {"gpu0": STARTING, "gpu1": STARTING}, KEYLESS, 503, "local_starting", 90),
+    ("starting engine first time, no key", f(), {"gpu0": STARTING_FIRST,
+                                                 "gpu1": STARTING_FIRST},
+     KEYLESS, 503, "local_starting", 10),
+    ("starting engine, on-prem", f(onprem_only=True), {"gpu0": STARTING, "gpu1": DOWN},
+     {}, 503, "local_starting", 90),
+    ("hosted-only alias without its key", f("embed", endpoint="embeddings"), {}, KEYLESS,
+     503, "no_backend", None),
+    ("down engine, no key: may come back", f(), {"gpu0": DOWN, "gpu1": DOWN}, KEYLESS, 503,
+     "no_backend", 5),
+    ("licence and no key", f("research"), {"large0": OK}, KEYLESS, 403, "license", None),
+    ("cost cap with engines up but too small", f(max_request_usd=0.0001, prompt_tokens=1500),
+     {"gpu0": OK, "gpu1": OK}, {}, 400, "cost_limit", None),
+    ("cost cap with engines down", f(max_request_usd=0.0001), {"gpu0": DOWN, "gpu1": DOWN},
+     {}, 503, "cost_limit", 5),
+    ("forced local onto a too-small engine", f(force="local", prompt_tokens=5000),
+     {"gpu0": OK, "gpu1": OK}, {}, 400, "context_length_exceeded", None),
+    ("budget spent and local full", f(hosted_allowance_usd=0.0),
+     {"gpu0": FULL, "gpu1": FULL}, {}, 429, "budget_exceeded", None),
+]
+
+
+@pytest.mark.parametrize(("facts", "load", "keyless", "status", "code", "retry_after"),
+                         [c[1:] for c in REFUSALS], ids=[c[0] for c in REFUSALS])
+def test_refusals(facts: RequestFacts, load: dict[str, EngineLoad], keyless: dict[str, str],
+                  status: int, code: str, retry_after: int | None) -> None:
+    backends = CAT.backends(facts.alias)
+    assert backends is not None
+    plan = decide(facts, backends, load, keyless=keyless)
+    assert plan.targets == ()
+    r = plan.refusal
+    assert r is not None
+    assert (r.status, r.code, r.retry_after_s) == (status, code, retry_after), r.message
+    if retry_after is not None:
+        assert f"retry in {retry_after} s" in r.message  # the header's number, said once
+    if status in (429,) or (status == 503 and retry_after is None):
+        assert code in ("budget_exceeded", "no_backend")
+
+
+def test_context_refusal_names_the_limit() -> None:
+    backends = CAT.backends("m")
+    assert backends is not None
+    plan = decide(f(onprem_only=True, prompt_tokens=5000), backends, {"gpu0": OK, "gpu1": OK})
+    assert plan.refusal is not None and "1000 tokens" in plan.refusal.message
+
+
+def test_starting_refusal_says_what_is_starting_and_that_no_fallback_exists() -> None:
+    backends = CAT.backends("m")
+    assert backends is not None
+    plan = decide(f(), backends, {"gpu0": STARTING, "gpu1": STARTING}, keyless=KEYLESS)
+    assert plan.refusal is not None
+    msg = plan.refusal.message
+    assert "'gpu0'" in msg and "starting" in msg and "about 90 s" in msg
+    assert "no hosted fallback is configured" in msg and "$K is not set" in msg
+
+
+def test_keyless_offerings_are_no_candidates() -> None:
+    backends = CAT.backends("m")
+    assert backends is not None
+    plan = decide(f(), backends, {"gpu0": DOWN, "gpu1": DOWN}, keyless={"other:big": "K2"})
+    assert [b.name for b in plan.targets] == ["mistral:small"]
+    assert ("other:big", "no-api-key", "$K2 is not set") in {
+        (s.backend, s.reason, s.detail) for s in plan.skipped}
+
+
+def test_open_breaker_refusal_retry_after_is_the_true_wait() -> None:
+    backends = CAT.backends("embed")
+    assert backends is not None
+    plan = decide(f("embed", endpoint="embeddings"), backends, {},
+                  unavailable={"mistral:mistral-embed": "circuit open, retry in 14 s"},
+                  retry_in={"mistral:mistral-embed": 13.9})
+    assert plan.refusal is not None
+    assert (plan.refusal.status, plan.refusal.retry_after_s) == (503, 14)
+    assert "retry in 14 s" in plan.refusal.message

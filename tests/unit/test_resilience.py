@@ -344,13 +344,16 @@ def test_unavailable_lists_only_those_not_available(clock: FakeClock) -> None:
     trip("down")
     clock.advance(6.8)
     trip("later")
-    assert bs.unavailable() == {"down": "circuit open, retry in 3.2s",
-                                "later": "circuit open, retry in 10.0s"}
+    # Whole seconds rounded up: the number a Retry-After header carries for the same wait.
+    assert bs.unavailable() == {"down": "circuit open, retry in 4 s",
+                                "later": "circuit open, retry in 10 s"}
+    assert bs.waits() == pytest.approx({"down": 3.2, "later": 10.0})
     clock.advance(3.2)                   # "down" is half-open now: available for a probe
-    assert bs.unavailable() == {"later": "circuit open, retry in 6.8s"}
+    assert bs.unavailable() == {"later": "circuit open, retry in 7 s"}
     assert bs.get("down").allow()        # the probe goes out: nobody else may follow it
     assert bs.unavailable() == {"down": "circuit half-open, probe in flight",
-                                "later": "circuit open, retry in 6.8s"}
+                                "later": "circuit open, retry in 7 s"}
+    assert bs.waits() == pytest.approx({"down": 0.0, "later": 6.8})
     bs.get("down").success()
     assert list(bs.unavailable()) == ["later"]
 
