@@ -31,6 +31,7 @@ from router.recorder import Recorder
 from router.resilience import Breakers, RetryPolicy
 from router.signals import LoadMonitor
 from router.storage import budget_book, open_ledger
+from router.streaming import StreamSlots
 from router.upstream import AiohttpUpstream, HttpxUpstream, Upstream
 from serving.engine import EngineSupervisor
 from serving.gpu import GpuProbe, read_host
@@ -74,9 +75,13 @@ class Runtime:
                             tls=AiohttpUpstream(max_connections=server.max_connections)))
         self.ledger = open_ledger(server, env)
         self.recorder = Recorder(self.ledger)
+        # Streams each caller holds open: kept across reloads, which rebuild the gateway.
+        self.streams = StreamSlots()
         self.gpu: GpuProbe | None = None
         # Set by `spillover serve` when it manages the engines: their pids and restarts.
         self.supervisor: EngineSupervisor | None = None
+        # How long each managed engine took to start last time, kept across reloads.
+        self._ready_after: dict[str, float] = {}
         self._install(config, breakers=None, budgets=None)
         # Reloads take turns: two interleaved ones each started a load monitor and stopped
         # the other's before it ran, leaving monitors that nothing ever stopped.
@@ -95,7 +100,9 @@ class Runtime:
         catalog = Catalog(config)
         server = config.server
         monitor = LoadMonitor(self.client, catalog.all(), interval_s=server.metrics_interval_s,
-                              stale_s=server.metrics_stale_s, engine_note=self._engine_note)
+                              stale_s=server.metrics_stale_s, engine_note=self._engine_note,
+                              started_at=self._engine_started_at,
+                              ready_after=self._ready_after)
         key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
         api_keys = {name: self.env.get(name) for name in key_envs}
         translators = {b.name: translator_for(b.flavour) for b in catalog.all()}
@@ -117,8 +124,12 @@ class Runtime:
         )
         auth = Authenticator(config.callers, config.admin_key_sha256,
                              config.server.metrics_token_sha256)
+        # Offerings without their key are no candidates at all (explain says why).
+        keyless = {b.name: b.api_key_env for b in catalog.all()
+                   if b.route == "hosted" and b.api_key_env and not api_keys.get(b.api_key_env)}
         gateway = Gateway(config, catalog, monitor, dispatcher, auth=auth, budgets=budgets,
-                          limiter=limiter, breakers=breakers, recorder=self.recorder)
+                          limiter=limiter, breakers=breakers, recorder=self.recorder,
+                          streams=self.streams, keyless=keyless)
         if reload:
             budgets.reconfigure(config.budget,
                                 {n: c.budget for n, c in config.callers.items()})
@@ -126,6 +137,12 @@ class Runtime:
          self.breakers, self.dispatcher, self.auth, self.gateway) = (
             config, catalog, monitor, api_keys, budgets, limiter, breakers, dispatcher, auth,
             gateway)
+
+    def _engine_started_at(self, name: str) -> float | None:
+        """When the supervisor started the engine's running process (monotonic)."""
+        sup = self.supervisor
+        engine = None if sup is None else sup.engines.get(name)
+        return engine.started_at if engine is not None and engine.running else None
 
     def _engine_note(self, name: str) -> tuple[bool, str] | None:
         """What the supervisor knows of a managed engine (an exit, its log's last lines, a

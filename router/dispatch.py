@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from router.config import Price
 from router.errors import (
     GatewayTimeout,
     RateLimited,
+    Scrubber,
     SpilloverError,
     Unavailable,
     UpstreamError,
@@ -37,7 +39,7 @@ from router.ledger_spool import RETRY_AFTER_S
 from router.policy import RoutePlan
 from router.providers import Prepared, Translator, bound_output
 from router.recorder import Recorder
-from router.resilience import Breakers, RetryPolicy, parse_retry_after
+from router.resilience import Breakers, RetryPolicy, parse_retry_after, request_too_large
 from router.signals import LoadMonitor
 from router.sse import SSEFramer
 from router.streaming import EventStream, Relay
@@ -56,7 +58,12 @@ class _Failure:
     status: int | None = None
     retry_after: str | None = None
     connect: bool = False
-    kind: str = "upstream"  # or "budget", "breaker": why the target was not even tried
+    # "upstream": about the upstream's health; "request": the upstream refused this request
+    # for itself (too large for its rate limit), which says nothing of its health;
+    # "budget", "breaker", "store", "config": why the target was not even tried.
+    kind: str = "upstream"
+    retry_in_s: float | None = None  # an open breaker's wait
+    error: SpilloverError | None = None  # what the caller gets for a "request" failure
 
 
 class Dispatcher:
@@ -78,6 +85,7 @@ class Dispatcher:
         self._monitor = monitor
         self._translators = translators
         self._keys = api_keys
+        self._scrub = Scrubber(k for k in api_keys.values() if k)
         self._breakers = breakers
         self._retry = retry
         self._budgets = budgets
@@ -98,7 +106,10 @@ class Dispatcher:
                 break
             headers = self._headers(call, backend)
             if headers is None:
-                failures.append(_Failure(backend, f"no API key in ${backend.api_key_env}"))
+                # The plan leaves keyless offerings out; this only guards a key that
+                # vanished between the plan and the call.
+                failures.append(_Failure(backend, f"${backend.api_key_env} is not set",
+                                         kind="config"))
                 continue
             prep = self._translators[backend.name].request(
                 call.facts.endpoint, body, backend.model_id, include_usage=True)
@@ -121,8 +132,8 @@ class Dispatcher:
         tries = 0
         while call.remaining() > 0:
             if breaker is not None and not breaker.allow():
-                failures.append(_Failure(b, f"circuit open, retry in {breaker.retry_in():.1f}s",
-                                         kind="breaker"))
+                failures.append(_Failure(b, f"circuit open, retry in {breaker.retry_after_s()} s",
+                                         kind="breaker", retry_in_s=breaker.retry_in()))
                 return None
             if hosted:
                 try:
@@ -157,6 +168,14 @@ class Dispatcher:
                      call.request_id, b.name, result.what)
             if breaker is None:
                 return None
+            if result.kind == "request":
+                # One caller's oversized request must not shut the upstream for everyone,
+                # nor be retried there: no verdict on the upstream; the next target may
+                # have room for it.
+                breaker.release()
+                return None
+            # Connect errors, timeouts, 5xx and rate limits about the caller's traffic as a
+            # whole count against the upstream; a rate limit opens the breaker at once.
             wait_s = parse_retry_after(result.retry_after, time.time())
             breaker.failure(wait_s if result.status == 429 else None)
             if tries >= self._retry.attempts_per_target:
@@ -199,10 +218,10 @@ class Dispatcher:
             self._monitor.release(b.name)
         status = resp.status
         if status in RETRYABLE:
-            return _Failure(b, f"answered {status}", status, resp.headers.get("retry-after"))
+            return self._status_failure(b, status, resp.headers.get("retry-after"), body)
         self._started(call, b)
         if status >= 400:
-            err = from_upstream(status, body)
+            err = self._upstream_error(status, body)
             await self._finish(call, err.status)
             return to_response(err, self._route_headers(call))
         try:
@@ -244,10 +263,10 @@ class Dispatcher:
             finally:
                 release()
             if resp.status in RETRYABLE:
-                return _Failure(b, f"answered {resp.status}", resp.status,
-                                resp.headers.get("retry-after"))
+                return self._status_failure(b, resp.status, resp.headers.get("retry-after"),
+                                            body)
             self._started(call, b)
-            err = from_upstream(resp.status, body)
+            err = self._upstream_error(resp.status, body)
             await self._finish(call, err.status)
             return to_response(err, self._route_headers(call))
         # Hold the response until the first event has arrived: until then a failure can
@@ -351,6 +370,22 @@ class Dispatcher:
             payload = orjson.dumps(data)
         return b"data: " + payload + b"\n\n"
 
+    def _status_failure(self, b: Backend, status: int, retry_after: str | None,
+                        body: bytes) -> _Failure:
+        if status == 429 and request_too_large(body):
+            err = self._upstream_error(413, body)
+            err.type, err.code = "invalid_request_error", "request_too_large"
+            return _Failure(b, f"answered {status}: the request is too large for it", status,
+                            kind="request", error=err)
+        return _Failure(b, f"answered {status}", status, retry_after)
+
+    def _upstream_error(self, status: int, body: bytes) -> SpilloverError:
+        """An upstream's error for the caller, with every provider key scrubbed from it
+        (some providers echo the Authorization header they were sent)."""
+        err = from_upstream(status, body)
+        err.message = self._scrub(err.message)
+        return err
+
     def _transport_failure(self, b: Backend, exc: TransportError) -> _Failure:
         # Refused means no engine there; a connect that timed out may only be a full
         # connection pool or a busy host, which the probes judge better.
@@ -375,9 +410,17 @@ class Dispatcher:
                               headers={"retry-after": str(RETRY_AFTER_S)})
             call.reason = "budget-store"
         elif kinds == {"breaker"}:
-            err = Unavailable("every backend's circuit is open after repeated failures",
-                              code="circuit_open", headers={"retry-after": "5"})
+            # The soonest breaker to close, rounded up: the header and the message agree.
+            wait = math.ceil(min(f.retry_in_s or 0.0 for f in failures))
+            err = Unavailable("every backend's circuit is open after repeated failures; "
+                              f"retry in {wait} s", code="circuit_open",
+                              headers={"retry-after": str(max(1, wait))})
             call.reason = "circuit-open"
+        elif kinds == {"request"}:
+            # Refused by every target for its size: the same request fails however long
+            # the caller waits, so a 413 and not a retryable 429.
+            err = failures[-1].error or UpstreamError("the request is too large")
+            call.reason = "request-too-large"
         else:
             detail = "; ".join(f"{f.backend.label}: {f.what}" for f in failures) or "none"
             err = UpstreamError(f"every backend failed before answering ({detail})")

@@ -286,7 +286,11 @@ def _retryable(facts: RequestFacts, skipped: list[Skip], backends: Sequence[Back
                        f"the request now; retry in {RETRY_SOON_S} s", RETRY_SOON_S)
     waits = [retry_in[s.backend] for s in skipped
              if s.reason == "unavailable" and s.backend in retry_in]
-    if "unavailable" in reasons and not reasons & {"local-down", "local-saturated"}:
+    if "unavailable" in reasons:
+        # The breakers' own wait; a saturated engine may drain sooner. A down engine that
+        # is not starting gives no date, so the breaker's stands.
+        if "local-saturated" in reasons:
+            waits.append(RETRY_SOON_S)
         wait = max(1, math.ceil(min(waits))) if waits else RETRY_SOON_S
         return Refusal(503, "circuit_open", "every hosted backend that could take it is "
                        f"failing ({_why(skipped)}); retry in {wait} s", wait)

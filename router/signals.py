@@ -76,6 +76,7 @@ class _Engine:
         "saturated",
         "slow_since",
         "tokens_per_s",
+        "up_at",
     )
 
     def __init__(self, backend: Backend) -> None:
@@ -91,6 +92,7 @@ class _Engine:
         self.slow_since: float | None = None
         self.tokens_per_s: float | None = None
         self._last_tokens: tuple[float, float] | None = None
+        self.up_at: float | None = None  # monotonic time it last turned healthy
 
 
 class LoadMonitor:
@@ -103,8 +105,15 @@ class LoadMonitor:
         stale_s: float = 5.0,
         probe_timeout_s: float = 2.0,
         engine_note: Callable[[str], tuple[bool, str] | None] | None = None,
+        started_at: Callable[[str], float | None] | None = None,
+        ready_after: dict[str, float] | None = None,
     ) -> None:
         self._client = client
+        # When this process started the engine's current process (monotonic), if it runs:
+        # down since then means starting, which waiting fixes. `ready_after` keeps how long
+        # each engine's last start took (shared across reloads), its expected readiness.
+        self._started_at = started_at
+        self._ready_after = ready_after if ready_after is not None else {}
         # From the engines' supervisor, when this process manages them: (running, why).
         # Not running: nothing that answers on the port is ours (an orphan, another
         # program), so the engine is down whatever the probes say.
@@ -184,6 +193,11 @@ class LoadMonitor:
             return
         if not e.healthy:
             log.info("engine %s is up", e.backend.name)
+            now = time.monotonic()
+            start = self._started_at(e.backend.name) if self._started_at else None
+            if start is not None and (e.up_at is None or e.up_at < start):
+                self._ready_after[e.backend.name] = now - start
+            e.up_at = now
         e.healthy = True
         e.down_reason = ""
         if metrics.status_code == 200:
@@ -258,7 +272,14 @@ class LoadMonitor:
                 e.saturated = False
         elif score >= 1.0 or over_waiting:
             e.saturated = True
+        start = self._started_at(e.backend.name) if self._started_at and not e.healthy else None
+        starting = start is not None and (e.up_at is None or e.up_at < start)
+        took = self._ready_after.get(e.backend.name)
         return EngineLoad(
+            starting=starting,
+            starting_for_s=now - start if starting and start is not None else None,
+            ready_in_s=(max(0.0, took - (now - start))
+                        if starting and start is not None and took is not None else None),
             healthy=e.healthy,
             saturated=e.healthy and e.saturated,
             score=score,
