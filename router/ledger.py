@@ -418,7 +418,7 @@ class Ledger(LedgerBase):
 
     def _keep(self, rows: list[LedgerRow]) -> LedgerError | None:
         error = self.health.keep(os.urandom(16).hex(), [["row", *row] for row in rows],
-                                 len(rows))
+                                 len(rows), [row.route != "" for row in rows])
         return None if error is None else StoreUnavailable(f"ledger row not kept: {error}")
 
     async def _drains(self) -> None:

@@ -285,11 +285,12 @@ class PgLedger(LedgerBase):
         return conn, errors
 
     def _keep(self, batch_id: str, items: Sequence[_Item]) -> LedgerError | None:
-        encoded = [_encode(item) for item in items if not isinstance(item, _Barrier)]
-        if not encoded:
+        kept = [item for item in items if not isinstance(item, _Barrier)]
+        if not kept:
             return None
-        rows = sum(isinstance(item, LedgerRow) for item in items)
-        error = self._health.keep(batch_id, encoded, rows)
+        rows = sum(isinstance(item, LedgerRow) for item in kept)
+        served = [not isinstance(item, LedgerRow) or item.route != "" for item in kept]
+        error = self._health.keep(batch_id, [_encode(item) for item in kept], rows, served)
         return None if error is None else StoreUnavailable(f"ledger row not kept: {error}")
 
     def _drain(self, conn: Conn) -> tuple[Conn, bool]:

@@ -29,6 +29,9 @@ import orjson
 log = logging.getLogger("spillover.ledger")
 
 Policy = Literal["spool", "refuse"]
+# New calls are refused once the spool is this full: the rest is headroom for the rows
+# of calls already in flight, so that every call answered still finds room for its row.
+HIGH_WATER = 0.9
 # What a client is told to wait before trying again while new calls are refused.
 RETRY_AFTER_S = 5
 _SUFFIX = ".jsonl"
@@ -105,6 +108,10 @@ class Spool:
             self.bytes += len(line)
             self.rows += len(items)
 
+    @property
+    def nearly_full(self) -> bool:
+        return self.bytes >= self.max_bytes * HIGH_WATER
+
     def sealed(self) -> list[Path]:
         """Every file with batches in it, oldest first; appends go to a new file from now
         on, so what is being drained never grows under the reader."""
@@ -154,6 +161,7 @@ class StoreHealth:
         self.spool_error: str | None = None
         self.rows_spooled = 0  # since start, counters for the metrics
         self.rows_lost = 0
+        self.refusals_dropped = 0  # rows of refused calls a nearly full spool did not keep
         self.failures = 0
 
     @property
@@ -184,12 +192,24 @@ class StoreHealth:
                     self.pending, self.rows_lost)
         self.failing_since = None
         self.error = None
+        self.spool_error = None  # a full spool empties into the store from now on
 
-    def keep(self, batch_id: str, items: list[list[Any]], rows: int) -> str | None:
-        """Spool a batch the store could not take; None when kept, else why it was lost."""
+    def keep(self, batch_id: str, items: list[list[Any]], rows: int,
+             served: list[bool] | None = None) -> str | None:
+        """Spool a batch the store could not take; None when kept, else why it was lost.
+        `served`, per item: False for the row of a call refused before any upstream,
+        which the headroom of a nearly full spool does not keep (nothing to bill)."""
         if self.spool is None:
             self.rows_lost += rows
             return "the ledger store failed and no spool is configured"
+        if served is not None and self.spool.nearly_full:
+            dropped = served.count(False)
+            if dropped:
+                self.refusals_dropped += dropped
+                rows -= dropped
+                items = [item for item, keep in zip(items, served, strict=True) if keep]
+                if not items:
+                    return None
         try:
             self.spool.append(batch_id, items)
         except OSError as exc:
@@ -211,9 +231,12 @@ class StoreHealth:
             return (f"the call ledger ({self.where}) cannot be written since "
                     f"{_iso(self.failing_since)} and this gateway is set to refuse calls it "
                     "cannot bill (server.ledger_failure: refuse); retry later")
-        if self.spool_error is not None or self.spool is None:
+        spool = self.spool
+        if self.spool_error is not None or spool is None or spool.nearly_full:
+            why = self.spool_error or ("no spool" if spool is None else
+                                       f"{spool.bytes} of {spool.max_bytes} bytes used")
             return (f"the call ledger ({self.where}) cannot be written and its spool cannot "
-                    f"keep more rows ({self.spool_error or 'no spool'}); retry later")
+                    f"keep more rows ({why}); retry later")
         return None
 
     def snapshot(self) -> dict[str, object]:
@@ -232,6 +255,7 @@ class StoreHealth:
             "spool_error": self.spool_error,
             "rows_spooled_total": self.rows_spooled,
             "rows_lost_total": self.rows_lost,
+            "refusals_dropped_total": self.refusals_dropped,
         }
 
 

@@ -61,7 +61,15 @@ class PgCluster:
             self._cmd(str(self._bin / "initdb"), "-D", str(self.data), "-U", self.user,
                       "--auth=trust", "--no-sync", "-E", "UTF8"),
             check=True, capture_output=True, timeout=120)
-        log = open(self.dir / "postgres.log", "wb")  # noqa: SIM115 - the server's lifetime
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop the server (fast shutdown: clients are cut off) and keep its data."""
+        self._shutdown()
+
+    def resume(self) -> None:
+        """Start the server on the cluster's data (after start()'s initdb, or a pause)."""
+        log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115 - the server's lifetime
         self._proc = subprocess.Popen(
             self._cmd(str(self._bin / "postgres"), "-D", str(self.data),
                       "-k", str(self.socket_dir), "-c", "listen_addresses=",
@@ -88,6 +96,10 @@ class PgCluster:
         return self.url(name)
 
     def stop(self) -> None:
+        self._shutdown()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _shutdown(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             pid_file = self.data / "postmaster.pid"
@@ -100,4 +112,3 @@ class PgCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(_STOP_TIMEOUT_S)
-        shutil.rmtree(self.dir, ignore_errors=True)
