@@ -1,0 +1,136 @@
+"""A relayed stream's clean-up runs however the stream ends, even when its body never
+started: the response could not be built (a header that is not latin-1), or the ASGI
+server's `send` raised on a connection the caller had already closed. Afterwards the
+engine is not counted in flight, no budget hold is left, the upstream response is closed
+(its connection goes back or away) and the call has its ledger row."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from router.app import Runtime, Settings, create_app
+from tests.unit.helpers import BASE_YAML, World, chunk, config
+
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "stream": True}
+EVENTS = 50
+
+
+class TrackedStream(httpx.AsyncByteStream):
+    """An upstream body that records being closed (what frees its connection)."""
+
+    def __init__(self, closed: list[bool]) -> None:
+        self._closed = closed
+        self._closed.append(False)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(EVENTS):
+            yield b"data: " + json.dumps(chunk("m", f"t{i}")).encode() + b"\n\n"
+            await asyncio.sleep(0)
+        yield b"data: [DONE]\n\n"
+
+    async def aclose(self) -> None:
+        self._closed[-1] = True
+
+
+def streaming_world(closed: list[bool]) -> World:
+    world = World()
+
+    def answer(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              stream=TrackedStream(closed))
+
+    world.local = answer
+    world.hosted = answer
+    return world
+
+
+async def ledger_rows(runtime: Runtime, n: int) -> list[Any]:
+    rows: list[Any] = []
+    for _ in range(100):  # rows of cut-off streams are written without waiting
+        rows = runtime.ledger.rows(since=0, until=time.time() + 60)
+        if len(rows) >= n:
+            break
+        await asyncio.sleep(0.02)
+    return rows
+
+
+def assert_cleaned_up(runtime: Runtime, closed: list[bool]) -> None:
+    assert all(e["inflight"] == 0 for e in runtime.monitor.status().values())
+    budgets = runtime.budgets.snapshot()
+    assert isinstance(budgets, dict)
+    reserved = [p["reserved"] for p in budgets["global"].values()]
+    assert reserved and all(r == 0 for r in reserved), budgets
+    assert closed == [True]
+
+
+async def test_a_response_that_cannot_be_built_still_ends_its_stream() -> None:
+    # A provider named outside latin-1 reaches x-spillover-backend, which HTTP/1.1 cannot
+    # carry: building the stream's response fails after the upstream stream was opened.
+    closed: list[bool] = []
+    world = streaming_world(closed)
+    world.local_up = False
+    yaml_text = BASE_YAML.replace("  mistral: {kind", "  mistral-€: {kind").replace(
+        "- provider: mistral", "- provider: mistral-€")
+    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}),
+                     config=config(yaml_text), transport=world.transport())
+    runtime: Runtime = app.state.runtime
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 500, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert world.bodies("hosted"), "the hosted stream was opened"
+        assert_cleaned_up(runtime, closed)
+        rows = await ledger_rows(runtime, 1)
+        assert [(row.route, row.backend, row.status) for row in rows] == [
+            ("hosted", "mistral-€", 500)]
+
+
+@pytest.mark.parametrize("route", ["local", "hosted"])
+async def test_a_start_that_cannot_be_sent_still_ends_its_stream(route: str) -> None:
+    """An ASGI server whose send() raises once the caller is gone: the stream's start
+    never goes out, so its body never starts."""
+    closed: list[bool] = []
+    world = streaming_world(closed)
+    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=config(),
+                     transport=world.transport())
+    runtime: Runtime = app.state.runtime
+    body = json.dumps(CHAT).encode()
+    sent: list[dict[str, Any]] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the caller says nothing more
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        raise OSError("the caller closed the connection")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"x-spillover-route", route.encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        assert [m["type"] for m in sent] == ["http.response.start"]
+        assert sent[0]["status"] == 200
+        assert world.bodies(route), "the upstream stream was opened"
+        assert_cleaned_up(runtime, closed)
+        rows = await ledger_rows(runtime, 1)
+        assert [(row.route, row.status) for row in rows] == [(route, 499)]
+        # and the caller's stream slot is free again
+        assert runtime.gateway.streams.open("anonymous") == 0
