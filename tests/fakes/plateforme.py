@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import random
@@ -94,7 +95,12 @@ class FakePlateforme:
         stall_s: float = 30.0,
         latency_s: float = 0.0,
         seed: int = 0,
+        prompt_tokens: Callable[[Mapping[str, Any]], int] | None = None,
+        answer_words: int = 0,
     ) -> None:
+        """`prompt_tokens` counts a chat body's prompt as the provider bills it (default: its
+        words; `v3_prompt_tokens` is Mistral's own tokenizer). `answer_words` pads each
+        answer to that many words before max_tokens cuts it: a long-winded model."""
         self.api_key = api_key
         self.models: set[str] = set(models)
         self.retry_after_s = retry_after_s
@@ -102,6 +108,8 @@ class FakePlateforme:
         self.latency_s = latency_s
         self._timings = (retry_after_s, stall_s, latency_s)  # what reset() goes back to
         self._seed = seed
+        self.prompt_tokens = prompt_tokens
+        self.answer_words = answer_words
         self._lock = threading.Lock()
         self._mode: Mode = "ok"
         self._requests: list[RecordedRequest] = []
@@ -537,6 +545,24 @@ def _text(content: Any) -> str:
     return ""
 
 
+def v3_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The prompt tokens of a chat body as Mistral's v3 tokenizer (shipped in
+    mistral_common) counts them, chat template included."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    request = ChatCompletionRequest(messages=body["messages"], tools=body.get("tools"))
+    return len(_v3().encode_chat_completion(request).tokens)
+
+
+@functools.cache
+def _v3() -> Any:
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from serving.demo_model import tokenizer_source
+
+    return MistralTokenizer.from_file(str(tokenizer_source()))
+
+
 def _words(text: str) -> int:
     return len(text.split())
 
@@ -569,7 +595,10 @@ def _wants_tool_call(body: Mapping[str, Any]) -> bool:
 
 def _chat_completion(fake: FakePlateforme, body: Mapping[str, Any]) -> dict[str, Any]:
     messages: list[dict[str, Any]] = body["messages"]
-    prompt_tokens = sum(_words(_text(m.get("content"))) for m in messages)
+    if fake.prompt_tokens is not None:
+        prompt_tokens = fake.prompt_tokens(body)
+    else:
+        prompt_tokens = sum(_words(_text(m.get("content"))) for m in messages)
     # Mistral sends content "" (not null) beside tool calls.
     message: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": None}
     if _wants_tool_call(body):
@@ -589,7 +618,11 @@ def _chat_completion(fake: FakePlateforme, body: Mapping[str, Any]) -> dict[str,
     else:
         last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
         asked = _text(last_user.get("content")) if last_user else ""
-        content, finish_reason = _cap(f"hosted reply to: {asked[:40]}", body.get("max_tokens"))
+        reply = f"hosted reply to: {asked[:40]}"
+        padding = fake.answer_words - _words(reply)
+        if padding > 0:
+            reply += " more" * padding
+        content, finish_reason = _cap(reply, body.get("max_tokens"))
         message["content"] = content
         completion_tokens = _words(content)
     n = body.get("n") or 1
@@ -853,4 +886,5 @@ __all__ = [
     "Mode",
     "RecordedRequest",
     "create_app",
+    "v3_prompt_tokens",
 ]
