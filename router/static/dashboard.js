@@ -423,6 +423,27 @@
     }));
   }
 
+  // The call ledger's store: ok, or failing since when, with the rows waiting in the spool.
+  function renderLedger(l) {
+    if (!l) {
+      $("ledger").replaceChildren(empty("No ledger state reported."));
+      return;
+    }
+    const failing = l.state === "failing";
+    const kind = l.refusing ? "bad" : failing ? "warn" : "ok";
+    const label = l.refusing ? "refusing calls" : failing ? "failing: spooling" : "ok";
+    $("ledger").replaceChildren(h("p", {
+      "data-state": l.state || "", "data-refusing": String(Boolean(l.refusing)),
+    },
+    badge(label, kind, { "data-testid": "ledger-state" }), " ",
+    h("span", { class: "muted", title: l.error || "" }, failing
+      ? `since ${clock(l.failing_since)} (${secs(l.failing_for_s)}): ${l.error || ""}` : ""),
+    h("br", {}),
+    h("span", { class: "muted" }, `spooled rows ${int(l.spooled_rows)}`
+      + (isNum(l.spool_max_bytes) ? ` · spool ${pct(l.spool_bytes / l.spool_max_bytes)} full` : "")
+      + (l.rows_lost_total ? ` · ${int(l.rows_lost_total)} rows lost` : ""))));
+  }
+
   function render(d) {
     renderHeader(d);
     renderToday(d.today);
@@ -432,6 +453,7 @@
     renderAliases(d.aliases);
     renderBreakers(d.breakers);
     renderHost(d.host, d.gpu);
+    renderLedger(d.ledger);
     renderDecisions(d.recent);
   }
 
