@@ -24,9 +24,9 @@ BUDGET_USD = 0.05
 TEXTS = [
     "hi",
     "Summarise the budget rules of this gateway in two sentences, please.",
-    "我们的预算必须是真正的上限，否则两个副本并发时会超支。",
+    "我们的预算必须是真正的上限，否则两个副本并发时会超支。",  # noqa: RUF001 - the characters are the point
     "def f(xs):\n    return {k: [v * 2 for v in xs if v] for k in range(3)}\n",
-    "请把这段代码改写成 Rust：for (i, x) in enumerate(xs): print(i, x)",
+    "请把这段代码改写成 Rust：for (i, x) in enumerate(xs): print(i, x)",  # noqa: RUF001 - the characters are the point
 ]
 
 

@@ -33,10 +33,10 @@ def true_count(body: dict[str, Any]) -> int:
 
 ENGLISH = ("The quick brown fox jumps over the lazy dog. Budgets are only as good as the "
            "bound behind them, and an estimate is not a bound.")
-CHINESE = "我们的预算必须是真正的上限，否则两个副本并发时会超支。请用中文回答这个问题。"
+CHINESE = "我们的预算必须是真正的上限，否则两个副本并发时会超支。请用中文回答这个问题。"  # noqa: RUF001 - the characters are the point
 CODE = ("def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n"
         "print([fib(i) for i in range(10)])  # {'a': [1, 2]} <>&\t\"quoted\"\n")
-EMOJI = "🙂🚀🔥👩‍👩‍👧‍👦🇫🇷 ok? ✅❌ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﷺ"
+EMOJI = "🙂🚀🔥👩‍👩‍👧‍👦🇫🇷 ok? ✅❌ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﷺ"  # noqa: RUF001 - the characters are the point
 SPACES = "  a   b \n\n\n\t\t  c  " * 20
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Météo du jour, 天气, \"quoted\"",

@@ -13,10 +13,9 @@ import pytest
 
 from router.accounting import BudgetBook
 from router.config import Budget, GlobalBudget
-from tests.unit.helpers import completion
+from tests.unit.helpers import World, completion
 from tests.unit.test_brain import auth, brain_config, router, router_app
 from tests.unit.test_gateway import CHAT, assert_openai_error
-from tests.unit.helpers import World
 
 
 @pytest.fixture
