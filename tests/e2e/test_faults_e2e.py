@@ -3,6 +3,7 @@ router itself killed under load. Each bounded in time."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -272,3 +273,108 @@ def test_router_killed_under_load_loses_no_finished_call(served: list[Served], t
         ledger.close()
     missing = set(done) - booked
     assert not missing, f"{len(missing)} finished calls not in the ledger: {sorted(missing)[:5]}"
+
+
+def _group(pgid: int) -> list[int]:
+    """The live (non-zombie) processes of process group pgid."""
+    out = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def _listeners(port: int) -> set[int]:
+    return {c.pid for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+
+
+@pytest.mark.timeout(1500)
+def test_router_killed_takes_its_engine_along(served: list[Served], tmp_path: Path,
+                                              plateforme: Hosted) -> None:
+    """kill -9 of `spillover serve` with its real engine under load: no engine process
+    (API server, EngineCore, the guard) outlives the router by more than a few seconds;
+    a router restarted at once, as a service manager would, runs exactly one engine on the
+    port, with no restart loop, and serves locally again."""
+    engine_port = free_port()
+    data = {
+        "providers": {"mistral": {"kind": "mistral", "base_url": plateforme.url + "/v1",
+                                  "api_key_env": "MISTRAL_API_KEY"}},
+        "aliases": {"demo": {
+            "local": [{"name": "demo-local", "model": str(ROOT / ".spillover" / "demo-model"),
+                       "license": "apache-2.0", "served_model_name": "demo",
+                       "port": engine_port, "max_model_len": 2048,
+                       "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}],
+            "hosted": [{"provider": "mistral", "model": "mistral-small-latest",
+                        "price": PRICE}]}},
+    }
+    env = {"MISTRAL_API_KEY": plateforme.fake.api_key}
+    first = Served(tmp_path, json.loads(json.dumps(data)), env)
+    served.append(first)
+    first.wait(lambda st: st["engines"]["demo-local"]["healthy"], 600, "the managed engine")
+    [engine] = first.status()["managed_engines"]
+    pgid = os.getpgid(engine["pid"])
+    members = _group(pgid)
+    # The guard, vLLM's API server and its EngineCore at least, all in the engine's group.
+    assert len(members) >= 3 and engine["pid"] in members, members
+    assert (tmp_path / "logs" / "demo-local.pid").exists()
+
+    stop = threading.Event()
+    streaming = threading.Semaphore(0)
+
+    def load(stream: bool) -> None:
+        while not stop.is_set():
+            try:
+                if stream:
+                    out = first.client.chat.completions.create(
+                        model="demo", messages=HELLO, max_tokens=1000, stream=True,
+                        extra_body={"ignore_eos": True})
+                    for i, _ in enumerate(out):
+                        if i == 2:
+                            streaming.release()
+                else:
+                    first.client.chat.completions.create(model="demo", messages=HELLO,
+                                                         max_tokens=8)
+            except Exception:  # the router is gone: every kind of failure is expected
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=load, args=(k < 2,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    assert streaming.acquire(timeout=120) and streaming.acquire(timeout=120)
+
+    os.kill(first.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    first.proc.wait(10)
+    # Restarted at once: the old engine may still be shutting down on the port.
+    second = Served(tmp_path, json.loads(json.dumps(data)), env)
+    served.append(second)
+    while _group(pgid):
+        assert time.monotonic() - killed < 10, f"engine processes outlived the router: " \
+                                               f"{_group(pgid)}"
+        time.sleep(0.1)
+    print(f"engine group gone {time.monotonic() - killed:.1f} s after the router's kill -9")
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+    second.wait(lambda st: st["engines"]["demo-local"]["healthy"], 600, "the new engine")
+    [fresh] = second.status()["managed_engines"]
+    assert fresh["restarts"] == 0 and not fresh["adopted"] and fresh["pid"] not in members
+    assert _listeners(engine_port) == {fresh["pid"]}
+    raw = second.client.chat.completions.with_raw_response.create(
+        model="demo", messages=HELLO, max_tokens=8)
+    assert raw.headers["x-spillover-route"] == "local"
+    time.sleep(10)  # a restart loop would show within this
+    [later] = second.status()["managed_engines"]
+    assert later["restarts"] == 0 and later["pid"] == fresh["pid"] and later["running"]
+    assert not later["crash_looping"]
+    assert _listeners(engine_port) == {fresh["pid"]}
+    # Ctrl-C of the new router: its engine goes with it too.
+    fresh_group = os.getpgid(fresh["pid"])
+    second.stop()
+    assert second.proc.returncode is not None
+    assert not _group(fresh_group), "the engine outlived its router's Ctrl-C"
