@@ -45,6 +45,18 @@ GUARD = Path(__file__).with_name("guard.py")
 ORPHAN_GRACE_S = 3.0
 _START_MARK = "=== "
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Secrets an engine's command line or its logged arguments may carry (vLLM's --api-key,
+# tokens): masked in whatever the router logs or reports from them.
+_SECRET_FLAG = re.compile(r"(--?[\w-]*(?:key|token|secret|password)[\w-]*)(=|\s+)(\S+)", re.I)
+_SECRET_ITEM = re.compile(
+    r"""(['"][\w-]*(?:key|token|secret|password)[\w-]*['"]\s*:\s*)('[^']*'|"[^"]*"|[^,}\s]+)""",
+    re.I)
+
+
+def redact(text: str) -> str:
+    """text with the values of key/token/secret/password flags and items masked."""
+    text = _SECRET_FLAG.sub(r"\1\2***", text)
+    return _SECRET_ITEM.sub(r"\1'***'", text)
 
 
 class EngineStartError(RuntimeError):
@@ -137,6 +149,7 @@ def describe_process(proc: psutil.Process | None) -> str:
         cmd = " ".join(proc.cmdline()) or proc.name()
     except psutil.Error:
         cmd = "?"
+    cmd = redact(cmd)
     if len(cmd) > 160:
         cmd = cmd[:157] + "..."
     return f"pid {proc.pid} ({cmd})"
@@ -354,7 +367,7 @@ class EngineProcess:
             if kept[i].startswith(_START_MARK):
                 kept = kept[i + 1:]
                 break
-        return "\n".join(_ANSI.sub("", ln) for ln in kept[-lines:])
+        return redact("\n".join(_ANSI.sub("", ln) for ln in kept[-lines:]))
 
     async def start(self) -> None:
         """Start the engine; or adopt this router's own engine from an earlier run when it
@@ -421,7 +434,7 @@ class EngineProcess:
                 f"engine {spec.name}: port {spec.port} is held by the engine of another "
                 f"spillover router still running (pid {record.router_pid}); stop that router "
                 f"or give {spec.name} another port")
-        if _same_process(record.pgid, record.started):
+        if holder.pid != record.pgid and _same_process(record.pgid, record.started):
             # Its guard lives and its router is gone: the guard is stopping it right now.
             _log.info("engine %s: the engine of the previous run (pid %d) is stopping; waiting",
                       spec.name, holder.pid)

@@ -655,3 +655,13 @@ async def test_a_stopped_engine_is_down_whatever_answers_on_its_port() -> None:
     assert not status["healthy"]
     assert status["down_reason"] == "engine exited with code 1; last lines:\nbad model path"
     await client.aclose()
+
+
+def test_secrets_in_an_engine_log_tail_are_masked(tmp_path: Path) -> None:
+    engine = EngineProcess(make_spec(1), log_dir=tmp_path)
+    engine.log_path.write_text(
+        "non-default args: {'model': '/m', 'api_key': 'sk-live-123', 'port': 8101}\n"
+        "vllm serve /m --api-key sk-live-123 --hf-token=hf_abc\n")
+    tail = engine.log_tail()
+    assert "sk-live-123" not in tail and "hf_abc" not in tail
+    assert "'model': '/m'" in tail and "'api_key': '***'" in tail
