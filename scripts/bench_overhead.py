@@ -20,13 +20,18 @@ run:
 - streams: time to first token and the lateness of every later chunk;
 - many streams held open at once, and the router's RSS while they run;
 - a closed loop again on the routers that just took the overload and the open streams
-  (what their state left behind costs).
+  (what their state left behind costs);
+- slow readers: callers holding long streams open and reading a trickle, beside ordinary
+  requests on another alias: the router's CPU per relayed MB and those requests' p50/p99.
 
 Each phase gets a fresh router. This process is the load generator (raw asyncio streams,
 uvloop, keep-alive pool); it prints its own CPU use per request so you can see it is not
 the bottleneck. Numbers on a shared 2-core machine are noisy: compare the columns of one
 run, not runs with each other.
-Prints tables and, last, one JSON line with every figure (also written to --out).
+
+Prints tables and, last, one JSON line with every figure, also written to a temporary
+file, or to --out, or with --publish to docs/overhead.json (what the README quotes): a run
+leaves the repository as it was unless asked.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,8 +65,12 @@ from benchlib.procs import ROOT, VENV_BIN, Children, free_port, sigterm_as_exit,
 from benchlib.stats import emit, ms, pct, table
 
 HOST = "127.0.0.1"
+PUBLISHED = ROOT / "docs" / "overhead.json"
 PATH = "/v1/chat/completions"
 ALIAS = "bench"
+SLOW_ALIAS = "bench-slow"
+BENCH_KEY = b"sk-spill-bench"
+AUTH = b"authorization: Bearer " + BENCH_KEY + b"\r\n"
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "Say hello in three languages, briefly please."}]
 
@@ -309,7 +320,76 @@ async def many_streams(t: Target, n: int, tokens: int, interval: float,
 # --- processes ------------------------------------------------------------------------
 
 
-def write_config(path: Path, upstream_port: int, max_connections: int) -> None:
+async def slow_readers(t: Target, n: int, duration: float, rate: float, read_bytes: int,
+                       read_every_s: float, rcvbuf: int, fill_s: float) -> dict[str, Any]:
+    """n callers each holding a long stream open (~13 MB from the upstream, back to back)
+    and reading `read_bytes` every `read_every_s` through a small receive buffer, while
+    ordinary requests go to the router at `rate` on another alias; the router's CPU per MB
+    it relayed to the slow readers, and the ordinary requests' latency beside them."""
+    payload = orjson.dumps({"model": SLOW_ALIAS, "messages": PROMPT, "stream": True,
+                            "mock": {"tokens": 100_000, "interval_s": 0, "ttft_s": 0}})
+    got = [0] * n
+    heads: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def reader(i: int) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (HOST, t.port))
+        r, w = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        w.write(b"POST %s HTTP/1.1\r\nhost: x\r\n%scontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (PATH.encode(), AUTH, len(payload),
+                                                     payload))
+        try:
+            heads.append((await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 60))[:12])
+            while not stop.is_set():
+                data = await r.read(read_bytes)
+                if not data:
+                    return
+                got[i] += len(data)
+                await asyncio.sleep(read_every_s)
+        finally:
+            w.close()
+
+    cpu_t = CpuMeter({"target": t.pid})
+    # The ordinary load alone first, for comparison, then beside the slow readers.
+    cpu_t.start()
+    t0 = now()
+    alone = await open_loop(t, rate, duration, 1.0, body())
+    alone["router_cpu_share"] = round(cpu_t.stop()["target"] / (now() - t0), 3)
+    tasks = [asyncio.create_task(reader(i)) for i in range(n)]
+    await asyncio.sleep(fill_s)  # the buffers on the way fill; the upstream is far ahead
+    relayed0 = sum(got)
+    cpu_t.start()
+    t0 = now()
+    beside = await open_loop(t, rate, duration, 1.0, body())
+    wall = now() - t0
+    cpu = cpu_t.stop()["target"]
+    relayed_mb = (sum(got) - relayed0) / 1e6
+    beside["router_cpu_share"] = round(cpu / wall, 3)
+    stop.set()
+    await asyncio.wait(tasks, timeout=10)
+    errors = [type(x.exception()).__name__ for x in tasks
+              if x.done() and not x.cancelled() and x.exception() is not None]
+    return {
+        "slow_readers": n, "read": f"{read_bytes} B every {read_every_s * 1000:g} ms",
+        "rcvbuf": rcvbuf, "heads": dict(collections.Counter(h.decode() for h in heads)),
+        "reader_errors": dict(collections.Counter(errors)),
+        "relayed_mb": round(relayed_mb, 2),
+        "router_cpu_s": round(cpu, 2),
+        "router_cpu_ms_per_relayed_mb": (round(cpu / relayed_mb * 1e3, 1)
+                                         if relayed_mb > 0 else None),
+        # Less what the ordinary requests cost alone: the slow readers' own share.
+        "router_extra_cpu_ms_per_relayed_mb": (
+            round((cpu - alone["router_cpu_share"] * wall) / relayed_mb * 1e3, 1)
+            if relayed_mb > 0 else None),
+        "ordinary_alone": alone, "ordinary_beside": beside,
+    }
+
+
+def write_config(path: Path, upstream_port: int, max_connections: int,
+                 slow_port: int) -> None:
     from router.config import Server
 
     server: dict[str, Any] = {"max_connections": max_connections, "request_timeout_s": 120,
@@ -319,9 +399,21 @@ def write_config(path: Path, upstream_port: int, max_connections: int) -> None:
         server["ledger_path"] = str(path.parent / "ledger.db")
     cfg = {
         "server": server,
+        # One caller with no stream cap: the open-streams phase holds 1,000 at once, more
+        # than the default policy's max_concurrent_streams.
+        "callers": {"bench": {"key_sha256": [hashlib.sha256(BENCH_KEY).hexdigest()],
+                              "max_concurrent_streams": None}},
         "aliases": {ALIAS: {"local": [{
             "name": "bench-local", "model": ALIAS, "license": "apache-2.0",
             "base_url": f"http://{HOST}:{upstream_port}/v1",
+            "saturation": {"max_inflight": 100000, "max_waiting": 1000000,
+                           "max_kv_cache": 1.0},
+        }]}, SLOW_ALIAS: {"local": [{
+            # The slow readers' alias, on an upstream of its own: what generating their
+            # streams costs must not fall on the ordinary requests (to ALIAS) that phase
+            # measures beside them; only the router is shared.
+            "name": "bench-slow", "model": SLOW_ALIAS, "license": "apache-2.0",
+            "base_url": f"http://{HOST}:{slow_port}/v1",
             "saturation": {"max_inflight": 100000, "max_waiting": 1000000,
                            "max_kv_cache": 1.0},
         }]}},
@@ -481,7 +573,13 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
     await asyncio.to_thread(wait_http, f"http://{HOST}:{up_port}/health", 30, upstream,
                             "upstream")
     config = tmp / "models.yaml"
-    write_config(config, up_port, args.max_connections)
+    slow_port = free_port()
+    slow_up = kids.start("slow-upstream", [sys.executable,
+                                           str(ROOT / "scripts/benchlib/mockup.py"),
+                                           "--port", str(slow_port)])
+    await asyncio.to_thread(wait_http, f"http://{HOST}:{slow_port}/health", 30, slow_up,
+                            "slow-upstream")
+    write_config(config, up_port, args.max_connections, slow_port)
     direct = Target("direct", up_port, upstream.pid)
     bare_port = free_port()
     bare_proc = kids.start("bare-proxy", [sys.executable,
@@ -508,6 +606,35 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
         t = await asyncio.to_thread(start_router, kids, name, config, workers, via)
         current.append(name)
         return t
+
+    async def slow_phase() -> None:
+        # 5. Slow readers beside ordinary requests, on a fresh router.
+        router = await fresh("router")
+        await asyncio.sleep(1.0)
+        r = await slow_readers(router, args.slow_readers, args.slow_duration,
+                               args.slow_rate, 1024, 0.05, 32768, args.slow_fill)
+        out["slow_readers"] = r
+        a, b = r["ordinary_alone"], r["ordinary_beside"]
+        print(f"\n{r['slow_readers']} slow readers ({r['read']}, receive buffer "
+              f"{r['rcvbuf'] // 1024} KB) beside ordinary requests at {args.slow_rate:g}/s "
+              "on another alias", flush=True)
+        print(table(["ordinary requests", "n", "p50 ms", "p99 ms", "max ms", "errors",
+                     "router cpu"],
+                    [["alone", a["n"], a["p50_ms"], a["p99_ms"], a["max_ms"], a["errors"],
+                      a["router_cpu_share"]],
+                     ["beside slow readers", b["n"], b["p50_ms"], b["p99_ms"], b["max_ms"],
+                      b["errors"], b["router_cpu_share"]]]))
+        print(f"  relayed to the slow readers: {r['relayed_mb']} MB; router CPU "
+              f"{r['router_cpu_ms_per_relayed_mb']} ms per relayed MB (all its work in the "
+              f"window), {r['router_extra_cpu_ms_per_relayed_mb']} ms beyond the ordinary "
+              f"requests' own; heads {r['heads']}, reader errors "
+              f"{r['reader_errors']}")
+
+    if args.slow_readers_only:
+        await slow_phase()
+        while current:
+            kids.stop(current.pop())
+        return out
 
     # 1. Closed loop: direct, `spillover serve`, the same app under uvicorn's own runner
     # (uvloop) with N workers, and GET /healthz (server + framework, no upstream call).
@@ -644,6 +771,7 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
                  "RSS MB before", "peak", "after", "KB/stream"], rows))
     await closed(router, "router-after-open-streams", concurrency=[8])
     print_closed("Closed loop on the routers of phases 2 and 4, right after their load")
+    await slow_phase()
     while current:
         kids.stop(current.pop())
 
@@ -712,6 +840,16 @@ def main() -> int:
     p.add_argument("--hold-chunks", type=int, default=8, help="chunks per held-open stream")
     p.add_argument("--hold-interval", type=float, default=0.5)
     p.add_argument("--ramp-s", type=float, default=1.0)
+    p.add_argument("--slow-readers", type=int, default=20,
+                   help="callers reading a long stream 1 KB every 50 ms (last phase)")
+    p.add_argument("--slow-duration", type=float, default=10.0,
+                   help="seconds of ordinary requests alone, then beside the slow readers")
+    p.add_argument("--slow-fill", type=float, default=8.0,
+                   help="seconds the slow streams run before the ordinary requests start")
+    p.add_argument("--slow-rate", type=float, default=50.0,
+                   help="ordinary requests/s in the slow-reader phase")
+    p.add_argument("--slow-readers-only", action="store_true",
+                   help="run only the slow-reader phase (about 30 s)")
     p.add_argument("--max-connections", type=int, default=2048,
                    help="server.max_connections of the router (its upstream pool)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
@@ -721,7 +859,12 @@ def main() -> int:
                    help="the load under which the router is profiled")
     p.add_argument("--profile-top", type=int, default=20)
     p.add_argument("--profile-out", type=Path, help="keep py-spy's collapsed stacks here")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "overhead.json")
+    p.add_argument("--out", type=Path,
+                   help="also write the figures here (default: a temporary file, so a run "
+                        "leaves the repository as it was)")
+    p.add_argument("--publish", action="store_true",
+                   help=f"write the figures to {PUBLISHED.relative_to(ROOT)}, the file the "
+                        "README's table quotes")
     p.add_argument("--keep-logs", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -729,6 +872,9 @@ def main() -> int:
         args.concurrency = [16]
         args.open_streams, args.hold_chunks = 300, 6
         args.stream_rounds = 3
+    # Every request carries the bench caller's key (the upstream and the bare proxy
+    # ignore it).
+    Conn.extra_headers = AUTH
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="spillover-bench-"))
     try:
@@ -744,10 +890,15 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"logs in {tmp}/logs", file=sys.stderr)
-    out["summary"] = summary(out)
+    if not args.slow_readers_only:
+        out["summary"] = summary(out)
     out["wall_s"] = round(time.monotonic() - t0, 1)
-    print("\nsummary:", json.dumps(out["summary"], indent=1))
-    emit(out, args.out)
+    if "summary" in out:
+        print("\nsummary:", json.dumps(out["summary"], indent=1))
+    dest = args.out or (PUBLISHED if args.publish else
+                        Path(tempfile.gettempdir()) / "spillover-bench-overhead.json")
+    emit(out, dest)
+    print(f"figures written to {dest}", file=sys.stderr)
     return 0
 
 

@@ -28,6 +28,8 @@ class Result:
 
 
 class Conn:
+    extra_headers = b""  # header lines ("name: value\r\n") every request carries
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  host: bytes) -> None:
         self.reader = reader
@@ -51,8 +53,9 @@ class Conn:
     async def post(self, path: str, body: bytes, *, keep_events: bool = False,
                    on_event: Callable[[float], None] | None = None) -> Result:
         self.writer.write(
-            b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host, len(body), body))
+            b"POST %s HTTP/1.1\r\nhost: %s\r\n%scontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host, self.extra_headers,
+                                                 len(body), body))
         return await self._response(keep_events, on_event)
 
     async def get(self, path: str) -> Result:
