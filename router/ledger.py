@@ -377,7 +377,7 @@ class Ledger(LedgerBase):
             return
         rows = [row for row, _ in batch]
         errors: list[str | LedgerError | None] = [None] * len(batch)
-        if self.health.pending and self.health.spool_error is None:
+        if self.health.backlog and self.health.spool_error is None:
             # Rows already wait in the spool: these join them, and the drain writes them
             # in order (it also finds out when the store answers again).
             errors = [self._keep(rows)] * len(batch)
@@ -426,7 +426,7 @@ class Ledger(LedgerBase):
         `retry_s`, and write the spooled rows to it."""
         while True:
             await asyncio.sleep(self.health.retry_s)
-            while self.health.pending or self.health.failing:
+            while self.health.backlog or self.health.failing:
                 if not await self._drain():
                     break
 
@@ -436,7 +436,7 @@ class Ledger(LedgerBase):
         if conn is None:
             return False
         try:
-            if spool is None or not spool.rows:
+            if spool is None or not spool.bytes:
                 with self._write_lock, conn:  # a real write: does the store take one?
                     conn.execute(_PROBE, (os.urandom(16).hex(), time.time()))
                     conn.execute("DELETE FROM ledger_batches")

@@ -205,7 +205,7 @@ class PgLedger(LedgerBase):
             drain_at = 0.0
             while not stopping:
                 batch: list[_Pending] = []
-                waiting = bool(health.pending or health.failing)
+                waiting = health.backlog or health.failing
                 item: _Pending | None
                 try:
                     # While rows wait in the spool, wake up to retry the store.
@@ -238,7 +238,7 @@ class PgLedger(LedgerBase):
         health = self._health
         items = [item for item, _, _ in batch]
         errors: list[str | LedgerError | None] = [None] * len(batch)
-        if health.pending and health.spool_error is None:
+        if health.backlog and health.spool_error is None:
             # Rows already wait in the spool: these join them; the drain writes them.
             errors = [self._keep(os.urandom(16).hex(), items)] * len(batch)
         else:
@@ -299,7 +299,7 @@ class PgLedger(LedgerBase):
         answers again."""
         spool = self._health.spool
         try:
-            if spool is None or not spool.rows:
+            if spool is None or not spool.bytes:
                 conn = self._transact(conn, [], os.urandom(16).hex())
                 self._health.recovered()
                 return conn, True

@@ -58,7 +58,7 @@ class Spool:
         if self.directory.is_dir():
             for path in self._files():
                 self.bytes += path.stat().st_size
-                self.rows += sum(len(items) for _, items in self.read(path))
+                self.rows += sum(_rows(items) for _, items in self.read(path))
 
     def _lock_directory(self) -> None:
         """Taken on first use and held for the process's life: two replicas draining one
@@ -106,7 +106,7 @@ class Spool:
             finally:
                 os.close(fd)
             self.bytes += len(line)
-            self.rows += len(items)
+            self.rows += _rows(items)
 
     @property
     def nearly_full(self) -> bool:
@@ -172,6 +172,11 @@ class StoreHealth:
     def pending(self) -> int:
         """Rows in the spool, waiting for the store."""
         return 0 if self.spool is None else self.spool.rows
+
+    @property
+    def backlog(self) -> bool:
+        """Anything in the spool: rows, or only budget hold outcomes."""
+        return self.spool is not None and self.spool.bytes > 0
 
     def failed(self, error: BaseException | str) -> None:
         self.error = _short(error)
@@ -257,6 +262,11 @@ class StoreHealth:
             "rows_lost_total": self.rows_lost,
             "refusals_dropped_total": self.refusals_dropped,
         }
+
+
+def _rows(items: list[list[Any]]) -> int:
+    """Ledger rows among a batch's items (["row", ...]; the others are budget holds')."""
+    return sum(1 for item in items if item and item[0] == "row")
 
 
 def _short(error: BaseException | str) -> str:

@@ -308,3 +308,39 @@ async def test_postgres_stopped_mid_traffic_loses_no_row_and_refuses_hosted_with
     assert warnings_of(caplog, "is failing") == 1
     assert warnings_of(caplog, "answers again") == 1
     assert_no_tracebacks(caplog)
+
+
+async def test_a_hosted_calls_spend_settled_during_a_postgres_outage_is_spooled_and_applied(
+        own_cluster: PgCluster, tmp_path: Path) -> None:
+    """A hold outcome is spend: it is spooled like a row and applied exactly once."""
+    from router.budgets_pg import PgBudgetBook
+    from router.config import Budget
+    from router.ledger import StoreUnavailable
+    from router.ledger_pg import PgLedger
+    from router.pg import PgTarget
+
+    url = own_cluster.create_database()
+    health = StoreHealth("pg", spool=Spool(tmp_path / "spool", 1 << 20), retry_s=0.05)
+    async with PgLedger(PgTarget.from_url(url, "TEST_DB"), health=health) as ledger:
+        book = PgBudgetBook(Budget(daily_usd=1.0), {}, ledger, hold_ttl_s=300.0)
+        book.load(ledger)
+        held = await book.reserve("app", 0.3)
+        assert held is not None
+        await asyncio.to_thread(own_cluster.pause)
+        with pytest.raises(StoreUnavailable, match="budget store"):
+            await book.reserve("app", 0.1)
+        book.settle(held, 0.25)
+        await ledger.record(row("in-outage", caller="app"))  # returns: spooled, durable
+        await ledger.flush()
+        assert health.failing and health.pending == 1
+        await asyncio.to_thread(own_cluster.resume)
+        await until(lambda: not health.backlog and not health.failing)
+        assert await book.reserve("app", 0.1) is not None
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        spent = conn.execute("SELECT spent FROM budget_spend WHERE scope = 'global'"
+                             " AND period = 'daily'").fetchone()
+        left_holds = conn.execute("SELECT COUNT(*) FROM budget_holds"
+                                  " WHERE amount_usd = 0.3").fetchone()
+    assert spent is not None and spent[0] == pytest.approx(0.25)
+    assert left_holds is not None and left_holds[0] == 0
+    assert pg_ids(url) == ["in-outage"]
