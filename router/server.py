@@ -105,14 +105,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                                                         self._head_timed_out)
 
     def on_headers_complete(self) -> None:
-        seen = self._head_bytes
+        seen = self._head_bytes or 0
         self._head_bytes = None
-        self._stop_head_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         limit = self.limits.max_bytes
         # Measured only when this read, or the reads of this head, are larger than a head
         # may be: a head can arrive whole with its body in one read.
-        if ((seen is not None and seen > limit) or self._read_size > limit) \
-                and self._head_size() > limit:
+        if (seen > limit or self._read_size > limit) and self._head_size() > limit:
             self._refuse_oversized()
             raise _Refused  # stops the parser: nothing of this request reaches the app
         super().on_headers_complete()
