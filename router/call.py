@@ -9,6 +9,9 @@ from router.accounting import Reservation
 from router.policy import RequestFacts
 from router.ratelimit import Admission
 
+# The alias recorded for a request naming no alias of the catalog: never the caller's text.
+UNKNOWN_ALIAS = "(unknown)"
+
 
 @dataclass(slots=True)
 class Call:

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope
 
 from router.accounting import BudgetBook
 from router.auth import Authenticator, Principal
-from router.call import Call
+from router.call import UNKNOWN_ALIAS, Call
 from router.catalog import Backend, Catalog
 from router.config import Config, Endpoint
 from router.dispatch import Dispatcher
@@ -103,7 +103,12 @@ class Gateway:
             principal = self.auth.caller(headers)
             call.caller = principal.name
             body = await read_json(receive, self.config.server.max_body_bytes, headers)
-            call.facts = RequestFacts(str(body.get("model", ""))[:128], endpoint)
+            # The caller's text is kept only when it names an alias: anything else would
+            # reach the ledger, its CSV export and the dashboard as typed (a formula, say).
+            model = body.get("model")
+            call.facts = RequestFacts(
+                model if isinstance(model, str) and self.catalog.backends(model) is not None
+                else UNKNOWN_ALIAS, endpoint)
             p = self.plan(principal, endpoint, body, headers)
             call.facts = p.facts
             call.wants_usage = _caller_wants_usage(body)

@@ -89,8 +89,24 @@ def to_csv(rows: Sequence[dict[str, object]], group_by: Sequence[str]) -> str:
     cols = [*group_by, *_METRICS]
     w.writerow(cols)
     for row in rows:
-        w.writerow([row.get(c, "") for c in cols])
+        w.writerow([_cell(row.get(c, "")) for c in cols])
     return buf.getvalue()
+
+
+# A text cell starting with one of these is read as a formula by spreadsheet programs
+# (OWASP, CSV injection): a caller's name or a model name could run one on the reader's
+# machine. Numbers are ours, and a negative one must stay a number.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    if value.startswith(_FORMULA_START):
+        value = "'" + value
+    # The writer quotes a cell holding its line terminator ("\n") but not a bare CR, which
+    # readers take for the end of the row: as LF the cell stays one quoted cell.
+    return value.replace("\r", "\n") if "\r" in value else value
 
 
 def to_table(rows: Sequence[dict[str, object]], group_by: Sequence[str]) -> str:

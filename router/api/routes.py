@@ -25,6 +25,9 @@ from router.usage import query as usage_query
 from router.usage import report as usage_report
 from router.usage import to_csv, totals
 
+# Spend, callers and usage: no browser or proxy cache keeps a copy.
+NO_STORE = {"cache-control": "no-store"}
+
 if TYPE_CHECKING:
     from router.app import Runtime
 
@@ -92,10 +95,11 @@ def build_routes(rt: Runtime) -> APIRouter:
         rows = await asyncio.to_thread(usage_report, rt.ledger, q)
         if format == "csv":
             return Response(to_csv(rows, q.group_by), media_type="text/csv",
-                            headers={"content-disposition": "attachment; filename=usage.csv"})
+                            headers={"content-disposition": "attachment; filename=usage.csv",
+                                     **NO_STORE})
         return JSONResponse({"object": "usage", "since": q.since, "until": q.until,
                              "group_by": list(q.group_by), "caller": q.caller,
-                             "data": rows, "total": totals(rows)})
+                             "data": rows, "total": totals(rows)}, headers=NO_STORE)
 
     @r.post("/admin/reload")
     async def reload(request: Request, allow_open: bool = False) -> dict[str, Any]:
@@ -112,8 +116,9 @@ def build_routes(rt: Runtime) -> APIRouter:
                 "callers": sorted(cfg.callers)}
 
     @r.get("/status")
-    async def status(request: Request) -> dict[str, object]:
+    async def status(request: Request, response: Response) -> dict[str, object]:
         rt.auth.admin(request.headers)
+        response.headers.update(NO_STORE)
         return rt.status()
 
     @r.get("/metrics", include_in_schema=False)

