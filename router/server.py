@@ -1,10 +1,10 @@
 """The HTTP server spillover runs: uvicorn with its httptools protocol, bounded before a
 request exists.
 
-uvicorn's httptools protocol puts no limit on a request head: llhttp hands header names
-and values over in pieces and the protocol joins them, so one connection sending an
-endless header grows the router's memory (and the joining its CPU) without end, and a
-connection that sends part of a head, or nothing, is never closed. The subclass here counts
+uvicorn's httptools protocol puts no limit on a request head: httptools joins the pieces
+of a header that llhttp hands over, so one connection sending an endless header grows the
+router's memory (and the joining its CPU) without end, and a connection that sends part of
+a head, or nothing, is never closed. The subclass here counts
 the bytes of each request head and times it:
 
 - more than `max_header_bytes` before the head is complete: 431, then the connection closes;
@@ -12,8 +12,9 @@ the bytes of each request head and times it:
   counts from the moment it connects): 408, or a plain close if nothing was sent;
 - between requests, uvicorn's own keep-alive timer (`keep_alive_s`) closes idle connections.
 
-A head that arrives whole in one read (every ordinary request) costs one addition and two
-assignments; the timer runs only while a head is incomplete, and once a connection.
+A head that arrives whole in one read (every ordinary request) costs a few attribute
+updates and no timer; a timer runs only while a head is incomplete, and from a new
+connection's start to its first head.
 """
 
 from __future__ import annotations
