@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Self, TypeAlias
 
-from router.ledger_spool import StoreHealth
+from router.ledger_spool import Drain, StoreHealth
 
 log = logging.getLogger("spillover.ledger")
 
@@ -87,6 +87,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_batches (id TEXT PRIMARY KEY, at REAL NOT NULL)",
 )
 _PROBE = "INSERT INTO ledger_batches (id, at) VALUES (?, ?)"
+# Spooled items written back to the store in one transaction (one turn of the loop).
+_DRAIN_ITEMS = 1000
 
 
 class Dialect(NamedTuple):
@@ -275,6 +277,8 @@ class Ledger(LedgerBase):
             contextlib.nullcontext())
         self._checkpointer: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
+        spool = self._health.spool
+        self._drain = None if spool is None else Drain(spool)
         self._dirty = False
         self._accepting = False
         self._closed = False
@@ -332,7 +336,10 @@ class Ledger(LedgerBase):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
             self._checkpointer = None
-            await asyncio.to_thread(self._checkpoint)
+            try:
+                await asyncio.to_thread(self._checkpoint)
+            except sqlite3.Error as exc:  # the WAL keeps the rows; the next start folds it
+                log.warning("ledger checkpoint at stop failed: %s", exc)
         if self._write is not self._read:
             self._write.close()
         self._write = None
@@ -377,9 +384,9 @@ class Ledger(LedgerBase):
             return
         rows = [row for row, _ in batch]
         errors: list[str | LedgerError | None] = [None] * len(batch)
-        if self.health.backlog and self.health.spool_error is None:
-            # Rows already wait in the spool: these join them, and the drain writes them
-            # in order (it also finds out when the store answers again).
+        if self.health.failing and self.health.spool_error is None:
+            # The store is known to fail: straight to the spool, where the drain writes
+            # them from (and finds out when the store answers again).
             errors = [self._keep(rows)] * len(batch)
         else:
             try:
@@ -423,41 +430,47 @@ class Ledger(LedgerBase):
 
     async def _drains(self) -> None:
         """While rows wait in the spool or the store fails: try the store again, every
-        `retry_s`, and write the spooled rows to it."""
+        `retry_s`, and write the spooled rows to it, a slice per turn of the loop."""
         while True:
-            await asyncio.sleep(self.health.retry_s)
-            while self.health.backlog or self.health.failing:
-                if not await self._drain():
+            await asyncio.sleep(self._health.retry_s)
+            while self._health.backlog or self._health.failing:
+                if not self._drain_slice():
                     break
+                await asyncio.sleep(0)  # other requests' commits go on meanwhile
 
-    async def _drain(self) -> bool:
-        """One pass over the spool; True when it all went in (the store answers)."""
-        spool, conn = self.health.spool, self._write
+    def _drain_slice(self) -> bool:
+        """Write one slice of the spool to the store; True while more may follow."""
+        conn, health, drain = self._write, self._health, self._drain
         if conn is None:
             return False
         try:
-            if spool is None or not spool.bytes:
-                with self._write_lock, conn:  # a real write: does the store take one?
-                    conn.execute(_PROBE, (os.urandom(16).hex(), time.time()))
-                    conn.execute("DELETE FROM ledger_batches")
-                self.health.recovered()
-                return True
-            for path in spool.sealed():
-                rows = 0
-                for _, items in spool.read(path):
-                    batch = [LedgerRow(*item[1:]) for item in items]
-                    with self._write_lock, conn:
-                        if not committed(batch[0] if batch else None,
-                                         lambda r: _exists(conn, r)):
-                            conn.executemany(_INSERT, batch)
-                    self.health.recovered()
-                    rows += len(batch)
-                    await asyncio.sleep(0)  # other requests' commits go on meanwhile
-                spool.drained(path, rows)
-        except (sqlite3.Error, OSError) as exc:
-            self.health.failed(exc)
+            batches = [] if drain is None else drain.take(_DRAIN_ITEMS)
+            if drain is None or not batches:
+                if health.failing:
+                    with self._write_lock, conn:  # a real write: does the store take one?
+                        conn.execute(_PROBE, (os.urandom(16).hex(), time.time()))
+                        conn.execute("DELETE FROM ledger_batches")
+                    health.recovered()
+                return False
+            # One transaction for the slice: every spooled batch on its own would write
+            # its pages to the WAL again, and the WAL is what fills a full disk back up.
+            with self._write_lock, conn:
+                for _, items in batches:
+                    rows = [LedgerRow(*item[1:]) for item in items if item[0] == "row"]
+                    if rows and not _exists(conn, rows[0]):
+                        conn.executemany(_INSERT, rows)
+            self._dirty = True
+            drain.committed()
+            if drain.caught_up:
+                # Everything spooled before this pass is in: the rows of new calls go to
+                # the store again (what they spooled meanwhile drains in the background).
+                health.recovered()
+            return True
+        except (sqlite3.Error, OSError, TypeError, ValueError) as exc:
+            if drain is not None:
+                drain.reset()
+            health.failed(exc)
             return False
-        return True
 
     async def _checkpoints(self) -> None:
         while True:

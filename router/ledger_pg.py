@@ -33,7 +33,7 @@ from router.ledger import (
     committed,
     resolve_waiters,
 )
-from router.ledger_spool import StoreHealth
+from router.ledger_spool import Drain, StoreHealth
 from router.pg import (
     GLOBAL_SCOPE,
     READ_STATEMENT_TIMEOUT_MS,
@@ -48,6 +48,7 @@ from router.pg import (
 log = logging.getLogger("spillover.ledger")
 
 _MAX_BATCH = 2048
+_DRAIN_ITEMS = 1000  # spooled items written back per writer turn
 # Batch marks (see _transact) are dropped after an hour, checked every so many commits.
 _MARK_TTL_S = 3600.0
 _PURGE_MARKS_EVERY = 1000
@@ -101,6 +102,7 @@ class PgLedger(LedgerBase):
     def __init__(self, target: PgTarget, *, health: StoreHealth | None = None) -> None:
         self._target = target
         self._health = health or StoreHealth(target.where)
+        self._drain = None if self._health.spool is None else Drain(self._health.spool)
         self._read: Conn = self._connect(READ_STATEMENT_TIMEOUT_MS, autocommit=True)
         self._read_lock = threading.Lock()
         try:
@@ -208,8 +210,9 @@ class PgLedger(LedgerBase):
                 waiting = health.backlog or health.failing
                 item: _Pending | None
                 try:
-                    # While rows wait in the spool, wake up to retry the store.
-                    item = self._queue.get(timeout=health.retry_s if waiting else None)
+                    # While rows wait in the spool, wake up for the next slice.
+                    item = self._queue.get(
+                        timeout=max(0.0, drain_at - time.monotonic()) if waiting else None)
                     idle = False
                 except queue.Empty:
                     item, idle = None, True
@@ -225,8 +228,8 @@ class PgLedger(LedgerBase):
                     except queue.Empty:
                         break
                 if waiting and not stopping and time.monotonic() >= drain_at:
-                    conn, drained = self._drain(conn)
-                    drain_at = 0.0 if drained else time.monotonic() + health.retry_s
+                    conn, more = self._drain_slice(conn)
+                    drain_at = 0.0 if more else time.monotonic() + health.retry_s
                 if batch:
                     conn = self._commit(conn, batch)
         finally:
@@ -238,8 +241,8 @@ class PgLedger(LedgerBase):
         health = self._health
         items = [item for item, _, _ in batch]
         errors: list[str | LedgerError | None] = [None] * len(batch)
-        if health.backlog and health.spool_error is None:
-            # Rows already wait in the spool: these join them; the drain writes them.
+        if health.failing and health.spool_error is None:
+            # The store is known to fail: straight to the spool; the drain writes them.
             errors = [self._keep(os.urandom(16).hex(), items)] * len(batch)
         else:
             batch_id = os.urandom(16).hex()
@@ -293,37 +296,39 @@ class PgLedger(LedgerBase):
         error = self._health.keep(batch_id, [_encode(item) for item in kept], rows, served)
         return None if error is None else StoreUnavailable(f"ledger row not kept: {error}")
 
-    def _drain(self, conn: Conn) -> tuple[Conn, bool]:
-        """One pass over the spool, on the writer thread; (connection, True) when it all
-        went in. With nothing spooled, one empty transaction tells whether the store
-        answers again."""
-        spool = self._health.spool
+    def _drain_slice(self, conn: Conn) -> tuple[Conn, bool]:
+        """Write one slice of the spool to the store, on the writer thread, so rows queued
+        meanwhile wait one slice at most; (connection, True while more may follow). With
+        nothing spooled, an empty transaction tells whether the store answers again."""
+        health, drain = self._health, self._drain
         try:
-            if spool is None or not spool.bytes:
-                conn = self._transact(conn, [], os.urandom(16).hex())
-                self._health.recovered()
-                return conn, True
-            for path in spool.sealed():
-                rows = 0
-                for batch_id, encoded in spool.read(path):
-                    items = [_decode(e) for e in encoded]
-                    try:
-                        conn = self._transact(conn, items, batch_id, once=True)
-                    except Exception as exc:
-                        if _store_failure(exc):
-                            raise
-                        # Not the store's fault: retrying would block the spool forever.
-                        log.error("ledger: spooled batch %s not committed: %s", batch_id, exc)
-                        self._health.rows_lost += sum(isinstance(i, LedgerRow) for i in items)
-                    self._health.recovered()
-                    rows += sum(isinstance(i, LedgerRow) for i in items)
-                spool.drained(path, rows)
-        except Exception as exc:
-            if not _store_failure(exc) and not isinstance(exc, OSError):
-                raise
-            self._health.failed(exc)
+            batches = [] if drain is None else drain.take(_DRAIN_ITEMS)
+            if drain is None or not batches:
+                if health.failing:
+                    conn = self._transact(conn, [], os.urandom(16).hex())
+                    health.recovered()
+                return conn, False
+            for batch_id, encoded in batches:
+                items = [_decode(e) for e in encoded]
+                try:
+                    conn = self._transact(conn, items, batch_id, once=True)
+                except Exception as exc:
+                    if _store_failure(exc):
+                        raise
+                    # Not the store's fault: retrying would block the spool forever.
+                    log.error("ledger: spooled batch %s not committed: %s", batch_id, exc)
+                    health.rows_lost += sum(isinstance(i, LedgerRow) for i in items)
+            drain.committed()
+            if drain.caught_up:
+                # Everything spooled before this pass is in: new rows go to the store
+                # again (what they spooled meanwhile drains in the background).
+                health.recovered()
+            return conn, True
+        except Exception as exc:  # the writer thread must survive anything
+            if drain is not None:
+                drain.reset()
+            health.failed(exc)
             return conn, False
-        return conn, True
 
     def _transact(self, conn: Conn, items: Sequence[_Item], batch_id: str, *,
                   once: bool = False) -> Conn:

@@ -35,6 +35,9 @@ HIGH_WATER = 0.9
 # What a client is told to wait before trying again while new calls are refused.
 RETRY_AFTER_S = 5
 _SUFFIX = ".jsonl"
+# A file is read whole when it is written back to the store: appends start a new one past
+# this size, so draining holds at most this much of the spool in memory.
+_FILE_MAX_BYTES = 4 * 1024 * 1024
 
 
 class SpoolFull(OSError):
@@ -107,6 +110,8 @@ class Spool:
                 os.close(fd)
             self.bytes += len(line)
             self.rows += _rows(items)
+            if self._current.stat().st_size >= _FILE_MAX_BYTES:
+                self._current = None
 
     @property
     def nearly_full(self) -> bool:
@@ -143,6 +148,60 @@ class Spool:
             path.unlink()
             self.bytes = max(0, self.bytes - size)
             self.rows = max(0, self.rows - rows)
+
+
+class Drain:
+    """Walks the spool oldest file first, a slice of batches at a time. A file goes once
+    every slice of it is in the store; after a failure it starts over, and the batches of
+    it already in are skipped by the store (their mark or first row is there)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._files: list[Path] = []
+        self._path: Path | None = None
+        self._batches: list[tuple[str, list[list[Any]]]] = []
+        self._at = 0
+        self._taken = 0
+
+    @property
+    def caught_up(self) -> bool:
+        """Every file that was in the spool when this pass began is in the store."""
+        return self._path is None and not self._files
+
+    def take(self, max_items: int) -> list[tuple[str, list[list[Any]]]]:
+        """The next slice (at least one batch, about `max_items` items); [] when the
+        spool is empty."""
+        while self._path is None or self._at >= len(self._batches):
+            if self._path is not None:  # a file of torn lines only
+                self.committed()
+                continue
+            if not self._files:
+                self._files = self.spool.sealed()
+                if not self._files:
+                    return []
+            self._path = self._files.pop(0)
+            self._batches = list(self.spool.read(self._path))
+            self._at = 0
+        out: list[tuple[str, list[list[Any]]]] = []
+        items = 0
+        while self._at < len(self._batches) and (not out or items < max_items):
+            batch = self._batches[self._at]
+            out.append(batch)
+            items += len(batch[1])
+            self._at += 1
+        self._taken = len(out)
+        return out
+
+    def committed(self) -> None:
+        """The slice last taken is in the store."""
+        if self._path is not None and self._at >= len(self._batches):
+            path, self._path = self._path, None
+            self.spool.drained(path, sum(_rows(items) for _, items in self._batches))
+            self._batches = []
+
+    def reset(self) -> None:
+        """The slice last taken did not go in: its file starts over next time."""
+        self._at = 0
 
 
 class StoreHealth:
