@@ -15,10 +15,11 @@ import pytest
 import uvicorn
 
 from router.app import Settings, create_app
-from router.server import server_config
+from router.config import Server
+from router.server import BoundedHttpToolsProtocol, HeadLimits, server_config
 from tests.unit.helpers import config
 
-pytestmark = pytest.mark.both_loops
+LOOPS = pytest.mark.both_loops
 
 MB = 1 << 20
 # An outage, not a speed target: an ordinary request answered within this, whatever else
@@ -105,6 +106,7 @@ def error_of(answer: bytes) -> dict[str, Any]:
     return error
 
 
+@LOOPS
 async def test_huge_unfinished_headers_get_431_and_memory_stays_bounded() -> None:
     me = psutil.Process()
     async with serving() as (host, port):
@@ -141,6 +143,7 @@ async def test_huge_unfinished_headers_get_431_and_memory_stays_bounded() -> Non
     assert latencies and max(latencies) < ANSWERED_WITHIN_S
 
 
+@LOOPS
 async def test_a_trickled_header_is_cut_off_at_the_header_timeout() -> None:
     async with serving(header_timeout_s=0.5) as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
@@ -163,6 +166,7 @@ async def test_a_trickled_header_is_cut_off_at_the_header_timeout() -> None:
     assert 0.4 < elapsed < ANSWERED_WITHIN_S
 
 
+@LOOPS
 async def test_a_connection_that_sends_nothing_is_closed() -> None:
     async with serving(header_timeout_s=0.5) as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
@@ -174,6 +178,7 @@ async def test_a_connection_that_sends_nothing_is_closed() -> None:
     assert 0.4 < elapsed < ANSWERED_WITHIN_S
 
 
+@LOOPS
 async def test_an_idle_keep_alive_connection_is_closed() -> None:
     async with serving(keep_alive_s=1, header_timeout_s=30) as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
@@ -190,6 +195,7 @@ async def test_an_idle_keep_alive_connection_is_closed() -> None:
     assert 0.8 < elapsed < ANSWERED_WITHIN_S
 
 
+@LOOPS
 async def test_heads_within_the_limit_are_served_however_many_and_however_split() -> None:
     """The count is per request head: a keep-alive connection carrying far more header
     bytes in all than one head may have is served, and so is a head that arrives in
@@ -226,3 +232,43 @@ async def test_heads_within_the_limit_are_served_however_many_and_however_split(
     assert got.startswith(b"HTTP/1.1 431 "), got[:200]
     assert "4096 bytes" in error_of(got)["message"]
     assert closed
+
+
+@LOOPS
+async def test_a_head_trickled_after_a_first_request_is_cut_off_too() -> None:
+    """Between requests the keep-alive timer runs, and the first byte of a new head stops
+    it: from there the head has its own deadline."""
+    async with serving(header_timeout_s=0.5, keep_alive_s=30) as (host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWERED_WITHIN_S)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await asyncio.wait_for(reader.readexactly(15), ANSWERED_WITHIN_S)  # {"status":"ok"}
+        started = time.monotonic()
+        answer = asyncio.create_task(read_all(reader, ANSWERED_WITHIN_S))
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        with contextlib.suppress(ConnectionError):
+            while not answer.done() and time.monotonic() - started < ANSWERED_WITHIN_S:
+                writer.write(b"x-a: b\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        got, closed = await answer
+        elapsed = time.monotonic() - started
+        writer.close()
+    assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+    assert closed
+    assert 0.4 < elapsed < ANSWERED_WITHIN_S
+
+
+def test_the_server_takes_its_limits_from_the_config() -> None:
+    defaults = Server()
+    assert (defaults.max_header_bytes, defaults.header_timeout_s, defaults.keep_alive_s) \
+        == (65536, 10.0, 5)
+    cfg = server_config(object(), Server(max_header_bytes=2048, header_timeout_s=3,
+                                         keep_alive_s=7), host="127.0.0.1", port=0)
+    assert isinstance(cfg.http, type) and issubclass(cfg.http, BoundedHttpToolsProtocol)
+    assert cfg.http.limits == HeadLimits(max_bytes=2048, timeout_s=3.0)
+    assert cfg.timeout_keep_alive == 7
+    # What `spillover serve` has always set stays set.
+    assert (cfg.access_log, cfg.proxy_headers, cfg.server_header, cfg.lifespan) \
+        == (False, False, False, "on")
