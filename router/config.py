@@ -306,6 +306,12 @@ class Config(_Strict):
                         f"aliases.{alias_name}.hosted.{i}.provider: unknown provider "
                         f"{off.provider!r} (known: {', '.join(sorted(self.providers)) or 'none'})"
                     )
+        for provider_name in self.providers:
+            # The name travels in response headers (x-spillover-backend), which HTTP/1.1
+            # carries as latin-1: anything outside the plain name alphabet is refused here.
+            if not re.match(_NAME, provider_name):
+                problems.append(f"providers.{provider_name}: not a valid provider name "
+                                "(letters, digits, '.', '_', ':', '-')")
         for j, digest in enumerate(self.server.metrics_token_sha256):
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 problems.append(f"server.metrics_token_sha256.{j}: not a sha256 hex digest "

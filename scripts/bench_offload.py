@@ -22,8 +22,8 @@ possible? A bursty trace against the real vLLM CPU engine and a fake hosted API.
    and cost, next to the oracle minimum hosted share: the trace's load above the local
    capacity, taking the larger of the open-loop capacity and the throughput the engine
    keeps with the router's max_inflight under way (measured closed-loop); prints a table
-   and one JSON line (also --out), and plots load, route split and TTFT over time to
-   docs/offload.png.
+   and one JSON line (also --out), and plots load, route split and TTFT over time; both
+   go to temporary files unless --publish writes docs/offload.json and docs/offload.png.
 
 Saturation settings of the spillover configurations: --max-inflight (default: the p95 of
 the requests in flight during the capacity rate's step, halved and bisected until the engine
@@ -881,10 +881,21 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=90.0,
                    help="a request unanswered this long after its time counts as missed")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "offload.png")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "offload.json")
+    p.add_argument("--plot", type=Path,
+                   help="write the plot here (default: a temporary file, so a run leaves the "
+                        "repository as it was)")
+    p.add_argument("--out", type=Path, help="also write the figures here (default: temporary)")
+    p.add_argument("--publish", action="store_true",
+                   help="write the figures and the plot to docs/offload.json and "
+                        "docs/offload.png, the files the README quotes")
     p.add_argument("--keep-logs", action="store_true")
     args = p.parse_args()
+    scratch = Path(tempfile.gettempdir())
+    if args.plot is None:
+        args.plot = ROOT / "docs" / "offload.png" if args.publish else scratch / "offload.png"
+    if args.out is None:
+        args.out = (ROOT / "docs" / "offload.json" if args.publish
+                    else scratch / "spillover-bench-offload.json")
     if args.quick:
         args.step_s, args.trace_s = 10.0, 60.0
     args.engine_cpus = None
@@ -920,6 +931,7 @@ def main() -> int:
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print("\ntargets:", json.dumps(out["targets_met"]))
     emit(_finite(out), args.out)
+    print(f"figures written to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from router.app import Runtime, Settings, create_app
+from router.config import ConfigError
 from tests.unit.helpers import BASE_YAML, World, chunk, config
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "stream": True}
@@ -70,16 +71,27 @@ def assert_cleaned_up(runtime: Runtime, closed: list[bool]) -> None:
     assert closed == [True]
 
 
-async def test_a_response_that_cannot_be_built_still_ends_its_stream() -> None:
-    # A provider named outside latin-1 reaches x-spillover-backend, which HTTP/1.1 cannot
-    # carry: building the stream's response fails after the upstream stream was opened.
+def test_a_provider_name_headers_cannot_carry_is_refused_by_the_config() -> None:
+    # x-spillover-backend carries the provider's name, and HTTP/1.1 headers are latin-1.
+    yaml_text = BASE_YAML.replace("  mistral: {kind", "  mistral-€: {kind").replace(
+        "- provider: mistral", "- provider: mistral-€")
+    with pytest.raises(ConfigError, match="not a valid provider name"):
+        config(yaml_text)
+
+
+async def test_a_response_that_cannot_be_built_still_ends_its_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Building the stream's response fails after the upstream stream was opened (as it did
+    # for a provider name outside latin-1 before the config refused those).
+    def unbuildable(*args: Any, **kwargs: Any) -> None:
+        raise UnicodeEncodeError("latin-1", "mistral-€", 8, 9, "ordinal not in range(256)")
+
+    monkeypatch.setattr("router.dispatch.EventStream", unbuildable)
     closed: list[bool] = []
     world = streaming_world(closed)
     world.local_up = False
-    yaml_text = BASE_YAML.replace("  mistral: {kind", "  mistral-€: {kind").replace(
-        "- provider: mistral", "- provider: mistral-€")
     app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}),
-                     config=config(yaml_text), transport=world.transport())
+                     config=config(), transport=world.transport())
     runtime: Runtime = app.state.runtime
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
@@ -90,7 +102,7 @@ async def test_a_response_that_cannot_be_built_still_ends_its_stream() -> None:
         assert_cleaned_up(runtime, closed)
         rows = await ledger_rows(runtime, 1)
         assert [(row.route, row.backend, row.status) for row in rows] == [
-            ("hosted", "mistral-€", 500)]
+            ("hosted", "mistral", 500)]
 
 
 @pytest.mark.parametrize("route", ["local", "hosted"])
