@@ -36,6 +36,7 @@ from router.accounting import (
 from router.config import Budget
 from router.ledger import CallLedger, LedgerError, StoreUnavailable
 from router.ledger_pg import Conn, HoldReleased, HoldSettled, PgLedger
+from router.ledger_spool import first_line
 from router.pg import BUDGET_LOCK, GLOBAL_SCOPE, scope_of
 
 log = logging.getLogger("spillover.budgets")
@@ -168,7 +169,7 @@ class PgBudgetBook(BudgetBook):
         if exc is not None and self._failing_since is None:
             self._failing_since = time.monotonic()
             log.warning("budget reservations fail, the database does not answer (%s): hosted "
-                        "requests are refused with 503 until it does", str(exc).strip()[:300])
+                        "requests are refused with 503 until it does", first_line(exc))
         elif exc is None and self._failing_since is not None:
             log.warning("budget reservations work again after %.1f s",
                         time.monotonic() - self._failing_since)
@@ -256,7 +257,7 @@ class PgBudgetBook(BudgetBook):
             await self.refresh()
         except Exception as exc:
             if not self._view_failing:  # once an outage, not once a second
-                log.warning("budget view not refreshed: %s", exc)
+                log.warning("budget view not refreshed: %s", first_line(exc))
             self._view_failing = True
         else:
             self._view_failing = False

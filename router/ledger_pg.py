@@ -308,16 +308,30 @@ class PgLedger(LedgerBase):
                     conn = self._transact(conn, [], os.urandom(16).hex())
                     health.recovered()
                 return conn, False
-            for batch_id, encoded in batches:
-                items = [_decode(e) for e in encoded]
-                try:
-                    conn = self._transact(conn, items, batch_id, once=True)
-                except Exception as exc:
-                    if _store_failure(exc):
-                        raise
-                    # Not the store's fault: retrying would block the spool forever.
-                    log.error("ledger: spooled batch %s not committed: %s", batch_id, exc)
-                    health.rows_lost += sum(isinstance(i, LedgerRow) for i in items)
+            decoded = [(batch_id, [_decode(e) for e in encoded]) for batch_id, encoded in batches]
+            try:
+                conn = self._alive(conn)
+                # The slice in one transaction, each batch under its own mark: a commit lost
+                # on the wire is retried with the slice, and what did commit is skipped.
+                with conn.transaction():
+                    for batch_id, items in decoded:
+                        if not _done(conn, batch_id, items):
+                            conn.execute("INSERT INTO ledger_batches (id, at) VALUES (%s, %s)",
+                                         (batch_id, time.time()))
+                            _apply(conn, items)
+            except Exception as exc:
+                if _store_failure(exc):
+                    raise
+                # One batch the store refuses: the others one by one.
+                for batch_id, items in decoded:
+                    try:
+                        conn = self._transact(conn, items, batch_id, once=True)
+                    except Exception as err:
+                        if _store_failure(err):
+                            raise
+                        # Not the store's fault: retrying would block the spool forever.
+                        log.error("ledger: spooled batch %s not committed: %s", batch_id, err)
+                        health.rows_lost += sum(isinstance(i, LedgerRow) for i in items)
             drain.committed()
             if drain.caught_up:
                 # Everything spooled before this pass is in: new rows go to the store

@@ -238,7 +238,7 @@ class StoreHealth:
         return self.spool is not None and self.spool.bytes > 0
 
     def failed(self, error: BaseException | str) -> None:
-        self.error = _short(error)
+        self.error = first_line(error)
         if self.failing_since is None:
             self.failing_since = self._clock()
             self.failures += 1
@@ -280,8 +280,8 @@ class StoreHealth:
             self.rows_lost += rows
             if self.spool_error is None:
                 log.warning("ledger spool cannot keep rows (%s): new calls are refused until "
-                            "the store answers", _short(exc))
-            self.spool_error = _short(exc)
+                            "the store answers", first_line(exc))
+            self.spool_error = first_line(exc)
             return self.spool_error
         self.rows_spooled += rows
         self.spool_error = None
@@ -328,7 +328,8 @@ def _rows(items: list[list[Any]]) -> int:
     return sum(1 for item in items if item and item[0] == "row")
 
 
-def _short(error: BaseException | str) -> str:
+def first_line(error: BaseException | str) -> str:
+    """An error for one log line or a status field: psycopg's messages span several."""
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
 

@@ -307,6 +307,9 @@ async def test_postgres_stopped_mid_traffic_loses_no_row_and_refuses_hosted_with
     assert set(ids) == set(traffic.answered)  # every answered call has its row
     assert warnings_of(caplog, "is failing") == 1
     assert warnings_of(caplog, "answers again") == 1
+    budget_warnings = [r.getMessage() for r in caplog.records if r.name == "spillover.budgets"]
+    assert sum("reservations fail" in m for m in budget_warnings) == 1
+    assert sum("work again" in m for m in budget_warnings) == 1
     assert_no_tracebacks(caplog)
 
 
