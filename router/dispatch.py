@@ -344,6 +344,9 @@ class Dispatcher:
         payload = event[5:].strip()
         if payload == b"[DONE]":
             return _DONE
+        if b'"error"' in payload:
+            # An error event mid-stream may echo what we sent, our provider key included.
+            payload = self._scrub(payload.decode("utf-8", "replace")).encode()
         if b'"content":""' not in payload or b'"tool_calls":[' in payload:
             call.chunks += 1  # vLLM opens with an empty role chunk: no token in it
         # Parse only what may need rewriting: usage-bearing chunks and, when ids were
@@ -460,7 +463,9 @@ class Dispatcher:
     def _estimate_usage(self, call: Call, b: Backend) -> None:
         if call.route is None:
             return
-        call.prompt_tokens = call.facts.prompt_tokens
+        # The prompt's upper bound, not its estimate: what a cut-off hosted stream settles
+        # must not undercount what the provider bills for it.
+        call.prompt_tokens = max(call.facts.prompt_tokens, call.facts.prompt_tokens_max)
         call.completion_tokens = call.chunks  # about one token per streamed chunk
         call.usage_estimated = True
         self._cost(call, b)

@@ -3,6 +3,7 @@ one caller's oversized request, provider keys echoed by an upstream (MockTranspo
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from router.app import Settings, create_app
-from tests.unit.helpers import World, completion, config
+from tests.unit.helpers import World, chunk, completion, config
 from tests.unit.test_brain import auth, brain_config, router, router_app
 from tests.unit.test_gateway import CHAT, assert_openai_error
 
@@ -174,4 +175,20 @@ async def test_provider_keys_echoed_by_an_upstream_are_scrubbed(
         r = await c.post("/v1/chat/completions", json=CHAT, headers=auth("alice"))
         assert assert_openai_error(r, 413)["code"] == "request_too_large"
         assert "sk-test-secret" not in r.text and "[redacted]" in r.text
+        # An error event in the middle of a stream that was answered 200.
+
+        def mid_stream(req: httpx.Request) -> httpx.Response:
+            events = [chunk("m", "Hi"), {"error": {
+                "message": f"backend lost (sent {req.headers['authorization']})",
+                "type": "server_error"}}]
+            sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+            return httpx.Response(200, content=sse.encode(),
+                                  headers={"content-type": "text/event-stream"})
+
+        world.hosted = mid_stream
+        async with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                            headers=auth("alice")) as s:
+            body = (await s.aread()).decode()
+        assert s.status_code == 200 and "backend lost" in body
+        assert "sk-test-secret" not in body and "[redacted]" in body
     assert "sk-test-secret" not in caplog.text
