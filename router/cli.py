@@ -118,8 +118,8 @@ def _models_exist(path: str, cfg: Config) -> bool:
 
 def _database_problem(cfg: Config) -> str | None:
     """What is wrong with the PostgreSQL setting, checked before anything starts."""
-    from router.pg import PgConfigError
-    from router.storage import database_target
+    from router.accounting.pg import PgConfigError
+    from router.accounting.storage import database_target
 
     try:
         database_target(cfg.server, os.environ)
@@ -129,7 +129,7 @@ def _database_problem(cfg: Config) -> str | None:
 
 
 def _keys_add(name: str) -> int:
-    from router.auth import new_key
+    from router.routing.auth import new_key
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
         print(f"not a valid caller name: {name!r}", file=sys.stderr)
@@ -146,10 +146,10 @@ def _keys_add(name: str) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
+    from router.accounting.ledger import LedgerError
+    from router.accounting.storage import open_ledger
+    from router.accounting.usage import query, report, to_csv, to_table
     from router.errors import SpilloverError
-    from router.ledger import LedgerError
-    from router.storage import open_ledger
-    from router.usage import query, report, to_csv, to_table
 
     _, cfg = _load(args.config)
     if cfg is None:
@@ -178,7 +178,7 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from router.ledger import LedgerError
+    from router.accounting.ledger import LedgerError
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -214,7 +214,7 @@ async def _run(cfg: Config, path: str, args: argparse.Namespace) -> None:
 
     from router.app import Settings, create_app
     from router.errors import SpilloverError
-    from router.server import server_config
+    from router.http.server import server_config
 
     # The app first: a database that cannot be reached fails here, before any engine runs.
     app = create_app(Settings(config_path=path), config=cfg)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_CONFIG = "models.yaml"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
-# The principals router.auth builds itself: the admin key's, and the keyless one of open
+# The principals router.routing.auth builds itself: the admin key's, and the keyless one of open
 # mode. A caller under one of these names would share their ledger rows, usage and limits.
 RESERVED_CALLER_NAMES = ("admin", "anonymous")
 
@@ -198,7 +198,7 @@ class Server(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    # Bounds on a connection before it has sent a request (router/server.py): the request
+    # Bounds on a connection before it has sent a request (router/http/server.py): the request
     # line and headers (431 above), the time to receive them (408, or a close if nothing
     # came), and how long an idle keep-alive connection stays open between requests.
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.call import Call
+from router.routing.call import Call
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -93,7 +93,7 @@ class _Live(Collector):
 
 
 def _ledger_metrics(state: Mapping[str, object]) -> Iterable[Metric]:
-    """The ledger store's state (see router.ledger_spool.StoreHealth.snapshot)."""
+    """The ledger store's state (see router.accounting.ledger_spool.StoreHealth.snapshot)."""
     def number(key: str) -> float:
         v = state.get(key)
         return float(v) if isinstance(v, (int, float)) else 0.0

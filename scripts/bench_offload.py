@@ -163,7 +163,7 @@ async def replay(port: int, arrivals: list[float], payload: bytes, limit_s: floa
 
 async def engine_idle(base_url: str, within_s: float) -> None:
     """Until the engine runs and queues nothing (its /metrics), or within_s passed."""
-    from router.signals import parse_vllm_metrics
+    from router.routing.load import parse_vllm_metrics
 
     root = base_url.removesuffix("/v1")
     deadline = time.monotonic() + within_s
@@ -178,7 +178,7 @@ async def engine_idle(base_url: str, within_s: float) -> None:
 
 async def sample_engine(base_url: str, t0: float, out: list[tuple[float, float, float]],
                         stop: asyncio.Event) -> None:
-    from router.signals import parse_vllm_metrics
+    from router.routing.load import parse_vllm_metrics
 
     root = base_url.removesuffix("/v1")
     async with httpx.AsyncClient(timeout=2, trust_env=False) as client:

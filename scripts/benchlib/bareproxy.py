@@ -3,8 +3,8 @@
 
     python scripts/benchlib/bareproxy.py --port 9200 --upstream http://127.0.0.1:9100
 
-uvicorn (uvloop, httptools) in front, spillover's engine client (router/h1.py) behind and
-its stream writer (router/streaming.py), joined by a bare ASGI function: no parsing,
+uvicorn (uvloop, httptools) in front, spillover's engine client (router/upstreams/h1.py) behind and
+its stream writer (router/http/streaming.py), joined by a bare ASGI function: no parsing,
 routing, auth, accounting or logging. What it adds over talking to the upstream directly
 is the cost of one more process hop with this stack; what spillover adds over it is the
 cost of being a gateway.
@@ -23,9 +23,9 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from router.config import Timeouts
-from router.h1 import H1Upstream
-from router.streaming import EventStream
-from router.upstream import UpstreamResponse
+from router.http.streaming import EventStream
+from router.upstreams.h1 import H1Upstream
+from router.upstreams.transport import UpstreamResponse
 
 TIMEOUTS = Timeouts(connect=5, read=60, write=5, pool=5)
 

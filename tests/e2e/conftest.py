@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from router.app import Settings, create_app
-from router.auth import key_digest
 from router.config import parse_config
+from router.routing.auth import key_digest
 from serving.demo_model import build_demo_model
 from serving.engine import EngineProcess, EngineSpec
 from tests.fakes import FakePlateforme, ServerThread, free_port

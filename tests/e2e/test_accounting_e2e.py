@@ -21,8 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.auth import key_digest
-from router.ledger import Ledger, LedgerRow
+from router.accounting.ledger import Ledger, LedgerRow
+from router.routing.auth import key_digest
 from tests.e2e.conftest import Engine, Hosted, Router
 from tests.fakes import free_port
 

@@ -25,7 +25,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from router.auth import key_digest
+from router.routing.auth import key_digest
 from tests.e2e.conftest import ROOT, Hosted, Router
 from tests.e2e.test_gateway_e2e import HELLO
 

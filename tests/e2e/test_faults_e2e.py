@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from router.ledger import Ledger
+from router.accounting.ledger import Ledger
 from tests.e2e.conftest import DEMO_TOOL_ARGS, ROOT, Hosted, Router
 from tests.fakes import free_port
 

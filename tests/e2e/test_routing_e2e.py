@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from router.auth import key_digest
+from router.routing.auth import key_digest
 from tests.e2e.conftest import Hosted, Router
 from tests.e2e.test_gateway_e2e import HELLO, _long_streams
 

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from router.accounting import (
+from router.accounting.budgets import (
     BudgetBook,
     Reservation,
     day_start,
     local_cost_per_mtok,
     month_start,
 )
+from router.accounting.ledger import Ledger, LedgerRow
 from router.config import Budget
-from router.ledger import Ledger, LedgerRow
 from tests.unit.helpers import config
 
 

@@ -5,7 +5,9 @@ import re
 import pytest
 from starlette.datastructures import Headers
 
-from router.auth import (
+from router.config import Caller, RateLimit
+from router.errors import Forbidden, SpilloverError, Unauthorized
+from router.routing.auth import (
     ADMIN,
     ANONYMOUS,
     KEY_PREFIX,
@@ -15,8 +17,6 @@ from router.auth import (
     key_digest,
     new_key,
 )
-from router.config import Caller, RateLimit
-from router.errors import Forbidden, SpilloverError, Unauthorized
 
 APP_KEY = "sk-spill-app-key-one"
 APP_KEY_2 = "sk-spill-app-key-two"

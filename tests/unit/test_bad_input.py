@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from router.app import Settings, create_app
-from router.auth import key_digest
+from router.routing.auth import key_digest
 from tests.unit.helpers import BASE_YAML, World, config
 
 SECRET = "sk-test-secret"

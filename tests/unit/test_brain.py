@@ -14,8 +14,9 @@ import httpx
 import pytest
 import yaml
 
-from router.app import Runtime, Settings, create_app
-from router.auth import key_digest
+from router.app import Settings, create_app
+from router.routing.auth import key_digest
+from router.runtime import Runtime
 from tests.unit.helpers import BASE_YAML, World, completion, config
 from tests.unit.test_gateway import CHAT, assert_openai_error
 

@@ -15,13 +15,13 @@ import psycopg
 import pytest
 import yaml
 
-from router.accounting import Reservation
+from router.accounting.budgets import Reservation
+from router.accounting.budgets_pg import PgBudgetBook
+from router.accounting.ledger_pg import PgLedger
+from router.accounting.pg import PgConfigError, PgTarget
+from router.accounting.storage import budget_book, database_target, open_ledger
 from router.app import Settings, create_app
-from router.budgets_pg import PgBudgetBook
 from router.config import Budget, parse_config
-from router.ledger_pg import PgLedger
-from router.pg import PgConfigError, PgTarget
-from router.storage import budget_book, database_target, open_ledger
 from tests.unit.helpers import BASE_YAML, HOSTED, World, completion
 
 NOON = 1710072000.0  # 2024-03-10 12:00 UTC

@@ -151,8 +151,8 @@ def test_reserved_caller_names_are_refused_with_their_line(tmp_path: Path) -> No
 
 
 def test_auth_principals_use_reserved_names() -> None:
-    from router.auth import ADMIN, ANONYMOUS
     from router.config import RESERVED_CALLER_NAMES
+    from router.routing.auth import ADMIN, ANONYMOUS
 
     assert {ADMIN, ANONYMOUS} <= set(RESERVED_CALLER_NAMES)
 

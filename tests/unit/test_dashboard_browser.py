@@ -15,7 +15,7 @@ import uvicorn
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from router.app import Settings, create_app
-from router.auth import key_digest
+from router.routing.auth import key_digest
 from tests.unit.helpers import World, config
 
 ADMIN_KEY = "sk-browser-admin-key"

@@ -640,8 +640,8 @@ def test_serve_refuses_a_model_path_typo_before_starting_anything(tmp_path: Path
 async def test_a_stopped_engine_is_down_whatever_answers_on_its_port() -> None:
     """The supervisor's word wins over probes while its engine is not running: an orphan or
     another program answering on the port is not the engine (no traffic goes there)."""
-    from router.catalog import Catalog
-    from router.signals import LoadMonitor
+    from router.routing.catalog import Catalog
+    from router.routing.load import LoadMonitor
     from tests.unit.helpers import World, config
 
     notes: dict[str, tuple[bool, str] | None] = {"demo-local": None}

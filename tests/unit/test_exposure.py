@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.auth import key_digest
 from router.errors import InvalidRequest
-from router.inbound import facts_for
+from router.http.inbound import facts_for
+from router.routing.auth import key_digest
 from tests.unit.helpers import World
 from tests.unit.test_brain import CHAT, auth, brain_config, router, router_app
 from tests.unit.test_gateway import assert_openai_error
@@ -35,7 +35,7 @@ def metric(text: str, name: str, **labels: str) -> float:
      (["any, onprem"], True), (["onprem"], True), ([""], False), ([], False)],
 )
 def test_residency_strictest_wins(values: list[str], onprem: bool) -> None:
-    from router.gateway import header_map
+    from router.routing.gateway import header_map
 
     raw = [(b"x-spillover-residency", v.encode()) for v in values]
     assert facts_for("chat", dict(BODY), header_map(raw)).onprem_only is onprem
@@ -47,7 +47,7 @@ def test_residency_strictest_wins(values: list[str], onprem: bool) -> None:
      ([], "auto")],
 )
 def test_repeated_route_with_one_value(values: list[str], force: str) -> None:
-    from router.gateway import header_map
+    from router.routing.gateway import header_map
 
     raw = [(b"x-spillover-route", v.encode()) for v in values]
     assert facts_for("chat", dict(BODY), header_map(raw)).force == force
@@ -56,7 +56,7 @@ def test_repeated_route_with_one_value(values: list[str], force: str) -> None:
 @pytest.mark.parametrize("values", [["local", "hosted"], ["hosted", "auto"], ["local,hosted"],
                                     ["local", "nowhere"], ["any", "onprem", "elsewhere"]])
 def test_conflicting_or_bad_repeated_policy_headers_are_400(values: list[str]) -> None:
-    from router.gateway import header_map
+    from router.routing.gateway import header_map
 
     name = b"x-spillover-residency" if "any" in values else b"x-spillover-route"
     with pytest.raises(InvalidRequest) as info:
@@ -65,7 +65,7 @@ def test_conflicting_or_bad_repeated_policy_headers_are_400(values: list[str]) -
 
 
 def test_other_repeated_headers_keep_the_first() -> None:
-    from router.gateway import header_map
+    from router.routing.gateway import header_map
 
     h = header_map([(b"x-request-id", b"a"), (b"x-request-id", b"b"),
                     (b"content-type", b"application/json")])

@@ -31,14 +31,14 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from router.api.schemas import (
+from router.app import Settings, create_app
+from router.http.schemas import (
     CHAT_BODY,
     COMPLETIONS_BODY,
     EMBEDDINGS_BODY,
     ERROR_RESPONSES,
     EXPLAIN_BODY,
 )
-from router.app import Settings, create_app
 from tests.unit.helpers import BASE_YAML, World, chunk, completion, config, sse
 
 SECRET = "sk-test-secret"

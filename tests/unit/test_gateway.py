@@ -273,7 +273,7 @@ async def test_key_never_leaks(client: httpx.AsyncClient, world: World,
     assert "sk-test-secret" not in caplog.text
 
 
-# GatewayAPI (router/api/gatewayapi.py) takes the proxied endpoints before FastAPI's
+# GatewayAPI (router/http/fastlane.py) takes the proxied endpoints before FastAPI's
 # layers; what it does not take must still be served the usual way.
 
 async def test_unexpected_error_on_the_proxied_path_is_an_openai_500(

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.call import Call
 from router.metrics import Metrics
-from router.policy import RequestFacts
+from router.routing.call import Call
+from router.routing.policy import RequestFacts
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "spillover.json"
 DS_REF = {"type": "prometheus", "uid": "${datasource}"}

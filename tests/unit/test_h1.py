@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from router.config import Timeouts
-from router.h1 import H1Upstream
-from router.upstream import TransportError, UpstreamResponse
+from router.upstreams.h1 import H1Upstream
+from router.upstreams.transport import TransportError, UpstreamResponse
 
 # Every test on both loops (tests/unit/conftest.py): uvloop, which `spillover serve` runs,
 # runs due timers before it looks at the sockets; asyncio looks first.

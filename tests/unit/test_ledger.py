@@ -9,9 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from router.ledger import CallLedger, Ledger, LedgerError, LedgerRow
-from router.ledger_pg import PgLedger
-from router.pg import PgTarget
+from router.accounting.ledger import CallLedger, Ledger, LedgerError, LedgerRow
+from router.accounting.ledger_pg import PgLedger
+from router.accounting.pg import PgTarget
 
 # 2024-03-10 12:00:00 UTC and the days around it.
 NOON = 1710072000.0

@@ -24,10 +24,10 @@ import psycopg
 import pytest
 import yaml
 
+from router.accounting.ledger import Ledger
+from router.accounting.ledger_spool import Spool, StoreHealth
 from router.app import Settings, create_app
 from router.config import Config, parse_config
-from router.ledger import Ledger
-from router.ledger_spool import Spool, StoreHealth
 from tests.pg import PgCluster
 from tests.unit.helpers import BASE_YAML, World
 from tests.unit.test_ledger import row
@@ -316,11 +316,11 @@ async def test_postgres_stopped_mid_traffic_loses_no_row_and_refuses_hosted_with
 async def test_a_hosted_calls_spend_settled_during_a_postgres_outage_is_spooled_and_applied(
         own_cluster: PgCluster, tmp_path: Path) -> None:
     """A hold outcome is spend: it is spooled like a row and applied exactly once."""
-    from router.budgets_pg import PgBudgetBook
+    from router.accounting.budgets_pg import PgBudgetBook
+    from router.accounting.ledger import StoreUnavailable
+    from router.accounting.ledger_pg import PgLedger
+    from router.accounting.pg import PgTarget
     from router.config import Budget
-    from router.ledger import StoreUnavailable
-    from router.ledger_pg import PgLedger
-    from router.pg import PgTarget
 
     url = own_cluster.create_database()
     health = StoreHealth("pg", spool=Spool(tmp_path / "spool", 1 << 20), retry_s=0.05)

@@ -7,9 +7,9 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.call import Call
 from router.metrics import CONTENT_TYPE, Metrics
-from router.policy import RequestFacts
+from router.routing.call import Call
+from router.routing.policy import RequestFacts
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
+from router.accounting.ledger import LedgerRow
 from router.app import Settings, create_app
-from router.auth import key_digest
-from router.call import UNKNOWN_ALIAS, Call
-from router.dashboard import STATIC
-from router.ledger import LedgerRow
+from router.http.dashboard import STATIC
+from router.routing.auth import key_digest
+from router.routing.call import UNKNOWN_ALIAS, Call
 from tests.unit.helpers import World, config
 from tests.unit.test_gateway import assert_openai_error
 

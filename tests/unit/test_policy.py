@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from router.catalog import Catalog
-from router.policy import EngineLoad, RequestFacts, decide
+from router.routing.catalog import Catalog
+from router.routing.policy import EngineLoad, RequestFacts, decide
 from tests.unit.helpers import config
 
 TWO_LOCALS = """

@@ -17,7 +17,7 @@ from mistral_common.protocol.fim.request import FIMRequest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from router.inbound import facts_for
+from router.http.inbound import facts_for
 from serving.demo_model import tokenizer_source
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from router.config import RateLimit
-from router.ratelimit import Admission, RateLimiter
+from router.routing.ratelimit import Admission, RateLimiter
 
 
 class Clock:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from router.app import Runtime, Settings, create_app
+from router.app import Settings, create_app
+from router.runtime import Runtime
 from tests.unit.helpers import World, config
 from tests.unit.test_brain import CHAT, auth, brain_config
 from tests.unit.test_gateway import assert_openai_error

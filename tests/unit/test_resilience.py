@@ -7,7 +7,7 @@ import email.utils
 import pytest
 
 from router.config import Routing
-from router.resilience import Breakers, CircuitBreaker, RetryPolicy, parse_retry_after
+from router.routing.resilience import Breakers, CircuitBreaker, RetryPolicy, parse_retry_after
 
 NOW = 1_700_000_000.0  # a wall-clock instant for HTTP-dates
 

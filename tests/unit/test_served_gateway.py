@@ -1,5 +1,5 @@
 """The gateway as it runs in production: uvicorn in front, the engines' HTTP/1.1 client
-(router/h1.py) behind, a real loopback engine (no MockTransport), so socket-level
+(router/upstreams/h1.py) behind, a real loopback engine (no MockTransport), so socket-level
 behaviour is what is tested: a caller hanging up mid-stream must reach the engine at
 once, and a stream's headers leave in one segment with its first event."""
 
@@ -170,7 +170,7 @@ def test_caller_hanging_up_mid_stream_stops_the_engine(
 def test_stream_headers_leave_with_the_first_event(
         loop_factory: Callable[[], asyncio.AbstractEventLoop],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from router import streaming
+    from router.http import streaming
 
     corks: list[int] = []
     real = streaming._set_cork

@@ -1,4 +1,4 @@
-"""The server `spillover serve` runs (router/server.py), served for real by uvicorn: what a
+"""The server `spillover serve` runs (router/http/server.py), served for real by uvicorn: what a
 connection may cost before it has sent a request. A stranger needs no key to open one."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import uvicorn
 
 from router.app import Settings, create_app
 from router.config import Server
-from router.server import BoundedHttpToolsProtocol, HeadLimits, server_config
+from router.http.server import BoundedHttpToolsProtocol, HeadLimits, server_config
 from tests.unit.helpers import config
 
 LOOPS = pytest.mark.both_loops

@@ -22,8 +22,8 @@ import uvicorn
 from aiohttp import web
 
 from router.app import Settings, create_app
-from router.auth import key_digest
 from router.config import Config
+from router.routing.auth import key_digest
 from tests.unit.helpers import config
 from tests.unit.test_served_gateway import BULK_EVENTS, Engine, _engine_app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from router.sse import SSEFramer
+from router.upstreams.sse import SSEFramer
 
 
 def events(framer: SSEFramer, pieces: list[bytes]) -> list[bytes]:

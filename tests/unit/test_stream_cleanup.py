@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from router.app import Runtime, Settings, create_app
+from router.app import Settings, create_app
 from router.config import ConfigError
+from router.runtime import Runtime
 from tests.unit.helpers import BASE_YAML, World, chunk, config
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "stream": True}
@@ -86,7 +87,7 @@ async def test_a_response_that_cannot_be_built_still_ends_its_stream(
     def unbuildable(*args: Any, **kwargs: Any) -> None:
         raise UnicodeEncodeError("latin-1", "mistral-€", 8, 9, "ordinal not in range(256)")
 
-    monkeypatch.setattr("router.dispatch.EventStream", unbuildable)
+    monkeypatch.setattr("router.routing.dispatch.EventStream", unbuildable)
     closed: list[bool] = []
     world = streaming_world(closed)
     world.local_up = False

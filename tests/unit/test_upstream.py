@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from router.config import Timeouts
-from router.h1 import H1Upstream
-from router.upstream import AiohttpUpstream, HttpxUpstream, TransportError, Upstream
+from router.upstreams.h1 import H1Upstream
+from router.upstreams.transport import AiohttpUpstream, HttpxUpstream, TransportError, Upstream
 
 FAST = Timeouts(connect=1.0, read=2.0, write=1.0, pool=1.0)
 

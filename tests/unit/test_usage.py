@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.cli import main
-from router.errors import InvalidRequest
-from router.ledger import GROUP_KEYS, CallLedger, Ledger, LedgerRow
-from router.ledger_pg import PgLedger
-from router.pg import PgTarget
-from router.usage import (
+from router.accounting.ledger import GROUP_KEYS, CallLedger, Ledger, LedgerRow
+from router.accounting.ledger_pg import PgLedger
+from router.accounting.pg import PgTarget
+from router.accounting.usage import (
     UsageQuery,
     parse_group_by,
     parse_time,
@@ -26,6 +24,8 @@ from router.usage import (
     to_table,
     totals,
 )
+from router.cli import main
+from router.errors import InvalidRequest
 from tests.unit.helpers import BASE_YAML
 
 # 2024-03-10 12:00:00 UTC, and the UTC midnight that began that day.

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from router.accounting import BudgetBook
+from router.accounting.budgets import BudgetBook
 from router.config import Budget, GlobalBudget
 from tests.unit.helpers import World, completion
 from tests.unit.test_brain import auth, brain_config, router, router_app

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from router.api.errors import internal_error
 from router.config import Endpoint
 from router.errors import SpilloverError, to_response
+from router.http.errors import internal_error
 
 if TYPE_CHECKING:
-    from router.gateway import Gateway
+    from router.routing.gateway import Gateway
 
 HOT: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat",

@@ -14,12 +14,9 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
-from router.accounting import BudgetBook
-from router.auth import Authenticator, Principal
-from router.call import UNKNOWN_ALIAS, Call
-from router.catalog import Backend, Catalog
+from router.accounting.budgets import BudgetBook
+from router.accounting.recorder import Recorder
 from router.config import Config, Endpoint
-from router.dispatch import Dispatcher
 from router.errors import (
     Forbidden,
     InvalidRequest,
@@ -28,13 +25,16 @@ from router.errors import (
     SpilloverError,
     Unavailable,
 )
-from router.inbound import facts_for, read_json
-from router.policy import RequestFacts, RoutePlan, decide
-from router.ratelimit import RateLimiter
-from router.recorder import Recorder
-from router.resilience import Breakers
-from router.signals import LoadMonitor
-from router.streaming import EventStream, StreamSlots
+from router.http.inbound import facts_for, read_json
+from router.http.streaming import EventStream, StreamSlots
+from router.routing.auth import Authenticator, Principal
+from router.routing.call import UNKNOWN_ALIAS, Call
+from router.routing.catalog import Backend, Catalog
+from router.routing.dispatch import Dispatcher
+from router.routing.load import LoadMonitor
+from router.routing.policy import RequestFacts, RoutePlan, decide
+from router.routing.ratelimit import RateLimiter
+from router.routing.resilience import Breakers
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from router.catalog import Catalog
-from router.signals import LoadMonitor, parse_vllm_metrics
+from router.routing.catalog import Catalog
+from router.routing.load import LoadMonitor, parse_vllm_metrics
 from tests.unit.helpers import METRICS_IDLE, World, config
 
 OLD_VLLM = """# TYPE vllm:gpu_cache_usage_perc gauge

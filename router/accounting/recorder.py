@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from router.call import Call
-from router.ledger import CallLedger, LedgerError, LedgerRow, StoreUnavailable
+from router.accounting.ledger import CallLedger, LedgerError, LedgerRow, StoreUnavailable
+from router.routing.call import Call
 
 access = logging.getLogger("spillover.access")
 log = logging.getLogger("spillover.recorder")

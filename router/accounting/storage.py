@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from router.accounting import BudgetBook
-from router.budgets_pg import PgBudgetBook
+from router.accounting.budgets import BudgetBook
+from router.accounting.budgets_pg import PgBudgetBook
+from router.accounting.ledger import MEMORY, CallLedger, Ledger
+from router.accounting.ledger_pg import PgLedger
+from router.accounting.ledger_spool import Spool, StoreHealth
+from router.accounting.pg import PgConfigError, PgTarget
 from router.config import Config, Server
-from router.ledger import MEMORY, CallLedger, Ledger
-from router.ledger_pg import PgLedger
-from router.ledger_spool import Spool, StoreHealth
-from router.pg import PgConfigError, PgTarget
 
 
 def database_target(server: Server, env: Mapping[str, str]) -> PgTarget | None:

@@ -1,7 +1,7 @@
 """The HTTP client of the hot path: one POST to an upstream, its answer whole or streamed.
 
-One small interface, three implementations. `router.h1.H1Upstream` speaks to the plain-HTTP
-upstreams (the local engines, on every local token's path) and hands TLS ones (the hosted
+One small interface, three implementations. `router.upstreams.h1.H1Upstream` speaks to the
+plain-HTTP upstreams (the local engines, on every local token's path) and hands TLS ones (the hosted
 APIs) to `AiohttpUpstream`, whose connection pool hands out a kept-alive connection in
 constant time and whose response parser is C: measured ~110 us per proxied request here
 against ~1,600 us for httpx, whose pool scans every pooled connection on each request.

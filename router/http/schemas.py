@@ -1,6 +1,6 @@
 """The OpenAPI documents of the request bodies the gateway takes, close to OpenAI's own.
 
-FastAPI never parses these bodies (router/inbound.py reads each once, raw); the schemas
+FastAPI never parses these bodies (router/http/inbound.py reads each once, raw); the schemas
 are the published contract: what clients generate code from and what the fuzz tests
 check the gateway against. Each constant is one route's `openapi_extra`: its request
 body and its responses, every error in OpenAI's shape.

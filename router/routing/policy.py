@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from router.catalog import Backend
 from router.config import Endpoint, Mode
+from router.routing.catalog import Backend
 
 Force = Literal["local", "hosted", "auto"]
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.catalog import Backend
 from router.config import Saturation
-from router.policy import EngineLoad
+from router.routing.catalog import Backend
+from router.routing.policy import EngineLoad
 
 log = logging.getLogger("spillover.signals")
 

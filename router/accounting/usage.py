@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from router.accounting import day_start
+from router.accounting.budgets import day_start
+from router.accounting.ledger import GROUP_KEYS, CallLedger
 from router.errors import InvalidRequest
-from router.ledger import GROUP_KEYS, CallLedger
 
 _METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd",
             "hosted_equiv_usd", "saving_usd")

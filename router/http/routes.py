@@ -9,27 +9,27 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from router.api.schemas import (
+from router.accounting.usage import query as usage_query
+from router.accounting.usage import report as usage_report
+from router.accounting.usage import to_csv, totals
+from router.config import ConfigError
+from router.errors import Forbidden, InvalidRequest
+from router.http.inbound import read_json
+from router.http.schemas import (
     CHAT_BODY,
     COMPLETIONS_BODY,
     EMBEDDINGS_BODY,
     ERROR_RESPONSES,
     EXPLAIN_BODY,
 )
-from router.config import ConfigError
-from router.errors import Forbidden, InvalidRequest
-from router.gateway import header_map
-from router.inbound import read_json
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from router.usage import query as usage_query
-from router.usage import report as usage_report
-from router.usage import to_csv, totals
+from router.routing.gateway import header_map
 
 # Spend, callers and usage: no browser or proxy cache keeps a copy.
 NO_STORE = {"cache-control": "no-store"}
 
 if TYPE_CHECKING:
-    from router.app import Runtime
+    from router.runtime import Runtime
 
 class RequestOnlyRoute(APIRoute):
     """For endpoints that take the Request and return a Response: FastAPI's handler

@@ -14,7 +14,7 @@ from starlette.types import Receive
 
 from router.config import Endpoint
 from router.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from router.policy import Force, RequestFacts
+from router.routing.policy import Force, RequestFacts
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _FORCE: dict[str, Force] = {"local": "local", "hosted": "hosted", "auto": "auto"}

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from router.config import Timeouts
-from router.upstream import TransportError, Upstream, UpstreamResponse
+from router.upstreams.transport import TransportError, Upstream, UpstreamResponse
 
 _HIGH_WATER = 1 << 20  # buffered answer bytes at which reading from the upstream pauses
 # A timer that runs this much after its time says the process was not scheduled (a host

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
+from router.accounting.ledger import CallLedger
 from router.config import Budget, Config, GlobalBudget
-from router.ledger import CallLedger
 
 _DAY_S = 86400.0
 # Reservations are sums of floats: 3 x 0.1 must fit a 0.3 budget. A billionth of a

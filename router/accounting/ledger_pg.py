@@ -1,6 +1,6 @@
 """The ledger in PostgreSQL, so several router replicas share one call log and one set of
-budgets. Same contract as `router.ledger.Ledger`: `await record(row)` returns once the row
-is committed, a writer thread commits whatever is queued in one transaction (group
+budgets. Same contract as `router.accounting.ledger.Ledger`: `await record(row)` returns
+once the row is committed, a writer thread commits whatever is queued in one transaction (group
 commit), one bad row does not cost the others theirs.
 
 The writer also applies the budget holds' outcomes (`HoldSettled`, `HoldReleased`) in the
@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import psycopg
 
-from router.ledger import (
+from router.accounting.ledger import (
     Dialect,
     LedgerBase,
     LedgerError,
@@ -33,8 +33,8 @@ from router.ledger import (
     committed,
     resolve_waiters,
 )
-from router.ledger_spool import Drain, StoreHealth
-from router.pg import (
+from router.accounting.ledger_spool import Drain, StoreHealth
+from router.accounting.pg import (
     GLOBAL_SCOPE,
     READ_STATEMENT_TIMEOUT_MS,
     RESERVE_STATEMENT_TIMEOUT_MS,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Self, TypeAlias
 
-from router.ledger_spool import Drain, StoreHealth
+from router.accounting.ledger_spool import Drain, StoreHealth
 
 log = logging.getLogger("spillover.ledger")
 

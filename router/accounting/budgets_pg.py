@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from router.accounting import (
+from router.accounting.budgets import (
     TOLERANCE_USD,
     Account,
     BudgetBook,
@@ -33,11 +33,11 @@ from router.accounting import (
     day_start,
     month_start,
 )
+from router.accounting.ledger import CallLedger, LedgerError, StoreUnavailable
+from router.accounting.ledger_pg import Conn, HoldReleased, HoldSettled, PgLedger
+from router.accounting.ledger_spool import first_line
+from router.accounting.pg import BUDGET_LOCK, GLOBAL_SCOPE, scope_of
 from router.config import Budget
-from router.ledger import CallLedger, LedgerError, StoreUnavailable
-from router.ledger_pg import Conn, HoldReleased, HoldSettled, PgLedger
-from router.ledger_spool import first_line
-from router.pg import BUDGET_LOCK, GLOBAL_SCOPE, scope_of
 
 log = logging.getLogger("spillover.budgets")
 

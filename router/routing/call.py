@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from router.accounting import Reservation
-from router.policy import RequestFacts
-from router.ratelimit import Admission
+from router.accounting.budgets import Reservation
+from router.routing.policy import RequestFacts
+from router.routing.ratelimit import Admission
 
 # The alias recorded for a request naming no alias of the catalog: never the caller's text.
 UNKNOWN_ALIAS = "(unknown)"

@@ -19,9 +19,10 @@ import anyio
 import orjson
 from starlette.responses import Response
 
-from router.accounting import BudgetBook
-from router.call import Call
-from router.catalog import Backend
+from router.accounting.budgets import BudgetBook
+from router.accounting.ledger import StoreUnavailable
+from router.accounting.ledger_spool import RETRY_AFTER_S
+from router.accounting.recorder import Recorder
 from router.config import Price
 from router.errors import (
     GatewayTimeout,
@@ -34,16 +35,15 @@ from router.errors import (
     sse_event,
     to_response,
 )
-from router.ledger import StoreUnavailable
-from router.ledger_spool import RETRY_AFTER_S
-from router.policy import RoutePlan
+from router.http.streaming import EventStream, Relay
 from router.providers import Prepared, Translator, bound_output
-from router.recorder import Recorder
-from router.resilience import Breakers, RetryPolicy, parse_retry_after, request_too_large
-from router.signals import LoadMonitor
-from router.sse import SSEFramer
-from router.streaming import EventStream, Relay
-from router.upstream import TransportError, Upstream, UpstreamResponse
+from router.routing.call import Call
+from router.routing.catalog import Backend
+from router.routing.load import LoadMonitor
+from router.routing.policy import RoutePlan
+from router.routing.resilience import Breakers, RetryPolicy, parse_retry_after, request_too_large
+from router.upstreams.sse import SSEFramer
+from router.upstreams.transport import TransportError, Upstream, UpstreamResponse
 
 log = logging.getLogger("spillover.dispatch")
 access = logging.getLogger("spillover.access")
@@ -518,7 +518,7 @@ async def _sse_batches(resp: UpstreamResponse) -> AsyncIterator[list[bytes]]:
     many as each piece from the upstream completed, up to _BATCH_BYTES a batch: each batch
     is one write to the caller, and a caller that reads slowly holds the relay back one
     batch at a time, so a stream stays in flight as long as its caller takes to read it.
-    Framing is linear in the bytes received (router/sse.py), however large the pieces."""
+    Framing is linear in the bytes received (router/upstreams/sse.py), however large the pieces."""
     framer = SSEFramer(_BATCH_BYTES)
     async for chunk in resp.chunks():
         for batch in framer.feed(chunk):
@@ -531,7 +531,7 @@ async def _sse_batches(resp: UpstreamResponse) -> AsyncIterator[list[bytes]]:
 @dataclass(slots=True, eq=False)
 class _StreamEnd:
     """The one clean-up of a relayed stream, run once whether its body ran to the end,
-    broke, was cancelled, or never started (see router.streaming.Relay)."""
+    broke, was cancelled, or never started (see router.http.streaming.Relay)."""
 
     dispatcher: Dispatcher
     call: Call
