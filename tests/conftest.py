@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Mapping
+
 import pytest
+import uvloop
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +14,11 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
                  "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def pytest_asyncio_loop_factories(
+        config: pytest.Config,
+        item: pytest.Item) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.get_closest_marker("both_loops") is None:
+        return {"asyncio": asyncio.new_event_loop}  # the default, and an unchanged test id
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

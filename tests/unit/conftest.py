@@ -1,20 +1,10 @@
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 
 import pytest
-import uvloop
 
 from tests.pg import PgCluster
-
-
-def pytest_asyncio_loop_factories(
-        config: pytest.Config,
-        item: pytest.Item) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    if item.get_closest_marker("both_loops") is None:
-        return {"asyncio": asyncio.new_event_loop}  # the default, and an unchanged test id
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from router.config import Timeouts
 from router.upstreams.h1 import H1Upstream
 from router.upstreams.transport import TransportError, UpstreamResponse
 
-# Every test on both loops (tests/unit/conftest.py): uvloop, which `spillover serve` runs,
+# Every test on both loops (tests/conftest.py): uvloop, which `spillover serve` runs,
 # runs due timers before it looks at the sockets; asyncio looks first.
 pytestmark = pytest.mark.both_loops
 

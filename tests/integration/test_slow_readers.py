@@ -24,8 +24,8 @@ from aiohttp import web
 from router.app import Settings, create_app
 from router.config import Config
 from router.routing.auth import key_digest
+from tests.integration.test_served_gateway import BULK_EVENTS, Engine, _engine_app
 from tests.unit.helpers import config
-from tests.unit.test_served_gateway import BULK_EVENTS, Engine, _engine_app
 
 pytestmark = pytest.mark.both_loops
 

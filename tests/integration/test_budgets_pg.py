@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import yaml
 
-from router.accounting.budgets import Reservation
+from router.accounting.budgets import MemoryBudgetBook, Reservation
 from router.accounting.budgets_pg import PgBudgetBook
 from router.accounting.ledger_pg import PgLedger
 from router.accounting.pg import PgConfigError, PgTarget
@@ -194,7 +194,7 @@ def test_no_variable_named_means_sqlite() -> None:
     assert database_target(cfg.server, {"SPILLOVER_DB": "postgresql://x/y"}) is None
     ledger = open_ledger(cfg.server, {})
     try:
-        assert type(budget_book(cfg, ledger)).__name__ == "BudgetBook"
+        assert isinstance(budget_book(cfg, ledger), MemoryBudgetBook)
     finally:
         ledger.close()
 
