@@ -43,7 +43,7 @@ def create_app(
         finally:
             await runtime.stop()
 
-    app = GatewayAPI(gateway=lambda: runtime.gateway, title="spillover", version="0.1.0",
+    app = GatewayAPI(gateway=lambda: runtime.parts.gateway, title="spillover", version="0.1.0",
                      lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import httpx
 
-from router.accounting.budgets import BudgetBook, local_cost_per_mtok
+from router.accounting.budgets import Budgets, local_cost_per_mtok
 from router.accounting.recorder import Recorder
 from router.accounting.storage import budget_book, open_ledger
 from router.config import Config, Price, load_config
@@ -34,12 +36,37 @@ from serving.gpu import GpuProbe, read_host
 log = logging.getLogger("spillover")
 
 
-class Runtime:
-    """The running gateway's parts; created by `create_app`, started by its lifespan.
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """Everything built from one models.yaml, consistent with each other.
 
-    Everything derived from models.yaml is rebuilt by `reload` and swapped in one step:
-    requests in flight finish on the parts they started with.
+    A reload builds a new one and swaps it in one assignment (`Runtime.parts`). A handler
+    reads `runtime.parts` once and uses that object to the end: across an await a second
+    read may see the next config, and mixing the two (one config's auth, another's
+    catalog) is what this object exists to prevent.
     """
+
+    config: Config
+    catalog: Catalog
+    monitor: LoadMonitor
+    api_keys: Mapping[str, str | None]
+    budgets: Budgets
+    limiter: RateLimiter
+    breakers: Breakers
+    dispatcher: Dispatcher
+    auth: Authenticator
+    gateway: Gateway
+
+
+class Runtime:
+    """The running gateway; created by `create_app`, started by its lifespan.
+
+    Long-lived parts (HTTP clients, ledger, recorder, stream slots, metrics) live here;
+    everything derived from models.yaml is in `parts`, rebuilt by `reload` and swapped in
+    one assignment: requests in flight finish on the parts they started with.
+    """
+
+    parts: Parts
 
     def __init__(self, config: Config, env: Mapping[str, str],
                  transport: httpx.AsyncBaseTransport | None = None,
@@ -83,9 +110,51 @@ class Runtime:
                            ledger=self.ledger.health.snapshot)
         self.recorder.observers.append(self.metrics.observe)
 
+    # Shorthands for the current parts: each reads `parts` afresh, so code that awaits
+    # between two of them must read `parts` once instead.
+    @property
+    def config(self) -> Config:
+        return self.parts.config
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.parts.catalog
+
+    @property
+    def monitor(self) -> LoadMonitor:
+        return self.parts.monitor
+
+    @property
+    def api_keys(self) -> Mapping[str, str | None]:
+        return self.parts.api_keys
+
+    @property
+    def budgets(self) -> Budgets:
+        return self.parts.budgets
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.parts.limiter
+
+    @property
+    def breakers(self) -> Breakers:
+        return self.parts.breakers
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.parts.dispatcher
+
+    @property
+    def auth(self) -> Authenticator:
+        return self.parts.auth
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.parts.gateway
+
     def _install(self, config: Config, breakers: Breakers | None,
-                 budgets: BudgetBook | None) -> None:
-        """Build every config-derived part and swap them in (no await: atomic)."""
+                 budgets: Budgets | None) -> None:
+        """Build every config-derived part and swap them in with one assignment."""
         catalog = Catalog(config)
         server = config.server
         monitor = LoadMonitor(self.client, catalog.all(), interval_s=server.metrics_interval_s,
@@ -108,7 +177,7 @@ class Runtime:
         dispatcher = Dispatcher(
             self.upstream, monitor, translators, api_keys,
             breakers=breakers, retry=RetryPolicy.from_routing(r),
-            budgets=budgets, local_price=self.local_price,
+            budgets=budgets, local_price=functools.partial(local_price, monitor),
             hosted_price=catalog.hosted_price, recorder=self.recorder,
         )
         auth = Authenticator(config.callers, config.admin_key_sha256,
@@ -122,10 +191,9 @@ class Runtime:
         if reload:
             budgets.reconfigure(config.budget,
                                 {n: c.budget for n, c in config.callers.items()})
-        (self.config, self.catalog, self.monitor, self.api_keys, self.budgets, self.limiter,
-         self.breakers, self.dispatcher, self.auth, self.gateway) = (
-            config, catalog, monitor, api_keys, budgets, limiter, breakers, dispatcher, auth,
-            gateway)
+        self.parts = Parts(config=config, catalog=catalog, monitor=monitor, api_keys=api_keys,
+                           budgets=budgets, limiter=limiter, breakers=breakers,
+                           dispatcher=dispatcher, auth=auth, gateway=gateway)
 
     def _engine_started_at(self, name: str) -> float | None:
         """When the supervisor started the engine's running process (monotonic)."""
@@ -182,12 +250,6 @@ class Runtime:
                      len(cfg.callers))
             self._warn(cfg)
             return cfg
-
-    def local_price(self, b: Backend) -> Price | None:
-        """What a local token costs: the GPU's hourly cost over the throughput the engine
-        delivers now. Charged on output tokens, which is where the GPU time goes."""
-        rate = local_cost_per_mtok(b.gpu_hour_usd, self.monitor.tokens_per_s(b.name))
-        return None if rate is None else Price(input_per_mtok=0.0, output_per_mtok=rate)
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -273,6 +335,14 @@ class Runtime:
                 "open": self.auth.open, "budgets": self.budgets.snapshot(),
                 "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent),
                 "series": self.recorder.series(), "today": self.recorder.today()}
+
+
+def local_price(monitor: LoadMonitor, b: Backend) -> Price | None:
+    """What a local token costs: the GPU's hourly cost over the throughput the engine
+    delivers now (by the monitor of the parts the call started with). Charged on output
+    tokens, which is where the GPU time goes."""
+    rate = local_cost_per_mtok(b.gpu_hour_usd, monitor.tokens_per_s(b.name))
+    return None if rate is None else Price(input_per_mtok=0.0, output_per_mtok=rate)
 
 
 def _refuse_opening(running: Config, new: Config) -> None:

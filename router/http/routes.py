@@ -46,15 +46,15 @@ def build_routes(rt: Runtime) -> APIRouter:
 
     @hot.post("/v1/chat/completions", openapi_extra=CHAT_BODY)
     async def chat(request: Request) -> Response:
-        return await rt.gateway.handle("chat", request.scope, request.receive)
+        return await rt.parts.gateway.handle("chat", request.scope, request.receive)
 
     @hot.post("/v1/completions", openapi_extra=COMPLETIONS_BODY)
     async def completions(request: Request) -> Response:
-        return await rt.gateway.handle("completions", request.scope, request.receive)
+        return await rt.parts.gateway.handle("completions", request.scope, request.receive)
 
     @hot.post("/v1/embeddings", openapi_extra=EMBEDDINGS_BODY)
     async def embeddings(request: Request) -> Response:
-        return await rt.gateway.handle("embeddings", request.scope, request.receive)
+        return await rt.parts.gateway.handle("embeddings", request.scope, request.receive)
 
     r.include_router(hot)
 
@@ -62,19 +62,21 @@ def build_routes(rt: Runtime) -> APIRouter:
     async def explain(request: Request) -> dict[str, Any]:
         """Where a chat completion would go now, and why; calls no upstream."""
         # The same header reading as the routed endpoints (repeated policy headers too).
+        parts = rt.parts  # once: a reload during the body read must not mix two configs
         headers = header_map(request.scope["headers"])
-        principal = rt.auth.caller(headers)
-        body = await read_json(request.receive, rt.config.server.max_body_bytes, headers)
-        return rt.gateway.explain(principal, "chat", body, headers)
+        principal = parts.auth.caller(headers)
+        body = await read_json(request.receive, parts.config.server.max_body_bytes, headers)
+        return parts.gateway.explain(principal, "chat", body, headers)
 
     @r.get("/v1/models", openapi_extra={"responses": ERROR_RESPONSES})
     async def models(request: Request) -> dict[str, Any]:
-        allowed = rt.auth.caller(request.headers).policy.aliases
+        parts = rt.parts
+        allowed = parts.auth.caller(request.headers).policy.aliases
         return {
             "object": "list",
             "data": [
                 {"id": alias, "object": "model", "created": 0, "owned_by": "spillover"}
-                for alias in rt.catalog.aliases if allowed is None or alias in allowed
+                for alias in parts.catalog.aliases if allowed is None or alias in allowed
             ],
         }
 
@@ -83,7 +85,7 @@ def build_routes(rt: Runtime) -> APIRouter:
                     group_by: str | None = None, caller: str | None = None,
                     format: str = "json") -> Response:
         """Usage from the ledger: a caller sees its own, the admin everyone's."""
-        who = rt.auth.viewer(request.headers)
+        who = rt.parts.auth.viewer(request.headers)
         if not who.admin:
             if caller is not None and caller != who.name:
                 raise Forbidden("a caller sees only its own usage", param="caller",
@@ -105,7 +107,7 @@ def build_routes(rt: Runtime) -> APIRouter:
     async def reload(request: Request, allow_open: bool = False) -> dict[str, Any]:
         """Re-read models.yaml; a file that does not validate changes nothing, nor one that
         would remove every caller or the admin key unless `allow_open=true`."""
-        rt.auth.admin(request.headers)
+        rt.parts.auth.admin(request.headers)
         try:
             cfg = await rt.reload(allow_open=allow_open)
         except ConfigError as exc:
@@ -117,7 +119,7 @@ def build_routes(rt: Runtime) -> APIRouter:
 
     @r.get("/status")
     async def status(request: Request, response: Response) -> dict[str, object]:
-        rt.auth.admin(request.headers)
+        rt.parts.auth.admin(request.headers)
         response.headers.update(NO_STORE)
         return rt.status()
 
@@ -125,7 +127,8 @@ def build_routes(rt: Runtime) -> APIRouter:
     async def metrics(request: Request) -> Response:
         # It names callers with their spend: the admin key or a metrics token, unless the
         # operator made it public (server.metrics_public).
-        rt.auth.metrics(request.headers, rt.config.server.metrics_public)
+        parts = rt.parts
+        parts.auth.metrics(request.headers, parts.config.server.metrics_public)
         return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @r.get("/healthz")
@@ -137,7 +140,7 @@ def build_routes(rt: Runtime) -> APIRouter:
         """Open for probes: ready or not. The details (aliases, model ids, engine and host
         load) only with the admin key."""
         ready, detail = rt.readiness()
-        body = detail if rt.auth.is_admin(request.headers) else {"ready": ready}
+        body = detail if rt.parts.auth.is_admin(request.headers) else {"ready": ready}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return r
