@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_CONFIG = "models.yaml"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+_DNS_NAME = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
 # The principals router.routing.auth builds itself: the admin key's, and the keyless one of open
 # mode. A caller under one of these names would share their ledger rows, usage and limits.
 RESERVED_CALLER_NAMES = ("admin", "anonymous")
@@ -48,6 +49,10 @@ class Saturation(_Strict):
     max_inflight: int = Field(default=16, ge=1)
     # Hysteresis: once saturated, accept again only when every load ratio is below this.
     resume_below: float = Field(default=0.7, gt=0, le=1)
+    # Batch-class requests are admitted only while every load ratio is below this line
+    # (interactive ones up to the limits above): the rest is headroom kept for
+    # interactive traffic.
+    batch_below: float = Field(default=0.5, gt=0, le=1)
 
 
 class Timeouts(_Strict):
@@ -64,6 +69,10 @@ _HOSTED_ENDPOINTS: tuple[Endpoint, ...] = ("chat",)
 
 Mode = Literal["latency-first", "cost-first"]
 Use = Literal["commercial", "research"]
+# Traffic classes, most urgent first: a request may be lowered to a later class, never
+# raised past its caller's ceiling.
+Priority = Literal["interactive", "standard", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "standard", "batch")
 
 
 class Budget(_Strict):
@@ -106,6 +115,26 @@ class Caller(_Strict):
     # holds an engine slot, an upstream connection and buffers for as long as its reader
     # takes, so a few slow readers must not take the router from everyone. None: no cap.
     max_concurrent_streams: int | None = Field(default=128, ge=1)
+    # Tiered aliases: whether x-spillover-tier may pin a tier, and the highest tier (1 =
+    # the first, everyday one) this caller may reach, whatever the score (None: any).
+    may_pin_tier: bool = False
+    max_tier: int | None = Field(default=None, ge=1)
+    # The most urgent traffic class this caller may use, and the class of its requests
+    # that name none (None: max_priority). x-spillover-priority may lower it, never raise.
+    max_priority: Priority = "interactive"
+    priority: Priority | None = None
+
+    @model_validator(mode="after")
+    def _priority_within_ceiling(self) -> Caller:
+        if self.priority is not None and (PRIORITIES.index(self.priority)
+                                          < PRIORITIES.index(self.max_priority)):
+            raise ValueError(f"priority {self.priority!r} is above max_priority "
+                             f"{self.max_priority!r}")
+        return self
+
+    @property
+    def default_priority(self) -> Priority:
+        return self.priority or self.max_priority
 
 
 class Routing(_Strict):
@@ -114,6 +143,9 @@ class Routing(_Strict):
     cost_first_max_wait_s: float = Field(default=2.0, ge=0)
     # on-prem-only requests: how long they wait for local capacity before a 503.
     residency_max_wait_s: float = Field(default=10.0, ge=0)
+    # batch-class requests: how long they wait for local headroom before a 503 (they are
+    # never sent hosted at the interactive price).
+    batch_max_wait_s: float = Field(default=10.0, ge=0)
     # Retries of one upstream before the next target; backoff capped and jittered.
     attempts_per_target: int = Field(default=2, ge=1, le=10)
     backoff_initial_s: float = Field(default=0.25, ge=0)
@@ -134,6 +166,11 @@ class LocalDeployment(_Strict):
     served_model_name: str | None = None
     # Managed engines are started by spillover on host:port; set base_url for one run elsewhere.
     base_url: str | None = None
+    # Or a DNS name whose every address is a replica of this deployment (a Kubernetes
+    # headless Service): the router resolves it periodically, each address at `port`.
+    discover: str | None = Field(default=None, pattern=_DNS_NAME)
+    # Engine replicas `spillover deploy k8s` runs (one managed engine otherwise).
+    replicas: int = Field(default=1, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(default=8101, ge=1, le=65535)
     max_model_len: int | None = Field(default=None, ge=16)
@@ -141,6 +178,11 @@ class LocalDeployment(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpus: list[int] = Field(default_factory=list)
     extra_args: list[str] = Field(default_factory=list)
+    # vLLM's --scheduling-policy. "priority" lets an interactive request pass queued batch
+    # work (each request carries its class's vLLM priority). None: "priority" for the
+    # engines spillover starts or deploys, "fcfs" for one at base_url (started by someone
+    # else: set "priority" here once it runs with --scheduling-policy priority).
+    scheduling_policy: Literal["priority", "fcfs"] | None = None
     env: dict[str, str] = Field(default_factory=dict)
     endpoints: list[Endpoint] = Field(default_factory=lambda: list(_LOCAL_ENDPOINTS))
     saturation: Saturation = Field(default_factory=Saturation)
@@ -149,22 +191,38 @@ class LocalDeployment(_Strict):
     # throughput the engine delivers it gives the local cost per token.
     gpu_hour_usd: float = Field(default=0.0, ge=0)
 
+    @model_validator(mode="after")
+    def _one_place(self) -> LocalDeployment:
+        if self.base_url is not None and self.discover is not None:
+            raise ValueError("base_url and discover exclude each other: one engine at a URL, "
+                             "or every address a DNS name resolves to")
+        return self
+
     @property
     def managed(self) -> bool:
-        return self.base_url is None
+        return self.base_url is None and self.discover is None
 
     @property
     def url(self) -> str:
-        return (self.base_url or f"http://{self.host}:{self.port}/v1").rstrip("/")
+        host = self.discover or self.host
+        return (self.base_url or f"http://{host}:{self.port}/v1").rstrip("/")
 
     def model_id(self, alias: str) -> str:
         return self.served_model_name or alias
+
+    @property
+    def engine_scheduling(self) -> Literal["priority", "fcfs"]:
+        return self.scheduling_policy or ("fcfs" if self.base_url is not None else "priority")
 
 
 class HostedOffering(_Strict):
     provider: str
     model: str
     price: Price
+    # What the offering costs for batch work (the lines of /v1/batches a deadline sends to
+    # hosted); None: the ordinary price. La Plateforme bills its Batch API at 50% of the
+    # per-token price (https://docs.mistral.ai/capabilities/batch/, https://mistral.ai/pricing).
+    batch_price: Price | None = None
     endpoints: list[Endpoint] = Field(default_factory=lambda: list(_HOSTED_ENDPOINTS))
     context_length: int | None = Field(default=None, ge=16)
 
@@ -173,14 +231,75 @@ class HostedOffering(_Strict):
         return f"{self.provider}:{self.model}"
 
 
+class ScorerWeights(_Strict):
+    """What each feature of the default tier scorer adds to the score at most (its value,
+    from 0 to 1, times its weight); the score is their sum, capped at 1."""
+
+    prompt_tokens: float = Field(default=0.35, ge=0, le=1)
+    conversation_depth: float = Field(default=0.15, ge=0, le=1)
+    # Tools say "agent", not "hard": their count alone must stay below the top threshold
+    # (spillover check refuses a weight that would let it reach it).
+    tools: float = Field(default=0.10, ge=0, le=1)
+    response_schema: float = Field(default=0.25, ge=0, le=1)
+    code_blocks: float = Field(default=0.20, ge=0, le=1)
+    reasoning: float = Field(default=0.35, ge=0, le=1)
+    requested_length: float = Field(default=0.20, ge=0, le=1)
+
+
+class ScorerScales(_Strict):
+    """Where each feature reaches its full value (1)."""
+
+    prompt_tokens: int = Field(default=4000, ge=1)  # message text, tool definitions excluded
+    conversation_depth: int = Field(default=8, ge=1)  # user turns
+    tools: int = Field(default=16, ge=1)
+    code_blocks: int = Field(default=2, ge=1)
+    reasoning: int = Field(default=3, ge=1)  # distinct reasoning / multi-step markers
+    requested_length: int = Field(default=4096, ge=1)  # max_tokens
+
+
+class Scorer(_Strict):
+    weights: ScorerWeights = Field(default_factory=ScorerWeights)
+    scales: ScorerScales = Field(default_factory=ScorerScales)
+    # A learned scorer: "package.module:function", called with a router.routing.tiers.
+    # RequestView and returning a score in [0, 1]; loaded at start. A failure, a result
+    # out of range or a call over timeout_ms falls back to the default scorer.
+    plugin: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    timeout_ms: float = Field(default=5.0, gt=0, le=1000)
+
+
+class Cascade(_Strict):
+    """Non-streamed answers of a lower tier that say it failed are re-sent one tier up."""
+
+    enabled: bool = True
+    json_schema: bool = True  # the answer does not validate against response_format's schema
+    tool_calls: bool = True  # tool arguments that are not JSON, or a tool not offered
+    length: bool = True  # finish_reason "length" below the requested max_tokens
+
+
 class Alias(_Strict):
     description: str | None = None
     mode: Mode | None = None  # None: routing.mode
     local: list[LocalDeployment] = Field(default_factory=list)
     hosted: list[HostedOffering] = Field(default_factory=list)
+    # A tiered alias: other aliases, everyday first, and the scores between them.
+    tiers: list[str] | None = None
+    thresholds: list[float] = Field(default_factory=list)
+    scorer: Scorer = Field(default_factory=Scorer)
+    # Once escalated, a conversation stays at least at that tier this long (0: never).
+    sticky_s: float = Field(default=900.0, ge=0)
+    cascade: Cascade = Field(default_factory=Cascade)
+    # A tier chosen whose plan is refused (no key for the flagship, residency, budget):
+    # "lower" serves the request on the highest tier below that can, "refuse" answers
+    # the refusal.
+    unusable_tier: Literal["lower", "refuse"] = "lower"
 
     @model_validator(mode="after")
     def _has_backend(self) -> Alias:
+        if self.tiers is not None:
+            if self.local or self.hosted:
+                raise ValueError("a tiered alias names other aliases in 'tiers'; it has no "
+                                 "local deployments or hosted offerings of its own")
+            return self
         if not self.local and not self.hosted:
             raise ValueError("an alias needs at least one local deployment or hosted offering")
         return self
@@ -257,8 +376,29 @@ KNOWN_NONCOMMERCIAL: dict[str, str] = {
 }
 
 
+class Batches(_Strict):
+    """The Batch API (/v1/files, /v1/batches): where the files live, their bounds, and how
+    the scheduler feeds the lines."""
+
+    # Uploaded and result files; None: a "batches" folder beside the SQLite ledger.
+    data_dir: str | None = None
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_lines: int = Field(default=50_000, ge=1)
+    # A line's body above this is refused with its line number (as OpenAI does).
+    max_line_bytes: int = Field(default=1024 * 1024, ge=256)
+    # Lines of one batch in flight at once on the local engines, and on hosted.
+    local_concurrency: int = Field(default=4, ge=1)
+    hosted_concurrency: int = Field(default=8, ge=1)
+    # Share of the window kept in reserve: the remainder goes hosted when the local pace
+    # would finish later than (1 - margin) of the time left.
+    deadline_margin: float = Field(default=0.2, ge=0, lt=1)
+    # How often the scheduler looks for new batches and re-plans running ones.
+    poll_s: float = Field(default=0.5, gt=0)
+
+
 class Config(_Strict):
     server: Server = Field(default_factory=Server)
+    batches: Batches = Field(default_factory=Batches)
     routing: Routing = Field(default_factory=Routing)
     budget: GlobalBudget = Field(default_factory=GlobalBudget)  # global hosted spend
     callers: dict[str, Caller] = Field(default_factory=dict)
@@ -293,6 +433,9 @@ class Config(_Strict):
                 if dep.name in seen:
                     problems.append(f"{where}.name: {dep.name!r} already used in {seen[dep.name]}")
                 seen[dep.name] = where
+                if any(a.split("=", 1)[0] == "--scheduling-policy" for a in dep.extra_args):
+                    problems.append(f"{where}.extra_args: set scheduling_policy instead of "
+                                    "--scheduling-policy (routing reads it)")
                 if dep.managed:
                     key = (dep.host, dep.port)
                     if key in ports:
@@ -332,14 +475,73 @@ class Config(_Strict):
             for alias_name in caller.aliases or ():
                 if alias_name not in self.aliases:
                     problems.append(f"callers.{name}.aliases: unknown alias {alias_name!r}")
+        problems += self._tier_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _tier_problems(self) -> list[str]:
+        problems: list[str] = []
+        for name, alias in self.aliases.items():
+            if alias.tiers is None:
+                continue
+            where = f"aliases.{name}"
+            if len(alias.tiers) < 2:
+                problems.append(f"{where}.tiers: a tiered alias needs at least two tiers")
+            for i, tier in enumerate(alias.tiers):
+                target = self.aliases.get(tier)
+                if target is None:
+                    problems.append(f"{where}.tiers.{i}: unknown alias {tier!r}")
+                elif target.tiers is not None:
+                    cycle = _tier_cycle(self.aliases, name)
+                    problems.append(
+                        f"{where}.tiers.{i}: " + (
+                            f"tiers form a cycle ({' -> '.join(cycle)})" if cycle else
+                            f"{tier!r} is itself tiered (a tier must be a plain alias)"))
+            if len(set(alias.tiers)) != len(alias.tiers):
+                problems.append(f"{where}.tiers: the same alias is named twice")
+            t = alias.thresholds
+            if len(t) != len(alias.tiers) - 1:
+                problems.append(f"{where}.thresholds: {len(alias.tiers)} tiers need "
+                                f"{max(0, len(alias.tiers) - 1)} thresholds, not {len(t)}")
+            for i, value in enumerate(t):
+                if not 0 < value <= 1:
+                    problems.append(f"{where}.thresholds.{i}: {value} is not in (0, 1]")
+                elif i and value <= t[i - 1]:
+                    problems.append(f"{where}.thresholds.{i}: {value} is not above the "
+                                    f"threshold before it ({t[i - 1]}); thresholds go up")
+            if t and alias.scorer.weights.tools >= t[-1]:
+                problems.append(
+                    f"{where}.scorer.weights.tools: {alias.scorer.weights.tools} would let "
+                    f"the tool count alone reach the top tier (threshold {t[-1]})")
+        return problems
 
     def deployments(self) -> Iterable[tuple[str, LocalDeployment]]:
         for alias_name, alias in self.aliases.items():
             for dep in alias.local:
                 yield alias_name, dep
+
+
+def _tier_cycle(aliases: Mapping[str, Alias], start: str) -> list[str] | None:
+    """The names of a cycle through tiered aliases that starts at `start`, if any."""
+    path = [start]
+
+    def walk(name: str) -> list[str] | None:
+        for tier in aliases[name].tiers or ():
+            nxt = aliases.get(tier)
+            if nxt is None or nxt.tiers is None:
+                continue
+            if tier == start:
+                return [*path, tier]
+            if tier in path:
+                continue
+            path.append(tier)
+            if (found := walk(tier)) is not None:
+                return found
+            path.pop()
+        return None
+
+    return walk(start)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,13 +25,13 @@ import psycopg
 
 from router.accounting.budgets import (
     TOLERANCE_USD,
-    Account,
-    BudgetBook,
     Reservation,
-    Window,
     capped,
     day_start,
+    left,
     month_start,
+    report,
+    unlimited,
 )
 from router.accounting.ledger import CallLedger, LedgerError, StoreUnavailable
 from router.accounting.ledger_pg import Conn, HoldReleased, HoldSettled, PgLedger
@@ -76,9 +76,9 @@ class _View:
     at: float = -1.0  # monotonic time of the read
 
 
-class PgBudgetBook(BudgetBook):
-    """BudgetBook over PostgreSQL. reserve() awaits one database transaction; settle()
-    and release() only queue work for the ledger writer, so they stay synchronous."""
+class PgBudgetBook:
+    """`Budgets` in PostgreSQL. reserve() awaits one database transaction; settle() and
+    release() only queue work for the ledger writer, so they stay synchronous."""
 
     def __init__(
         self,
@@ -89,7 +89,7 @@ class PgBudgetBook(BudgetBook):
         hold_ttl_s: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(global_budget, caller_budgets, clock)
+        self._clock = clock
         self._ledger = ledger
         self._hold_ttl_s = hold_ttl_s
         self._limits = {name: budget for name, budget in caller_budgets.items()}
@@ -102,7 +102,7 @@ class PgBudgetBook(BudgetBook):
         self._view_failing = False
 
     def reconfigure(self, global_budget: Budget, caller_budgets: Mapping[str, Budget]) -> None:
-        super().reconfigure(global_budget, caller_budgets)
+        # Nothing of the spend lives here: the new limits apply to the next reservation.
         self._limits = dict(caller_budgets)
         self._global_limit = global_budget
 
@@ -113,7 +113,7 @@ class PgBudgetBook(BudgetBook):
             raise ValueError(f"a reservation must be a non-negative amount, not {amount_usd}")
         caller_limit = capped(self._limits.get(caller, Budget()), self._global_limit)
         r = Reservation(next(self._local_ids), caller, amount_usd)
-        if _unlimited(caller_limit) and _unlimited(self._global_limit):
+        if unlimited(caller_limit) and unlimited(self._global_limit):
             # Nothing to hold against: no round trip. The spend is still counted at settle.
             self._holds[r.id] = None
             return r
@@ -128,9 +128,9 @@ class PgBudgetBook(BudgetBook):
                 state = conn.execute(_STATE, params).fetchone()
                 assert state is not None
                 c_day, c_month, g_day, g_month, c_held, g_held = map(float, state)
-                left = _left(caller_limit, c_day, c_month, c_held)
-                g_left = _left(self._global_limit, g_day, g_month, g_held)
-                lefts = [x for x in (left, g_left) if x is not None]
+                lefts = [x for x in (left(caller_limit, c_day, c_month, c_held),
+                                     left(self._global_limit, g_day, g_month, g_held))
+                         if x is not None]
                 if lefts and amount_usd > max(0.0, min(lefts)) + TOLERANCE_USD:
                     return None, (c_day, c_month, c_held, g_day, g_month, g_held)
                 inserted = conn.execute(
@@ -262,47 +262,41 @@ class PgBudgetBook(BudgetBook):
         else:
             self._view_failing = False
 
-    def _account(self, scope: str, budget: Budget) -> Account:
+    def _scope(self, scope: str) -> _Scope:
+        """What the view says of `scope`; nothing spent or held when the view is from
+        another day or month than the clock's (yesterday's spend says nothing of today)."""
         view = self._fresh_view()
-        s = view.scopes.get(scope, _Scope())
         now = self._clock()
-        current = view.day == day_start(now) and view.month == month_start(now)
-        account = Account(budget)
-        if current:  # a view from yesterday says nothing about today's spend
-            account.daily = Window(view.day, s.daily)
-            account.monthly = Window(view.month, s.monthly)
-            account.reserved = s.held
-        return account
+        if view.day == day_start(now) and view.month == month_start(now):
+            return view.scopes.get(scope, _Scope())
+        return _Scope()
+
+    def _left(self, scope: str, budget: Budget) -> float | None:
+        s = self._scope(scope)
+        return left(budget, s.daily, s.monthly, s.held)
+
+    def _report(self, scope: str, budget: Budget) -> dict[str, object]:
+        s = self._scope(scope)
+        return report(budget, s.daily, s.monthly, s.held)
 
     def allowance(self, caller: str) -> float | None:
-        accounts = [self._account(GLOBAL_SCOPE, self._global_limit)]
         own = capped(self._limits.get(caller, Budget()), self._global_limit)
-        if not _unlimited(own):
-            accounts.append(self._account(scope_of(caller), own))
-        lefts = [left for account in accounts if (left := account.left()) is not None]
+        lefts = [x for x in (self._left(GLOBAL_SCOPE, self._global_limit),
+                             None if unlimited(own) else self._left(scope_of(caller), own))
+                 if x is not None]
         return max(0.0, min(lefts)) if lefts else None
 
     def caller_allowance(self, caller: str) -> float | None:
         own = capped(self._limits.get(caller, Budget()), self._global_limit)
-        left = None if _unlimited(own) else self._account(scope_of(caller), own).left()
-        return None if left is None else max(0.0, left)
+        x = None if unlimited(own) else self._left(scope_of(caller), own)
+        return None if x is None else max(0.0, x)
 
     def snapshot(self) -> dict[str, object]:
         view = self._fresh_view()
         names = set(self._limits)
         names.update(k.removeprefix("caller:") for k in view.scopes if k != GLOBAL_SCOPE)
-        callers = {name: self._account(scope_of(name), self._limits.get(name, Budget())).report()
+        callers = {name: self._report(scope_of(name),
+                                      capped(self._limits.get(name, Budget()),
+                                             self._global_limit))
                    for name in sorted(names)}
-        return {"global": self._account(GLOBAL_SCOPE, self._global_limit).report(),
-                "callers": callers}
-
-
-def _unlimited(budget: Budget) -> bool:
-    return budget.daily_usd is None and budget.monthly_usd is None
-
-
-def _left(budget: Budget, daily: float, monthly: float, held: float) -> float | None:
-    lefts = [limit - spent - held
-             for limit, spent in ((budget.daily_usd, daily), (budget.monthly_usd, monthly))
-             if limit is not None]
-    return min(lefts) if lefts else None
+        return {"global": self._report(GLOBAL_SCOPE, self._global_limit), "callers": callers}

@@ -29,7 +29,7 @@ from router.accounting.ledger_spool import Drain, StoreHealth
 log = logging.getLogger("spillover.ledger")
 
 MEMORY = ":memory:"
-GROUP_KEYS = frozenset({"caller", "alias", "route", "backend", "day"})
+GROUP_KEYS = frozenset({"caller", "alias", "route", "backend", "day", "batch"})
 
 _BUSY_TIMEOUT_MS = 5000
 # Fold the WAL into the database this often (in a worker thread) while rows come in.
@@ -54,7 +54,8 @@ class LedgerRow(NamedTuple):
     ttft_s: float | None
     status: int
     reason: str
-    endpoint: str  # chat | completions | fim | embeddings
+    endpoint: str  # chat | completions | fim | embeddings | messages
+    batch_id: str = ""  # the /v1/batches batch this call was a line of, "" for none
 
 
 _COLUMNS = LedgerRow._fields
@@ -79,7 +80,8 @@ _SCHEMA = (
         ttft_s REAL,
         status INTEGER NOT NULL,
         reason TEXT NOT NULL,
-        endpoint TEXT NOT NULL
+        endpoint TEXT NOT NULL,
+        batch_id TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
     "CREATE INDEX IF NOT EXISTS calls_caller_ts ON calls (caller, ts)",
@@ -267,6 +269,7 @@ class Ledger(LedgerBase):
             with self._read:
                 for statement in _SCHEMA:
                     self._read.execute(statement)
+                _add_batch_column(self._read)
         except BaseException:
             self._read.close()
             raise
@@ -504,6 +507,13 @@ class Ledger(LedgerBase):
                 cursor.close()
 
 
+def _add_batch_column(conn: sqlite3.Connection) -> None:
+    """A ledger written before the Batch API has no batch_id column: add it (once)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(calls)")}
+    if "batch_id" not in columns:
+        conn.execute("ALTER TABLE calls ADD COLUMN batch_id TEXT NOT NULL DEFAULT ''")
+
+
 def _exists(conn: sqlite3.Connection, row: LedgerRow) -> bool:
     return conn.execute(
         "SELECT 1 FROM calls WHERE caller = ? AND ts = ? AND request_id = ? LIMIT 1",
@@ -528,7 +538,7 @@ def usage_sql(
         )
     keys = list(dict.fromkeys(group_by))
     # Only these expressions are ever spliced into SQL; every value is a bound parameter.
-    exprs = [dialect.day if k == "day" else k for k in keys]
+    exprs = [dialect.day if k == "day" else "batch_id" if k == "batch" else k for k in keys]
     select = [f"{expr} AS {key}" for key, expr in zip(keys, exprs, strict=True)]
     select += [
         "COUNT(*)",

@@ -84,8 +84,11 @@ SCHEMA = (
         ttft_s DOUBLE PRECISION,
         status INTEGER NOT NULL,
         reason TEXT NOT NULL,
-        endpoint TEXT NOT NULL
+        endpoint TEXT NOT NULL,
+        batch_id TEXT NOT NULL DEFAULT ''
     )""",
+    # A ledger created before the Batch API gets the column (PostgreSQL >= 9.6).
+    "ALTER TABLE calls ADD COLUMN IF NOT EXISTS batch_id TEXT NOT NULL DEFAULT ''",
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
     "CREATE INDEX IF NOT EXISTS calls_caller_ts ON calls (caller, ts)",
     # Money held for hosted calls in flight, by every replica. A replica that dies leaves

@@ -104,7 +104,7 @@ class Recorder:
             completion_tokens=call.completion_tokens, cost_usd=call.cost_usd or 0.0,
             hosted_equiv_usd=call.hosted_equiv_usd or 0.0,
             latency_s=line["latency_ms"] / 1000, ttft_s=call.ttft_s, status=call.status,
-            reason=call.reason, endpoint=call.facts.endpoint,
+            reason=call.reason, endpoint=call.api or call.facts.endpoint, batch_id=call.batch_id,
         )
 
 
@@ -156,7 +156,7 @@ def entry(call: Call) -> dict[str, Any]:
         "request_id": call.request_id,
         "caller": call.caller,
         "alias": call.facts.alias,
-        "endpoint": call.facts.endpoint,
+        "endpoint": call.api or call.facts.endpoint,
         "stream": call.facts.stream,
         "route": call.route,
         "backend": call.backend,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from router.accounting.budgets import BudgetBook
+from router.accounting.budgets import Budgets, MemoryBudgetBook
 from router.accounting.budgets_pg import PgBudgetBook
 from router.accounting.ledger import MEMORY, CallLedger, Ledger
 from router.accounting.ledger_pg import PgLedger
@@ -44,11 +44,11 @@ def open_ledger(server: Server, env: Mapping[str, str]) -> CallLedger:
 
 
 def budget_book(config: Config, ledger: CallLedger,
-                clock: Callable[[], float] = time.time) -> BudgetBook:
+                clock: Callable[[], float] = time.time) -> Budgets:
     """The book that goes with the ledger: shared through PostgreSQL, or in this process."""
     budgets = {name: caller.budget for name, caller in config.callers.items()}
     if isinstance(ledger, PgLedger):
         # A hold outlives no request: every request ends within request_timeout_s.
         return PgBudgetBook(config.budget, budgets, ledger,
                             hold_ttl_s=config.server.request_timeout_s, clock=clock)
-    return BudgetBook(config.budget, budgets, clock)
+    return MemoryBudgetBook(config.budget, budgets, clock)

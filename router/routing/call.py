@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from router.accounting.budgets import Reservation
 from router.routing.policy import RequestFacts
@@ -41,6 +43,16 @@ class Call:
     usage_seen: bool = False
     usage_estimated: bool = False
     attempts: list[str] = field(default_factory=list)
+    # Tiered aliases: the tier's alias, its score, why that tier (x-spillover-escalation),
+    # and for a lower tier's call the cascade may re-send, what reads its answer: the
+    # trigger it found marks this call wasted.
+    tier: str | None = None
+    tier_score: float | None = None
+    escalation: str | None = None
+    inspect: Callable[[dict[str, Any]], str | None] | None = None
+    wasted: str | None = None
+    api: str | None = None  # the API surface when not the endpoint's own (e.g. "messages")
+    batch_id: str = ""  # a line of /v1/batches: hosted at the batch price, grouped in usage
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -29,17 +29,28 @@ class Backend:
     license_id: str | None = None
     license: License | None = None
     price: Price | None = None
+    batch_price: Price | None = None  # hosted, for batch lines
     context_length: int | None = None
     saturation: Saturation | None = None
     gpus: tuple[int, ...] = ()
     gpu_hour_usd: float = 0.0
+    # A local engine run with vLLM's priority scheduling: requests carry their class's
+    # vLLM priority (an engine without it must not be sent one).
+    priority_scheduling: bool = False
 
 
 class Catalog:
     def __init__(self, config: Config) -> None:
         self._by_alias: dict[str, tuple[Backend, ...]] = {}
         self._by_name: dict[str, Backend] = {}
+        # Tiered aliases have no backends of their own: router.routing.tiers picks one of
+        # their tiers, a plain alias, for each request.
+        self.tiered: dict[str, tuple[str, ...]] = {
+            name: tuple(alias.tiers) for name, alias in config.aliases.items()
+            if alias.tiers is not None}
         for alias_name, alias in config.aliases.items():
+            if alias.tiers is not None:
+                continue
             backends: list[Backend] = []
             for dep in alias.local:
                 backends.append(
@@ -60,6 +71,7 @@ class Catalog:
                         saturation=dep.saturation,
                         gpus=tuple(dep.gpus),
                         gpu_hour_usd=dep.gpu_hour_usd,
+                        priority_scheduling=dep.engine_scheduling == "priority",
                     )
                 )
             for off in alias.hosted:
@@ -77,6 +89,7 @@ class Catalog:
                         endpoints=frozenset(off.endpoints),
                         timeouts=prov.timeouts,
                         price=off.price,
+                        batch_price=off.batch_price,
                         context_length=off.context_length,
                     )
                 )
@@ -87,6 +100,10 @@ class Catalog:
     @property
     def aliases(self) -> Mapping[str, tuple[Backend, ...]]:
         return self._by_alias
+
+    def listed(self) -> list[str]:
+        """Every alias a caller may name: plain and tiered."""
+        return [*self._by_alias, *self.tiered]
 
     def backends(self, alias: str) -> tuple[Backend, ...] | None:
         return self._by_alias.get(alias)

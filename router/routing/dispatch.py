@@ -19,7 +19,7 @@ import anyio
 import orjson
 from starlette.responses import Response
 
-from router.accounting.budgets import BudgetBook
+from router.accounting.budgets import Budgets
 from router.accounting.ledger import StoreUnavailable
 from router.accounting.ledger_spool import RETRY_AFTER_S
 from router.accounting.recorder import Recorder
@@ -36,7 +36,7 @@ from router.errors import (
     to_response,
 )
 from router.http.streaming import EventStream, Relay
-from router.providers import Prepared, Translator, bound_output
+from router.providers import Prepared, Translator, bound_output, engine_priority
 from router.routing.call import Call
 from router.routing.catalog import Backend
 from router.routing.load import LoadMonitor
@@ -76,7 +76,7 @@ class Dispatcher:
         *,
         breakers: Breakers,
         retry: RetryPolicy,
-        budgets: BudgetBook,
+        budgets: Budgets,
         local_price: Callable[[Backend], Price | None],
         hosted_price: Callable[[str], Price | None],
         recorder: Recorder,
@@ -115,6 +115,7 @@ class Dispatcher:
                 call.facts.endpoint, body, backend.model_id, include_usage=True)
             if backend.route == "hosted":
                 bound_output(prep, call.facts.endpoint, call.facts.assumed_max_tokens)
+            engine_priority(prep, call.facts.priority if backend.priority_scheduling else None)
             content = orjson.dumps(prep.body)
             result = await self._target(call, plan, backend, prep, content, headers, failures)
             if result is not None:
@@ -203,6 +204,31 @@ class Dispatcher:
         except TransportError as exc:
             return self._transport_failure(b, exc)
 
+    async def count_prompt(self, b: Backend, body: dict[str, Any],
+                           remaining_s: float) -> int | None:
+        """The prompt's tokens as a local engine's own tokenizer and chat template count
+        them (vLLM's /tokenize, at the server's root); None when it cannot tell."""
+        if b.route != "local":
+            return None
+        prep = self._translators[b.name].request("chat", body, b.model_id,
+                                                 include_usage=False)
+        payload = {k: v for k, v in prep.body.items() if k in ("model", "messages", "tools")}
+        url = b.base_url.removesuffix("/v1") + "/tokenize"
+        try:
+            resp = await self._upstream.post(url, orjson.dumps(payload),
+                                             {"content-type": "application/json"},
+                                             b.timeouts, remaining_s)
+            data = await resp.read()
+        except TransportError:
+            return None
+        if resp.status != 200:
+            return None
+        try:
+            count = orjson.loads(data).get("count")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+
     async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
                     headers: dict[str, str]) -> Response | _Failure:
         self._monitor.acquire(b.name)
@@ -233,6 +259,8 @@ class Dispatcher:
             if self._translators[b.name].response(prep, data):
                 payload = orjson.dumps(data)
             self._usage(call, b, data.get("usage"))
+            if call.inspect is not None:  # a tiered call the cascade may re-send
+                call.wasted = call.inspect(data)
         call.ttft_s = time.monotonic() - call.started
         await self._finish(call, 200)
         headers_out = self._route_headers(call)
@@ -444,11 +472,15 @@ class Dispatcher:
         call.route, call.backend, call.model_id = b.route, b.label, b.model_id
 
     def _route_headers(self, call: Call) -> dict[str, str]:
-        h = {"x-request-id": call.request_id, "x-spillover-reason": call.reason}
+        h = {"x-request-id": call.request_id, "x-spillover-reason": call.reason,
+             "x-spillover-priority": call.facts.priority}
         if call.route:
             h["x-spillover-route"] = call.route
         if call.backend:
             h["x-spillover-backend"] = call.backend
+        if call.tier is not None:
+            h["x-spillover-tier"] = call.tier
+            h["x-spillover-escalation"] = call.escalation or ""
         return h
 
     def _usage(self, call: Call, b: Backend, usage: Any) -> None:
@@ -471,7 +503,10 @@ class Dispatcher:
         self._cost(call, b)
 
     def _cost(self, call: Call, b: Backend) -> None:
-        price = b.price if b.route == "hosted" else self._local_price(b)
+        if b.route == "hosted":
+            price = b.batch_price if call.batch_id and b.batch_price is not None else b.price
+        else:
+            price = self._local_price(b)
         if price is not None:
             call.cost_usd = price.cost(call.prompt_tokens, call.completion_tokens)
         equiv = self._hosted_price(b.alias)

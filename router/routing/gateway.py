@@ -14,7 +14,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
-from router.accounting.budgets import BudgetBook
+from router.accounting.budgets import Budgets
 from router.accounting.recorder import Recorder
 from router.config import Config, Endpoint
 from router.errors import (
@@ -75,7 +75,7 @@ class Planned:
 
 class Gateway:
     def __init__(self, config: Config, catalog: Catalog, monitor: LoadMonitor,
-                 dispatcher: Dispatcher, *, auth: Authenticator, budgets: BudgetBook,
+                 dispatcher: Dispatcher, *, auth: Authenticator, budgets: Budgets,
                  limiter: RateLimiter, breakers: Breakers, recorder: Recorder,
                  streams: StreamSlots | None = None,
                  keyless: Mapping[str, str] | None = None) -> None:

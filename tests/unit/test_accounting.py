@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from router.accounting.budgets import (
-    BudgetBook,
+    MemoryBudgetBook,
     Reservation,
     day_start,
     local_cost_per_mtok,
     month_start,
 )
-from router.accounting.ledger import Ledger, LedgerRow
+from router.accounting.ledger import MEMORY, Ledger, LedgerRow
+from router.accounting.storage import budget_book
 from router.config import Budget
 from tests.unit.helpers import config
 
@@ -38,8 +39,8 @@ def book(
     monthly: float | None = None,
     callers: dict[str, Budget] | None = None,
     clock: Clock | None = None,
-) -> BudgetBook:
-    return BudgetBook(
+) -> MemoryBudgetBook:
+    return MemoryBudgetBook(
         Budget(daily_usd=daily, monthly_usd=monthly),
         callers or {},
         clock or Clock("2024-03-10T12:00:00"),
@@ -79,57 +80,58 @@ def test_window_starts() -> None:
     assert month_start(at("2024-01-01T00:00:00")) == at("2024-01-01T00:00:00")
 
 
-def test_no_budget_means_no_allowance_and_reserve_always_succeeds() -> None:
+async def test_no_budget_means_no_allowance_and_reserve_always_succeeds() -> None:
     b = book()
     assert b.allowance("app") is None
-    r = held(b.reserve_now("app", 1e6))
+    r = held(await b.reserve("app", 1e6))
     b.settle(r, 1e6)
     assert b.allowance("app") is None
 
 
-def test_allowance_is_the_least_left_across_windows() -> None:
+async def test_allowance_is_the_least_left_across_windows() -> None:
     b = book(daily=10.0, monthly=100.0, callers={"app": Budget(daily_usd=3.0, monthly_usd=50)})
     assert b.allowance("app") == pytest.approx(3.0)
     assert b.allowance("other") == pytest.approx(10.0)  # only the global budget applies
-    b.settle(held(b.reserve_now("other", 0.0)), 8.0)
+    b.settle(held(await b.reserve("other", 0.0)), 8.0)
     assert b.allowance("app") == pytest.approx(2.0)  # global daily now the tightest
-    b.settle(held(b.reserve_now("app", 2.0)), 2.0)
+    b.settle(held(await b.reserve("app", 2.0)), 2.0)
     assert b.allowance("app") == 0.0
     assert b.allowance("other") == 0.0
 
 
-def test_reserve_refuses_over_allowance_and_counts_reservations() -> None:
+async def test_reserve_refuses_over_allowance_and_counts_reservations() -> None:
     b = book(daily=1.0)
-    first = held(b.reserve_now("app", 0.6))
+    first = held(await b.reserve("app", 0.6))
     assert b.allowance("app") == pytest.approx(0.4)
-    assert b.reserve_now("app", 0.5) is None
+    assert await b.reserve("app", 0.5) is None
     assert b.allowance("app") == pytest.approx(0.4)  # a refusal books nothing
     assert first.amount_usd == 0.6 and first.caller == "app"
     with pytest.raises(ValueError):
-        b.reserve_now("app", -0.1)
+        await b.reserve("app", -0.1)
 
 
-def test_float_sums_do_not_refuse_an_exact_fit() -> None:
+async def test_float_sums_do_not_refuse_an_exact_fit() -> None:
     b = book(daily=0.3)
-    assert all(b.reserve_now("app", 0.1) is not None for _ in range(3))
-    assert b.reserve_now("app", 1e-6) is None
+    for _ in range(3):
+        assert await b.reserve("app", 0.1) is not None
+    assert await b.reserve("app", 1e-6) is None
 
 
-def test_settle_with_less_or_more_than_reserved() -> None:
+async def test_settle_with_less_or_more_than_reserved() -> None:
     b = book(daily=1.0)
-    b.settle(held(b.reserve_now("app", 0.5)), 0.2)
+    b.settle(held(await b.reserve("app", 0.5)), 0.2)
     assert b.allowance("app") == pytest.approx(0.8)
-    b.settle(held(b.reserve_now("app", 0.1)), 0.5)  # cost more than estimated: spend is higher
+    b.settle(held(await b.reserve("app", 0.1)), 0.5)  # cost more than estimated: spend is higher
     assert b.allowance("app") == pytest.approx(0.3)
-    b.settle(held(b.reserve_now("app", 0.3)), 0.9)
+    b.settle(held(await b.reserve("app", 0.3)), 0.9)
     assert b.allowance("app") == 0.0  # never negative
     daily = b.snapshot()["global"]["daily"]  # type: ignore[index]
     assert daily == {"limit": 1.0, "spent": pytest.approx(1.6), "reserved": 0.0, "left": 0.0}
 
 
-def test_settling_twice_is_an_error() -> None:
+async def test_settling_twice_is_an_error() -> None:
     b = book(daily=1.0)
-    r = held(b.reserve_now("app", 0.1))
+    r = held(await b.reserve("app", 0.1))
     b.settle(r, 0.1)
     with pytest.raises(ValueError):
         b.settle(r, 0.1)
@@ -137,9 +139,9 @@ def test_settling_twice_is_an_error() -> None:
     assert b.allowance("app") == pytest.approx(0.9)
 
 
-def test_release_gives_the_reservation_back() -> None:
+async def test_release_gives_the_reservation_back() -> None:
     b = book(daily=1.0)
-    r = held(b.reserve_now("app", 0.7))
+    r = held(await b.reserve("app", 0.7))
     assert b.allowance("app") == pytest.approx(0.3)
     b.release(r)
     assert b.allowance("app") == pytest.approx(1.0)
@@ -147,10 +149,10 @@ def test_release_gives_the_reservation_back() -> None:
     assert b.allowance("app") == pytest.approx(1.0)
 
 
-def test_day_rollover_keeps_the_month() -> None:
+async def test_day_rollover_keeps_the_month() -> None:
     clock = Clock("2024-03-10T23:59:00")
     b = book(daily=1.0, monthly=1.5, clock=clock)
-    b.settle(held(b.reserve_now("app", 0.9)), 0.9)
+    b.settle(held(await b.reserve("app", 0.9)), 0.9)
     assert b.allowance("app") == pytest.approx(0.1)
     clock.set("2024-03-11T00:00:01")
     assert b.allowance("app") == pytest.approx(0.6)  # daily fresh, monthly still counts
@@ -162,31 +164,31 @@ def test_day_rollover_keeps_the_month() -> None:
     }
 
 
-def test_month_rollover() -> None:
+async def test_month_rollover() -> None:
     clock = Clock("2024-02-29T18:00:00")
     b = book(monthly=1.0, callers={"app": Budget(daily_usd=5.0)}, clock=clock)
-    b.settle(held(b.reserve_now("app", 1.0)), 1.0)
-    assert b.reserve_now("app", 0.01) is None
+    b.settle(held(await b.reserve("app", 1.0)), 1.0)
+    assert await b.reserve("app", 0.01) is None
     clock.set("2024-03-01T00:00:00")
     assert b.allowance("app") == pytest.approx(1.0)
 
 
-def test_a_reservation_settled_after_midnight_counts_on_the_new_day() -> None:
+async def test_a_reservation_settled_after_midnight_counts_on_the_new_day() -> None:
     clock = Clock("2024-03-10T23:59:59")
     b = book(daily=1.0, clock=clock)
-    r = held(b.reserve_now("app", 0.4))
+    r = held(await b.reserve("app", 0.4))
     clock.set("2024-03-11T00:00:30")
     assert b.allowance("app") == pytest.approx(0.6)  # still held across midnight
     b.settle(r, 0.4)
     assert b.allowance("app") == pytest.approx(0.6)
 
 
-def test_global_budget_is_shared_across_callers() -> None:
+async def test_global_budget_is_shared_across_callers() -> None:
     b = book(daily=1.0, callers={"a": Budget(daily_usd=0.8), "b": Budget()})
-    b.settle(held(b.reserve_now("a", 0.7)), 0.7)
+    b.settle(held(await b.reserve("a", 0.7)), 0.7)
     assert b.allowance("b") == pytest.approx(0.3)
-    assert b.reserve_now("c", 0.4) is None  # an unconfigured caller counts toward global too
-    b.settle(held(b.reserve_now("c", 0.3)), 0.3)
+    assert await b.reserve("c", 0.4) is None  # an unconfigured caller counts toward global too
+    b.settle(held(await b.reserve("c", 0.3)), 0.3)
     assert b.allowance("a") == 0.0
     callers = b.snapshot()["callers"]
     assert isinstance(callers, dict)
@@ -207,7 +209,7 @@ async def test_concurrent_reservations_never_overspend() -> None:
 
     async def request() -> Reservation | None:
         await start.wait()
-        return b.reserve_now("app", 0.1)
+        return await b.reserve("app", 0.1)
 
     tasks = [asyncio.create_task(request()) for _ in range(100)]
     await asyncio.sleep(0)
@@ -260,17 +262,22 @@ async def test_load_restores_spend_from_the_ledger(tmp_path: Path) -> None:
     assert callers["b"]["daily"]["spent"] == pytest.approx(0.125)
 
 
-def test_from_config_takes_the_budgets_of_models_yaml() -> None:
+def test_budget_book_takes_the_budgets_of_models_yaml() -> None:
     cfg = config(budget={"daily_usd": 2.0}, callers={"app": {"budget": {"daily_usd": 0.5}}})
-    b = BudgetBook.from_config(cfg, clock=Clock("2024-03-10T12:00:00"))
+    ledger = Ledger(MEMORY)
+    try:
+        b = budget_book(cfg, ledger, clock=Clock("2024-03-10T12:00:00"))
+    finally:
+        ledger.close()
+    assert isinstance(b, MemoryBudgetBook)
     assert b.allowance("anyone") == pytest.approx(2.0)
     assert b.allowance("app") == pytest.approx(0.5)
 
 
-def test_reconfigure_keeps_spend_and_reservations_in_flight() -> None:
+async def test_reconfigure_keeps_spend_and_reservations_in_flight() -> None:
     b = book(daily=1.0, callers={"app": Budget(daily_usd=0.5), "gone": Budget(daily_usd=0.2)})
-    flying = held(b.reserve_now("app", 0.3))
-    b.settle(held(b.reserve_now("gone", 0.1)), 0.1)
+    flying = held(await b.reserve("app", 0.3))
+    b.settle(held(await b.reserve("gone", 0.1)), 0.1)
     # models.yaml reloaded: tighter global budget, app's limit raised, "gone" removed.
     b.reconfigure(Budget(daily_usd=0.8), {"app": Budget(daily_usd=2.0)})
     assert b.allowance("app") == pytest.approx(0.8 - 0.1 - 0.3)  # global now binds

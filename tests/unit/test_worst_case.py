@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from router.accounting.budgets import BudgetBook
+from router.accounting.budgets import MemoryBudgetBook
 from router.config import Budget, GlobalBudget
 from tests.unit.helpers import World, completion
 from tests.unit.test_brain import auth, brain_config, router, router_app
@@ -117,20 +117,20 @@ async def test_one_caller_cannot_hold_the_whole_global_budget(world: World) -> N
         assert "0.00" not in details.replace("$0.00", "")
 
 
-def test_the_share_caps_every_caller_in_the_book() -> None:
-    book = BudgetBook(GlobalBudget(daily_usd=1.0, max_caller_share=0.25),
-                      {"app": Budget(daily_usd=0.5), "tiny": Budget(daily_usd=0.1)})
+async def test_the_share_caps_every_caller_in_the_book() -> None:
+    book = MemoryBudgetBook(GlobalBudget(daily_usd=1.0, max_caller_share=0.25),
+                            {"app": Budget(daily_usd=0.5), "tiny": Budget(daily_usd=0.1)})
     assert book.allowance("app") == pytest.approx(0.25)
     assert book.allowance("tiny") == pytest.approx(0.1)
     assert book.allowance("stranger") == pytest.approx(0.25)
-    assert book.reserve_now("stranger", 0.3) is None
-    assert book.reserve_now("stranger", 0.2) is not None
-    assert book.reserve_now("stranger", 0.1) is None
+    assert await book.reserve("stranger", 0.3) is None
+    assert await book.reserve("stranger", 0.2) is not None
+    assert await book.reserve("stranger", 0.1) is None
     assert book.caller_allowance("stranger") == pytest.approx(0.05)
-    assert book.reserve_now("app", 0.25) is not None
+    assert await book.reserve("app", 0.25) is not None
     # Global has 0.55 left; a caller sees only its own.
     assert book.caller_allowance("app") == 0.0
-    assert BudgetBook(GlobalBudget(daily_usd=1.0), {}).caller_allowance("app") is None
+    assert MemoryBudgetBook(GlobalBudget(daily_usd=1.0), {}).caller_allowance("app") is None
 
 
 def overlapping(world: World) -> None:

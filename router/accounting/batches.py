@@ -1,0 +1,554 @@
+"""Batch API storage: uploaded files on disk, batches and their lines in the ledger's database.
+
+Files are copied to `data_dir` as they arrive and read back a line at a time: no file is held
+in memory whole. A batch's lines are rows (custom_id, byte offset and length in the input
+file, state, result). Every finished line is committed on its own, so a router killed in
+the middle of a batch resumes from its database: finished lines are never run again, and
+lines that were in flight (claimed, no result) go back to pending at the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from router.config import Batches
+
+# What a line may ask for, as OpenAI's Batch API spells it, and the gateway's endpoint.
+BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+_WINDOW = re.compile(r"(\d{1,7})([smh])")
+_MAX_PROBLEMS = 20  # line problems reported at most (OpenAI reports a list too)
+_CHUNK = 1 << 16
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS batch_files (
+        id TEXT PRIMARY KEY, caller TEXT NOT NULL, purpose TEXT NOT NULL,
+        filename TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL,
+        lines INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE IF NOT EXISTS batches (
+        id TEXT PRIMARY KEY, caller TEXT NOT NULL, input_file_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL, completion_window TEXT NOT NULL, window_s REAL NOT NULL,
+        metadata TEXT, status TEXT NOT NULL, errors TEXT,
+        created_at REAL NOT NULL, in_progress_at REAL, finalizing_at REAL,
+        completed_at REAL, failed_at REAL, expired_at REAL, cancelling_at REAL,
+        cancelled_at REAL, output_file_id TEXT, error_file_id TEXT,
+        total INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX IF NOT EXISTS batches_caller ON batches (caller, created_at)",
+    "CREATE INDEX IF NOT EXISTS batches_status ON batches (status)",
+    """CREATE TABLE IF NOT EXISTS batch_lines (
+        batch_id TEXT NOT NULL, line_no INTEGER NOT NULL, custom_id TEXT NOT NULL,
+        offset_bytes INTEGER NOT NULL, length_bytes INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending', route TEXT NOT NULL DEFAULT '',
+        status_code INTEGER, request_id TEXT, result TEXT, finished_at REAL,
+        PRIMARY KEY (batch_id, line_no)
+    )""",
+    "CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state, line_no)",
+)
+
+
+class BatchStoreError(RuntimeError):
+    """The store refuses an operation; `code` says why in OpenAI's words."""
+
+    def __init__(self, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.code, self.param = message, code, param
+
+
+class FileTooLarge(BatchStoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LineProblem:
+    line: int  # 1-based, as OpenAI reports them
+    code: str
+    message: str
+    param: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param,
+                "line": self.line}
+
+
+class BatchInputError(BatchStoreError):
+    """A batch input file that cannot run: every problem with its line number."""
+
+    def __init__(self, problems: list[LineProblem]) -> None:
+        shown = "; ".join(f"line {p.line}: {p.message}" for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(f"the batch input file is invalid: {shown}{more}",
+                         code="invalid_batch_file", param="file")
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    batch_id: str
+    line_no: int
+    custom_id: str
+    offset: int
+    length: int
+
+
+def window_seconds(window: str) -> float | None:
+    """'24h', '30m', '90s' -> seconds; None if it is no such duration (1 s to 7 days)."""
+    m = _WINDOW.fullmatch(window)
+    if m is None:
+        return None
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    return float(seconds) if 1 <= seconds <= 7 * 86400 else None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(12).hex()}"
+
+
+class BatchStore:
+    """Files, batches and lines. Synchronous and thread-safe: callers on the event loop
+    run it through `asyncio.to_thread`."""
+
+    def __init__(self, db_path: str, data_dir: str | os.PathLike[str], limits: Batches,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.limits = limits
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        if db_path != ":memory:":
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout = 5000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # Each finished line is committed before it counts as done; NORMAL survives a kill -9.
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._lock = threading.Lock()
+        with self._lock:
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # -- files -----------------------------------------------------------------------
+
+    def path(self, file_id: str) -> Path:
+        return self.data_dir / f"{file_id}.jsonl"
+
+    def save_file(self, caller: str, filename: str, purpose: str,
+                  src: IO[bytes]) -> dict[str, Any]:
+        """Copy `src` to the data directory a chunk at a time, bounded by max_file_bytes;
+        a batch input file is checked line by line (BatchInputError with line numbers)."""
+        file_id = new_id("file")
+        dest = self.path(file_id)
+        size = 0
+        try:
+            with dest.open("wb") as out:
+                while chunk := src.read(_CHUNK):
+                    size += len(chunk)
+                    if size > self.limits.max_file_bytes:
+                        raise FileTooLarge(
+                            f"the file is over the {self.limits.max_file_bytes} bytes a file "
+                            "may have (batches.max_file_bytes)", code="file_too_large",
+                            param="file")
+                    out.write(chunk)
+            lines = 0
+            if purpose == "batch":
+                lines = self.check_file(dest)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        now = int(self._clock())
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO batch_files (id, caller, purpose, filename, bytes, created_at, "
+                "lines) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (file_id, caller, purpose, filename[:255], size, now, lines))
+        return file_object(file_id, purpose, filename[:255], size, now)
+
+    def _write_file(self, caller: str, purpose: str, filename: str,
+                    lines: Iterator[bytes]) -> str:
+        file_id = new_id("file")
+        size = 0
+        with self.path(file_id).open("wb") as out:
+            for line in lines:
+                out.write(line)
+                size += len(line)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO batch_files (id, caller, purpose, filename, bytes, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (file_id, caller, purpose, filename, size, int(self._clock())))
+        return file_id
+
+    def get_file(self, caller: str, file_id: str) -> dict[str, Any] | None:
+        """The file object, if `caller` owns it (another caller's file is not there)."""
+        rows = self._rows("SELECT purpose, filename, bytes, created_at FROM batch_files "
+                          "WHERE id = ? AND caller = ? AND deleted = 0", (file_id, caller))
+        if not rows:
+            return None
+        purpose, filename, size, created = rows[0]
+        return file_object(file_id, purpose, filename, size, created)
+
+    def list_files(self, caller: str, purpose: str | None = None) -> list[dict[str, Any]]:
+        sql = ("SELECT id, purpose, filename, bytes, created_at FROM batch_files "
+               "WHERE caller = ? AND deleted = 0")
+        params: tuple[Any, ...] = (caller,)
+        if purpose is not None:
+            sql += " AND purpose = ?"
+            params += (purpose,)
+        return [file_object(*r) for r in self._rows(sql + " ORDER BY created_at DESC", params)]
+
+    def delete_file(self, caller: str, file_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("UPDATE batch_files SET deleted = 1 WHERE id = ? AND "
+                                   "caller = ? AND deleted = 0", (file_id, caller))
+        # A running batch still reads its input: the bytes go once no batch needs them.
+        if cur.rowcount and not self._rows(
+                "SELECT 1 FROM batches WHERE input_file_id = ? AND status "
+                "NOT IN ('completed', 'failed', 'expired', 'cancelled')", (file_id,)):
+            self.path(file_id).unlink(missing_ok=True)
+        return bool(cur.rowcount)
+
+    def check_file(self, path: Path) -> int:
+        """The lines of a batch input file, or BatchInputError naming each bad line."""
+        problems: list[LineProblem] = []
+        count = 0
+        for _ in self._scan(path, problems):
+            count += 1
+        if count == 0 and not problems:
+            problems.append(LineProblem(1, "empty_file", "the file has no request lines"))
+        if problems:
+            raise BatchInputError(problems)
+        return count
+
+    def _scan(self, path: Path,
+              problems: list[LineProblem]) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+        """(line number, offset, length, the parsed line) of each well-formed line; the
+        problems of the others go to `problems`."""
+        seen: dict[str, int] = {}
+        limit = self.limits.max_line_bytes
+        offset = 0
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
+                if len(problems) >= _MAX_PROBLEMS:
+                    return
+                if not raw.strip():
+                    continue  # a blank line (a trailing newline) is no request
+                if number > self.limits.max_lines:
+                    problems.append(LineProblem(number, "too_many_lines",
+                                                f"a batch may have at most "
+                                                f"{self.limits.max_lines} lines"))
+                    return
+                if len(raw) > limit:
+                    problems.append(LineProblem(number, "request_too_large",
+                                                f"the line is over the {limit} bytes a "
+                                                "request may have", "body"))
+                    continue
+                try:
+                    item = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    problems.append(LineProblem(number, "invalid_json",
+                                                "the line is not valid JSON"))
+                    continue
+                why = _line_problem(item)
+                if why is not None:
+                    problems.append(LineProblem(number, why[0], why[1], why[2]))
+                    continue
+                cid = item["custom_id"]
+                if cid in seen:
+                    problems.append(LineProblem(
+                        number, "duplicate_custom_id",
+                        f"custom_id {cid[:64]!r} is already used on line {seen[cid]}",
+                        "custom_id"))
+                    continue
+                seen[cid] = number
+                yield number, start, len(raw), item
+
+    def read_line(self, file_id: str, line: Line) -> dict[str, Any]:
+        with self.path(file_id).open("rb") as f:
+            f.seek(line.offset)
+            item: dict[str, Any] = orjson.loads(f.read(line.length))
+        return item
+
+    # -- batches ---------------------------------------------------------------------
+
+    def create_batch(self, caller: str, input_file_id: str, endpoint: str, window: str,
+                     metadata: dict[str, str] | None,
+                     check: Callable[[dict[str, Any]], tuple[str, str] | None],
+                     ) -> dict[str, Any]:
+        """A new batch of the file's lines; `check(body)` says why a line's body may not
+        run for this caller ((code, message), or None). A line for another endpoint or a
+        refused body fails the batch at once with the line numbers, as OpenAI does."""
+        window_s = window_seconds(window)
+        if window_s is None:
+            raise BatchStoreError("completion_window must be a duration such as '24h', "
+                                  "'30m' or '90s' (at most 7 days)",
+                                  code="invalid_completion_window", param="completion_window")
+        if endpoint not in BATCH_URLS:
+            raise BatchStoreError(f"endpoint must be one of {', '.join(sorted(BATCH_URLS))}",
+                                  code="invalid_endpoint", param="endpoint")
+        rows = self._rows("SELECT purpose FROM batch_files WHERE id = ? AND caller = ? AND "
+                          "deleted = 0", (input_file_id, caller))
+        if not rows:
+            raise BatchStoreError(f"no file {input_file_id[:80]!r}", code="file_not_found",
+                                  param="input_file_id")
+        if rows[0][0] != "batch":
+            raise BatchStoreError("the input file was not uploaded with purpose 'batch'",
+                                  code="invalid_file_purpose", param="input_file_id")
+        problems: list[LineProblem] = []
+        lines: list[tuple[int, str, int, int]] = []
+        for number, offset, length, item in self._scan(self.path(input_file_id), problems):
+            if item["url"] != endpoint:
+                problems.append(LineProblem(
+                    number, "invalid_url", f"the line is for {item['url'][:64]!r}, the batch "
+                    f"for {endpoint}", "url"))
+                continue
+            why = check(item["body"])
+            if why is not None:
+                problems.append(LineProblem(number, why[0], why[1], "body"))
+                continue
+            lines.append((number, item["custom_id"], offset, length))
+        batch_id = new_id("batch")
+        now = self._clock()
+        status = "failed" if problems else "validating"
+        errors = (orjson.dumps({"object": "list", "data": [p.as_dict() for p in problems]})
+                  .decode() if problems else None)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO batches (id, caller, input_file_id, endpoint, "
+                    "completion_window, window_s, metadata, status, errors, created_at, "
+                    "failed_at, total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (batch_id, caller, input_file_id, endpoint, window, window_s,
+                     orjson.dumps(metadata).decode() if metadata else None, status, errors,
+                     now, now if problems else None, 0 if problems else len(lines)))
+                if not problems:
+                    self._db.executemany(
+                        "INSERT INTO batch_lines (batch_id, line_no, custom_id, offset_bytes, "
+                        "length_bytes) VALUES (?, ?, ?, ?, ?)",
+                        [(batch_id, *line) for line in lines])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        out = self.get_batch(caller, batch_id)
+        assert out is not None
+        return out
+
+    def get_batch(self, caller: str | None, batch_id: str) -> dict[str, Any] | None:
+        sql = f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?"
+        params: tuple[Any, ...] = (batch_id,)
+        if caller is not None:
+            sql += " AND caller = ?"
+            params += (caller,)
+        rows = self._rows(sql, params)
+        return self._batch_object(rows[0]) if rows else None
+
+    def list_batches(self, caller: str, after: str | None, limit: int) -> list[dict[str, Any]]:
+        sql = f"SELECT {_BATCH_COLUMNS} FROM batches WHERE caller = ?"
+        params: tuple[Any, ...] = (caller,)
+        if after is not None:
+            sql += (" AND (created_at, id) < (SELECT created_at, id FROM batches "
+                    "WHERE id = ? AND caller = ?)")
+            params += (after, caller)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [self._batch_object(r) for r in self._rows(sql, (*params, limit))]
+
+    def caller_of(self, batch_id: str) -> str | None:
+        rows = self._rows("SELECT caller FROM batches WHERE id = ?", (batch_id,))
+        return rows[0][0] if rows else None
+
+    def counts(self, batch_id: str) -> dict[str, int]:
+        rows = self._rows("SELECT state, COUNT(*) FROM batch_lines WHERE batch_id = ? "
+                          "GROUP BY state", (batch_id,))
+        by = dict(rows)
+        return {"total": sum(by.values()), "completed": by.get("done", 0),
+                "failed": by.get("failed", 0), "pending": by.get("pending", 0),
+                "running": by.get("running", 0)}
+
+    def _batch_object(self, r: tuple[Any, ...]) -> dict[str, Any]:
+        (bid, _caller, input_file, endpoint, window, _window_s, metadata, status, errors,
+         created, in_progress, finalizing, completed, failed, expired, cancelling,
+         cancelled, output_file, error_file, total) = r
+        c = self.counts(bid)
+
+        def ts(x: float | None) -> int | None:
+            return None if x is None else int(x)
+
+        return {
+            "id": bid, "object": "batch", "endpoint": endpoint,
+            "errors": None if errors is None else orjson.loads(errors),
+            "input_file_id": input_file, "completion_window": window, "status": status,
+            "output_file_id": output_file, "error_file_id": error_file,
+            "created_at": int(created), "in_progress_at": ts(in_progress),
+            "expires_at": int(created + _window_s), "finalizing_at": ts(finalizing),
+            "completed_at": ts(completed), "failed_at": ts(failed),
+            "expired_at": ts(expired), "cancelling_at": ts(cancelling),
+            "cancelled_at": ts(cancelled),
+            "request_counts": {"total": total, "completed": c["completed"],
+                               "failed": c["failed"]},
+            "metadata": None if metadata is None else orjson.loads(metadata),
+        }
+
+    def active(self) -> list[tuple[str, str, str, str, float, float]]:
+        """Batches the scheduler works on: (id, caller, status, endpoint, created_at,
+        window_s), oldest first."""
+        return [tuple(r) for r in self._rows(  # type: ignore[misc, unused-ignore]
+            "SELECT id, caller, status, endpoint, created_at, window_s FROM batches WHERE "
+            "status IN ('validating', 'in_progress', 'cancelling') ORDER BY created_at")]
+
+    def input_file(self, batch_id: str) -> str:
+        return str(self._rows("SELECT input_file_id FROM batches WHERE id = ?",
+                              (batch_id,))[0][0])
+
+    def set_status(self, batch_id: str, status: str, *, only_from: tuple[str, ...] = ()) -> bool:
+        column = {"in_progress": "in_progress_at", "finalizing": "finalizing_at",
+                  "cancelling": "cancelling_at"}[status]
+        sql = f"UPDATE batches SET status = ?, {column} = ? WHERE id = ?"
+        params: tuple[Any, ...] = (status, self._clock(), batch_id)
+        if only_from:
+            sql += f" AND status IN ({', '.join('?' for _ in only_from)})"
+            params += only_from
+        with self._lock:
+            return bool(self._db.execute(sql, params).rowcount)
+
+    def cancel(self, caller: str, batch_id: str) -> dict[str, Any] | None:
+        """Stop feeding new lines; the scheduler lets in-flight ones finish, then ends it."""
+        if self.get_batch(caller, batch_id) is None:
+            return None
+        self.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))
+        return self.get_batch(caller, batch_id)
+
+    # -- lines -----------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """At start: lines a killed router had in flight have no result; run them again.
+        Finished lines keep theirs and are never run twice."""
+        with self._lock:
+            return self._db.execute("UPDATE batch_lines SET state = 'pending' "
+                                    "WHERE state = 'running'").rowcount
+
+    def claim(self, batch_id: str, n: int, route: str) -> list[Line]:
+        """Up to `n` pending lines, marked running (one transaction: two schedulers on the
+        same database never take the same line)."""
+        if n <= 0:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                "UPDATE batch_lines SET state = 'running', route = ? WHERE batch_id = ? AND "
+                "line_no IN (SELECT line_no FROM batch_lines WHERE batch_id = ? AND "
+                "state = 'pending' ORDER BY line_no LIMIT ?) "
+                "RETURNING line_no, custom_id, offset_bytes, length_bytes",
+                (route, batch_id, batch_id, n)).fetchall()
+        return sorted((Line(batch_id, *r) for r in rows), key=lambda x: x.line_no)
+
+    def finish_line(self, line: Line, *, ok: bool, status_code: int | None,
+                    request_id: str, result: bytes, route: str) -> None:
+        """Commit one line's outcome; a line already finished keeps its first one."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE batch_lines SET state = ?, status_code = ?, request_id = ?, "
+                "result = ?, route = ?, finished_at = ? WHERE batch_id = ? AND line_no = ? "
+                "AND state = 'running'",
+                ("done" if ok else "failed", status_code, request_id, result.decode(),
+                 route, self._clock(), line.batch_id, line.line_no))
+
+    def release(self, line: Line) -> None:
+        """A claimed line not run after all (the router stops): pending again."""
+        with self._lock:
+            self._db.execute("UPDATE batch_lines SET state = 'pending', route = '' WHERE "
+                             "batch_id = ? AND line_no = ? AND state = 'running'",
+                             (line.batch_id, line.line_no))
+
+    def finalize(self, batch_id: str, status: str) -> None:
+        """Write the output and error files and end the batch as `status` (completed,
+        expired or cancelled). Lines that never ran land in the error file as OpenAI
+        reports them (batch_expired, batch_cancelled)."""
+        caller = self.caller_of(batch_id)
+        assert caller is not None
+        self.set_status(batch_id, "finalizing")
+        never = {"expired": ("batch_expired", "This request could not be executed before "
+                             "the completion window expired."),
+                 "cancelled": ("batch_cancelled", "This request was not executed because "
+                               "the batch was cancelled.")}.get(status)
+        out_lines: list[bytes] = []
+        err_lines: list[bytes] = []
+        for line_no, cid, state, code, rid, result in self._rows(
+                "SELECT line_no, custom_id, state, status_code, request_id, result FROM "
+                "batch_lines WHERE batch_id = ? ORDER BY line_no", (batch_id,)):
+            item: dict[str, Any] = {"id": f"batch_req_{batch_id[6:]}_{line_no}",
+                                    "custom_id": cid}
+            if state in ("done", "failed"):
+                item["response"] = {"status_code": code, "request_id": rid,
+                                    "body": orjson.loads(result)}
+                item["error"] = None
+                (out_lines if state == "done" else err_lines).append(
+                    orjson.dumps(item) + b"\n")
+            elif never is not None:
+                item["response"] = None
+                item["error"] = {"code": never[0], "message": never[1]}
+                err_lines.append(orjson.dumps(item) + b"\n")
+        output = (self._write_file(caller, "batch_output", f"{batch_id}_output.jsonl",
+                                   iter(out_lines)) if out_lines else None)
+        errors = (self._write_file(caller, "batch_output", f"{batch_id}_error.jsonl",
+                                   iter(err_lines)) if err_lines else None)
+        column = {"completed": "completed_at", "expired": "expired_at",
+                  "cancelled": "cancelled_at"}[status]
+        with self._lock:
+            self._db.execute(
+                f"UPDATE batches SET status = ?, {column} = ?, output_file_id = ?, "
+                "error_file_id = ? WHERE id = ?",
+                (status, self._clock(), output, errors, batch_id))
+
+
+_BATCH_COLUMNS = ("id, caller, input_file_id, endpoint, completion_window, window_s, metadata, "
+                  "status, errors, created_at, in_progress_at, finalizing_at, completed_at, "
+                  "failed_at, expired_at, cancelling_at, cancelled_at, output_file_id, "
+                  "error_file_id, total")
+
+
+def file_object(file_id: str, purpose: str, filename: str, size: int,
+                created: int) -> dict[str, Any]:
+    return {"id": file_id, "object": "file", "bytes": size, "created_at": created,
+            "filename": filename, "purpose": purpose, "status": "processed",
+            "status_details": None, "expires_at": None}
+
+
+def _line_problem(item: object) -> tuple[str, str, str | None] | None:
+    if not isinstance(item, dict):
+        return "invalid_request", "the line is not a JSON object", None
+    cid = item.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return "missing_custom_id", "the line has no custom_id (a non-empty string)", \
+            "custom_id"
+    if item.get("method") != "POST":
+        return "invalid_method", "method must be POST", "method"
+    url = item.get("url")
+    if url not in BATCH_URLS:
+        return ("invalid_url", f"url must be one of {', '.join(sorted(BATCH_URLS))}", "url")
+    body = item.get("body")
+    if not isinstance(body, dict):
+        return "invalid_body", "body must be a JSON object", "body"
+    if not isinstance(body.get("model"), str):
+        return "missing_model", "body.model must name a model", "body.model"
+    if body.get("stream") is True:
+        return "invalid_body", "a batch request cannot stream", "body.stream"
+    return None
