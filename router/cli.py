@@ -21,7 +21,7 @@ from router.config import (
     load_config,
     model_path_problems,
 )
-from serving.engine import EngineSpec, EngineSupervisor
+from serving.engine import EngineSpec, EngineSupervisor, deployment_spec
 
 log = logging.getLogger("spillover")
 
@@ -61,7 +61,33 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--caller", help="only this caller")
     usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
 
+    deploy = sub.add_parser("deploy", help="render deployment manifests from models.yaml")
+    deploy_sub = deploy.add_subparsers(dest="deploy_target", required=True)
+    k8s = deploy_sub.add_parser("k8s", help="Kubernetes manifests (README: Deploying on "
+                                "Kubernetes)")
+    k8s.add_argument("--config")
+    k8s.add_argument("--out", type=Path, required=True, help="directory for the manifests")
+    k8s.add_argument("--namespace", default="spillover")
+    k8s.add_argument("--router-image", default="spillover-router:latest",
+                     help="the image built from Dockerfile.router")
+    k8s.add_argument("--router-replicas", type=int, default=2)
+    k8s.add_argument("--model-pvc", help="PersistentVolumeClaim holding the models "
+                     "(default: a directory on each GPU node, --model-host-path)")
+    k8s.add_argument("--model-host-path", default="/var/lib/spillover/models")
+    k8s.add_argument("--providers-secret", default="spillover-providers",
+                     help="Secret with one key per provider api_key_env")
+    k8s.add_argument("--database-secret", default="spillover-database",
+                     help="Secret whose key `url` is the shared PostgreSQL URL")
+    k8s.add_argument("--no-database", action="store_true",
+                     help="each router replica keeps its own SQLite ledger (budgets not shared)")
+    k8s.add_argument("--service-monitor", action="store_true",
+                     help="also a Prometheus Operator ServiceMonitor for the routers")
+    k8s.add_argument("--metrics-secret", default="spillover-metrics",
+                     help="Secret whose key `token` Prometheus sends to /metrics")
+
     args = parser.parse_args(argv)
+    if args.command == "deploy":
+        return _deploy_k8s(args)
     if args.command == "check":
         return _check(args.config)
     if args.command == "keys":
@@ -126,6 +152,33 @@ def _database_problem(cfg: Config) -> str | None:
     except PgConfigError as exc:
         return str(exc)
     return None
+
+
+def _deploy_k8s(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serving.k8s import K8sOptions, RenderError, render, write_manifests
+
+    path, cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    opts = K8sOptions(
+        namespace=args.namespace, router_image=args.router_image,
+        router_replicas=args.router_replicas, model_pvc=args.model_pvc,
+        model_host_path=args.model_host_path, providers_secret=args.providers_secret,
+        database_secret=None if args.no_database else args.database_secret,
+        service_monitor=args.service_monitor, metrics_secret=args.metrics_secret)
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        written = write_manifests(render(cfg, raw, opts), args.out)
+    except RenderError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{len(written)} manifests in {args.out}; apply with: kubectl apply -f {args.out}")
+    return 0
 
 
 def _keys_add(name: str) -> int:
@@ -275,22 +328,7 @@ async def _stop_engines(supervisor: EngineSupervisor) -> None:
 
 
 def engine_specs(cfg: Config) -> list[EngineSpec]:
-    return [
-        EngineSpec(
-            name=dep.name,
-            model=dep.model,
-            served_model_name=dep.model_id(alias),
-            host=dep.host,
-            port=dep.port,
-            max_model_len=dep.max_model_len,
-            gpu_memory_utilization=dep.gpu_memory_utilization,
-            tensor_parallel_size=dep.tensor_parallel_size,
-            extra_args=tuple(dep.extra_args),
-            env=tuple(sorted(dep.env.items())),
-        )
-        for alias, dep in cfg.deployments()
-        if dep.managed
-    ]
+    return [deployment_spec(alias, dep) for alias, dep in cfg.deployments() if dep.managed]
 
 
 if __name__ == "__main__":

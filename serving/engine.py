@@ -35,6 +35,8 @@ from types import TracebackType
 import httpx
 import psutil
 
+from router.config import LocalDeployment
+
 _log = logging.getLogger(__name__)
 
 DEFAULT_LOG_TAIL_LINES = 40
@@ -168,6 +170,9 @@ class EngineSpec:
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 1
     extra_args: tuple[str, ...] = ()
+    # vLLM's --scheduling-policy: "priority" serves each request in the order of its
+    # `priority` field (the router sends its traffic class's), then of arrival.
+    scheduling_policy: str = "priority"
     # Pairs rather than a dict so the spec stays immutable and hashable.
     env: tuple[tuple[str, str], ...] = ()
 
@@ -178,6 +183,24 @@ class EngineSpec:
     @property
     def health_url(self) -> str:
         return f"http://{_client_host(self.host)}:{self.port}/health"
+
+
+def deployment_spec(alias: str, dep: LocalDeployment, *, host: str | None = None) -> EngineSpec:
+    """The engine of one local deployment of models.yaml, as `spillover serve` starts it
+    (and as `spillover deploy k8s` runs it, with host set to every interface)."""
+    return EngineSpec(
+        name=dep.name,
+        model=dep.model,
+        served_model_name=dep.model_id(alias),
+        host=dep.host if host is None else host,
+        port=dep.port,
+        max_model_len=dep.max_model_len,
+        gpu_memory_utilization=dep.gpu_memory_utilization,
+        tensor_parallel_size=dep.tensor_parallel_size,
+        extra_args=tuple(dep.extra_args),
+        scheduling_policy=dep.engine_scheduling,
+        env=tuple(sorted(dep.env.items())),
+    )
 
 
 def _client_host(host: str) -> str:
@@ -213,6 +236,7 @@ def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
         cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.tensor_parallel_size != 1:
         cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    cmd += ["--scheduling-policy", spec.scheduling_policy]
     cmd += spec.extra_args
     return cmd
 
