@@ -132,6 +132,10 @@ class Metrics:
         r = self.registry
         self.requests = Counter("spillover_requests", "Requests by outcome",
                                 ["alias", "route", "backend", "reason", "status"], registry=r)
+        # By API surface (chat, completions, fim, embeddings, messages): which clients
+        # the gateway serves, and how each fares.
+        self.api_requests = Counter("spillover_api_requests", "Requests by API and outcome",
+                                    ["api", "route", "status"], registry=r)
         self.latency = Histogram("spillover_request_latency_seconds",
                                  "Time from request to the end of the response",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -171,6 +175,8 @@ class Metrics:
         alias = call.facts.alias if call.facts.alias in self._aliases else "other"
         child = self._child
         child(self.requests, alias, route, call.backend or "", call.reason,
+              str(call.status)).inc()
+        child(self.api_requests, call.api or call.facts.endpoint, route,
               str(call.status)).inc()
         if call.route is None:
             return

@@ -92,17 +92,25 @@ class Gateway:
         self.keyless: Mapping[str, str] = keyless or {}
         self.streams = streams if streams is not None else StreamSlots()
 
-    async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive) -> Response:
+    async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive, *,
+                     api: str | None = None,
+                     prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                     ) -> Response:
+        """`api` names another API surface for the ledger and metrics (e.g. "messages");
+        `prepare` turns its body into the `endpoint`'s body, after authentication."""
         started = time.monotonic()
         headers = header_map(scope["headers"])
         call = Call(request_id=request_id(headers), facts=RequestFacts("", endpoint),
                     started=started, deadline=started + self.config.server.request_timeout_s)
+        call.api = api
         stream_slot: Callable[[], None] | None = None
         routed = False
         try:
             principal = self.auth.caller(headers)
             call.caller = principal.name
             body = await read_json(receive, self.config.server.max_body_bytes, headers)
+            if prepare is not None:
+                body = prepare(body)
             # The caller's text is kept only when it names an alias: anything else would
             # reach the ledger, its CSV export and the dashboard as typed (a formula, say).
             model = body.get("model")

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,19 +62,6 @@ def test_yaml_syntax_error_has_a_line() -> None:
     assert info.value.problems[0].line is not None
 
 
-def test_check_command(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(BAD)
-    cli = [sys.executable, "-m", "router.cli", "check", "--config"]
-    r = subprocess.run([*cli, str(bad)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1
-    assert "line 9: aliases.demo.local.0.port" in r.stderr
-    r = subprocess.run([*cli, str(ROOT / "models.yaml")], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert "ok (1 aliases" in r.stdout
-
-
 def test_research_weights_cannot_be_declared_commercial() -> None:
     text = """
 aliases:
@@ -129,25 +114,6 @@ callers:
   Anonymous:
     use: research
 """
-
-
-def test_reserved_caller_names_are_refused_with_their_line(tmp_path: Path) -> None:
-    """A caller named admin would share the admin's limits and usage; one named anonymous
-    would collect the keyless rows."""
-    with pytest.raises(ConfigError) as info:
-        parse_config(RESERVED, "r.yaml")
-    text = [str(p) for p in info.value.problems]
-    assert any(t.startswith("line 8: callers.admin: the name 'admin' is reserved")
-               for t in text), text
-    assert any(t.startswith("line 10: callers.Anonymous: the name 'Anonymous' is reserved")
-               for t in text), text
-    assert not any("callers.app" in t for t in text), text
-    bad = tmp_path / "reserved.yaml"
-    bad.write_text(RESERVED)
-    r = subprocess.run([sys.executable, "-m", "router.cli", "check", "--config", str(bad)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1
-    assert "line 8: callers.admin: the name 'admin' is reserved" in r.stderr
 
 
 def test_auth_principals_use_reserved_names() -> None:

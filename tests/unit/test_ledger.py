@@ -82,10 +82,10 @@ class Store:
             conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# PostgreSQL runs these same tests in tests/integration/test_ledger_pg.py.
+@pytest.fixture(params=["sqlite"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    pg_url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    return Store(request.param, tmp_path / "sub" / "ledger.db", pg_url)
+    return Store(request.param, tmp_path / "sub" / "ledger.db", None)
 
 
 @pytest.fixture
@@ -167,17 +167,6 @@ async def test_reopening_keeps_rows(store: Store) -> None:
         assert second.spend(since=0) == pytest.approx(0.5)
     finally:
         second.close()
-
-
-async def test_two_pg_ledgers_share_rows_and_create_the_schema_once(pg_url: str) -> None:
-    # Two replicas starting at once: both create the schema, neither fails.
-    target = PgTarget.from_url(pg_url, "TEST_DATABASE_URL")
-    a, b = await asyncio.gather(asyncio.to_thread(PgLedger, target),
-                                asyncio.to_thread(PgLedger, target))
-    async with a, b:
-        await asyncio.gather(a.record(row("from-a")), b.record(row("from-b", ts=NOON + 1)))
-        assert [r.request_id for r in a.rows(since=0, until=NOON + 2)] == ["from-a", "from-b"]
-        assert b.spend(since=0) == pytest.approx(0.02)
 
 
 async def test_spend_since_by_route_and_caller(ledger: Any) -> None:

@@ -1,19 +1,14 @@
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import itertools
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import yaml
 
 from router.accounting.ledger import GROUP_KEYS, CallLedger, Ledger, LedgerRow
-from router.accounting.ledger_pg import PgLedger
-from router.accounting.pg import PgTarget
 from router.accounting.usage import (
     UsageQuery,
     parse_group_by,
@@ -24,9 +19,7 @@ from router.accounting.usage import (
     to_table,
     totals,
 )
-from router.cli import main
 from router.errors import InvalidRequest
-from tests.unit.helpers import BASE_YAML
 
 # 2024-03-10 12:00:00 UTC, and the UTC midnight that began that day.
 NOON = 1710072000.0
@@ -201,12 +194,7 @@ def ledger_row(
     )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[CallLedger]:
-    led: CallLedger = Ledger(":memory:")
-    if request.param == "postgresql":
-        led.close()
-        led = PgLedger(PgTarget.from_url(request.getfixturevalue("pg_url"), "TEST_DB"))
+async def start_with_rows(led: CallLedger) -> None:
     await led.start()
     for r in [
         ledger_row("a1"),
@@ -217,6 +205,13 @@ async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[CallLedger]:
         ledger_row("late", ts=NOON + DAY),  # tomorrow: outside it too
     ]:
         await led.record(r)
+
+
+# PostgreSQL runs the report tests in tests/integration/test_usage_pg.py.
+@pytest.fixture(params=["sqlite"])
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[CallLedger]:
+    led = Ledger(":memory:")
+    await start_with_rows(led)
     yield led
     await led.stop()
 
@@ -420,31 +415,3 @@ def test_to_table_widens_columns_for_long_values() -> None:
     assert spans[0] == (0, len("a-very-long-caller-name"))
     assert lines[2].startswith("a-very-long-caller-name  ")
     assert lines[3].startswith("TOTAL" + " " * (len("a-very-long-caller-name") - 5) + "  ")
-
-
-# -- spillover usage, the command -----------------------------------------------------
-
-
-def test_usage_command_reads_a_postgresql_ledger(
-    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    async def fill() -> None:
-        async with PgLedger(PgTarget.from_url(pg_url, "TEST_DB")) as led:
-            await led.record(ledger_row("a1", ts=time.time()))
-            await led.record(ledger_row("b1", ts=time.time(), caller="batch", route="local"))
-
-    asyncio.run(fill())
-    data = yaml.safe_load(BASE_YAML)
-    data["server"]["database_url_env"] = "SPILLOVER_TEST_DB"
-    cfg = tmp_path / "models.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    monkeypatch.setenv("SPILLOVER_TEST_DB", pg_url)
-    assert main(["usage", "--config", str(cfg), "--group-by", "caller", "--csv"]) == 0
-    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [(r["caller"], r["requests"]) for r in parsed] == [("app", "1"), ("batch", "1")]
-
-    monkeypatch.setenv("SPILLOVER_TEST_DB", "")
-    assert main(["usage", "--config", str(cfg)]) == 1
-    err = capsys.readouterr().err
-    assert "SPILLOVER_TEST_DB" in err and "not set or empty" in err
