@@ -15,6 +15,7 @@ from router.accounting.usage import to_csv, totals
 from router.config import ConfigError
 from router.errors import Forbidden, InvalidRequest
 from router.http.inbound import read_json
+from router.http.messages import ANTHROPIC_DOC, count_tokens, messages
 from router.http.schemas import (
     CHAT_BODY,
     COMPLETIONS_BODY,
@@ -55,6 +56,16 @@ def build_routes(rt: Runtime) -> APIRouter:
     @hot.post("/v1/embeddings", openapi_extra=EMBEDDINGS_BODY)
     async def embeddings(request: Request) -> Response:
         return await rt.parts.gateway.handle("embeddings", request.scope, request.receive)
+
+    # Anthropic's Messages API: its own error shape, so errors never reach the OpenAI
+    # handlers (router.http.messages renders every one).
+    @hot.post("/v1/messages", openapi_extra=ANTHROPIC_DOC)
+    async def anthropic_messages(request: Request) -> Response:
+        return await messages(rt.parts.gateway, request.scope, request.receive)
+
+    @hot.post("/v1/messages/count_tokens", openapi_extra=ANTHROPIC_DOC)
+    async def anthropic_count_tokens(request: Request) -> Response:
+        return await count_tokens(rt.parts.gateway, request.scope, request.receive)
 
     r.include_router(hot)
 

@@ -229,6 +229,31 @@ class Dispatcher:
             return None
         return count if isinstance(count, int) and not isinstance(count, bool) else None
 
+    async def count_prompt(self, b: Backend, body: dict[str, Any],
+                           remaining_s: float) -> int | None:
+        """The prompt's tokens as a local engine's own tokenizer and chat template count
+        them (vLLM's /tokenize, at the server's root); None when it cannot tell."""
+        if b.route != "local":
+            return None
+        prep = self._translators[b.name].request("chat", body, b.model_id,
+                                                 include_usage=False)
+        payload = {k: v for k, v in prep.body.items() if k in ("model", "messages", "tools")}
+        url = b.base_url.removesuffix("/v1") + "/tokenize"
+        try:
+            resp = await self._upstream.post(url, orjson.dumps(payload),
+                                             {"content-type": "application/json"},
+                                             b.timeouts, remaining_s)
+            data = await resp.read()
+        except TransportError:
+            return None
+        if resp.status != 200:
+            return None
+        try:
+            count = orjson.loads(data).get("count")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+
     async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
                     headers: dict[str, str]) -> Response | _Failure:
         self._monitor.acquire(b.name)

@@ -1,0 +1,188 @@
+"""Anthropic's Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`.
+
+A Messages request is turned into a chat completions request (router.providers.anthropic)
+right after the caller is authenticated, and from there takes the chat way through the
+gateway: the same aliases, policies, limits, budgets, failover, headers and ledger row
+(its endpoint recorded as `messages`). The answer is turned back on the way out: a JSON
+Message, a Messages event stream, or an error in Anthropic's shape with its status codes
+(503 becomes 529 `overloaded_error`).
+
+Keys come as `x-api-key` (what Anthropic's SDK sends) or as a Bearer token;
+`anthropic-version` and `anthropic-beta` are accepted and change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope
+
+from router.errors import SpilloverError
+from router.http.inbound import read_json
+from router.http.streaming import EventStream, Relay
+from router.providers.anthropic import (
+    MessageStream,
+    anthropic_error,
+    chat_to_message,
+    error_from_openai,
+    request_to_chat,
+)
+
+if TYPE_CHECKING:
+    from router.routing.gateway import Gateway
+
+log = logging.getLogger("spillover.messages")
+
+ANTHROPIC_DOC: dict[str, Any] = {
+    "description": "Anthropic's Messages API (https://docs.anthropic.com/en/api/messages); "
+                   "routed like a chat completion.",
+}
+
+# Response headers that describe the chat body, not the Message that replaces it.
+_BODY_HEADERS = frozenset({"content-length", "content-type"})
+
+
+def with_api_key(scope: Scope) -> Scope:
+    """The scope with `x-api-key` as a Bearer token when no Authorization came, so the
+    one authenticator reads either."""
+    headers = scope["headers"]
+    names = {k for k, _ in headers}
+    if b"authorization" in names or b"x-api-key" not in names:
+        return scope
+    key = next(v for k, v in headers if k == b"x-api-key")
+    return {**scope, "headers": [*headers, (b"authorization", b"Bearer " + key)]}
+
+
+async def messages(gateway: Gateway, scope: Scope, receive: Receive) -> Response:
+    model: list[str] = []
+    stops: list[str] = []
+
+    def prepare(body: dict[str, Any]) -> dict[str, Any]:
+        chat = request_to_chat(body)
+        model.append(chat["model"])
+        stops.extend(chat.get("stop") or ())
+        return chat
+
+    try:
+        response = await gateway.handle("chat", with_api_key(scope), receive,
+                                        api="messages", prepare=prepare)
+    except SpilloverError as exc:
+        return error_response(exc)
+    except Exception as exc:  # the caller gets Anthropic's shape, the log the detail
+        log.error("unhandled %s on /v1/messages", type(exc).__name__, exc_info=exc)
+        return error_response(SpilloverError("internal error in the gateway", status=500))
+    name = model[0] if model else ""
+    if isinstance(response, EventStream):
+        relay = response.body_iterator
+        end = getattr(relay, "aclose", None)
+        translated = _events(relay, MessageStream(name, tuple(stops)))
+        response.body_iterator = Relay(translated, end) if end is not None else translated
+        _add_request_id(response.headers.get("x-request-id"), response)
+        return response
+    headers = {k: v for k, v in response.headers.items() if k not in _BODY_HEADERS}
+    rid = headers.get("x-request-id")
+    if rid:
+        headers["request-id"] = rid
+    if response.status_code >= 400:
+        status, body = error_from_openai(response.status_code, bytes(response.body), rid)
+        return Response(orjson.dumps(body), status, headers, media_type="application/json")
+    try:
+        data = orjson.loads(bytes(response.body))
+    except orjson.JSONDecodeError:
+        data = {}
+    return Response(orjson.dumps(chat_to_message(data, name, stops)), 200, headers,
+                    media_type="application/json")
+
+
+async def count_tokens(gateway: Gateway, scope: Scope, receive: Receive) -> Response:
+    """The prompt's input tokens: the alias's local engine counts them with its own
+    tokenizer and chat template when it can; otherwise the gateway's estimate (about four
+    characters a token), said so in `x-spillover-token-count`."""
+    from router.routing.gateway import header_map
+
+    try:
+        headers = header_map(with_api_key(scope)["headers"])
+        principal = gateway.auth.caller(headers)
+        body = await read_json(receive, gateway.config.server.max_body_bytes, headers)
+        chat = request_to_chat(body, count_only=True)
+        planned = gateway.plan(principal, "chat", chat, headers)
+        count = None
+        # Only local engines are asked (count_prompt skips hosted ones): counting sends
+        # nothing off-site, whatever the caller's residency.
+        for backend in planned.backends:
+            count = await gateway.dispatcher.count_prompt(
+                backend, chat, gateway.config.server.request_timeout_s)
+            if count is not None:
+                break
+    except SpilloverError as exc:
+        return error_response(exc)
+    except Exception as exc:
+        log.error("unhandled %s on /v1/messages/count_tokens", type(exc).__name__,
+                  exc_info=exc)
+        return error_response(SpilloverError("internal error in the gateway", status=500))
+    how = "engine" if count is not None else "estimate"
+    tokens = count if count is not None else planned.facts.prompt_tokens
+    return Response(orjson.dumps({"input_tokens": tokens}), 200,
+                    {"x-spillover-token-count": how}, media_type="application/json")
+
+
+def error_response(exc: SpilloverError) -> Response:
+    headers = dict(exc.headers)
+    rid = headers.get("x-request-id")
+    if rid:
+        headers["request-id"] = rid
+    message = exc.message
+    if exc.code == "missing_api_key":
+        message = "missing API key: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'"
+    status, body = anthropic_error(exc.status, message, rid)
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def _add_request_id(rid: str | None, response: EventStream) -> None:
+    if rid:
+        response.raw_headers.append((b"request-id", rid.encode("latin-1")))
+
+
+async def _events(relay: AsyncIterable[str | bytes | memoryview],
+                  stream: MessageStream) -> AsyncGenerator[bytes, None]:
+    """The relayed chat events (whole SSE events, one or more a piece) as Messages
+    events. `[DONE]` ends the message; an error event (the upstream broke off, the
+    deadline passed) becomes Anthropic's error event."""
+    async for part in relay:
+        piece = part.encode() if isinstance(part, str) else bytes(part)
+        out: list[bytes] = []
+        for raw in piece.split(b"\n\n"):
+            if not raw.startswith(b"data:"):
+                continue
+            payload = raw[5:].strip()
+            if payload == b"[DONE]":
+                out.extend(stream.done())
+                continue
+            try:
+                data = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            err = data.get("error")
+            if isinstance(err, Mapping):
+                out.append(stream.error(_status_of(err), str(err.get("message", ""))))
+                continue
+            out.extend(stream.feed(data))
+        if out:
+            yield b"".join(out)
+
+
+def _status_of(err: Mapping[str, Any]) -> int:
+    kind = err.get("type")
+    if kind == "timeout_error":
+        return 504
+    if kind == "rate_limit_error":
+        return 429
+    if kind == "service_unavailable":
+        return 503
+    return 500
