@@ -327,6 +327,8 @@ class Server(_Strict):
     request_timeout_s: float = Field(default=300.0, gt=0)
     metrics_interval_s: float = Field(default=0.5, gt=0)
     metrics_stale_s: float = Field(default=5.0, gt=0)
+    # How often local deployments' `discover` names are resolved again (replicas come, go).
+    discover_interval_s: float = Field(default=5.0, gt=0)
     engine_start_timeout_s: float = Field(default=600.0, gt=0)
     max_connections: int = Field(default=512, ge=1)
     # Idle connections the httpx client keeps (engine probes, injected test transports).

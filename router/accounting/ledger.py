@@ -29,7 +29,7 @@ from router.accounting.ledger_spool import Drain, StoreHealth
 log = logging.getLogger("spillover.ledger")
 
 MEMORY = ":memory:"
-GROUP_KEYS = frozenset({"caller", "alias", "route", "backend", "day", "batch"})
+GROUP_KEYS = frozenset({"caller", "alias", "route", "backend", "day", "batch", "priority"})
 
 _BUSY_TIMEOUT_MS = 5000
 # Fold the WAL into the database this often (in a worker thread) while rows come in.
@@ -56,6 +56,11 @@ class LedgerRow(NamedTuple):
     reason: str
     endpoint: str  # chat | completions | fim | embeddings | messages
     batch_id: str = ""  # the /v1/batches batch this call was a line of, "" for none
+    priority: str = "interactive"  # the traffic class: interactive | standard | batch
+    tier: str = ""  # a tiered alias's call: the tier (a plain alias) it went to
+    score: float | None = None  # and the score that chose it (spillover tiers calibrate)
+    escalation: str = ""  # why that tier: none | score | sticky | pinned | capped | ...
+    wasted: str = ""  # the cascade trigger that sent this answer to the next tier
 
 
 _COLUMNS = LedgerRow._fields
@@ -81,7 +86,12 @@ _SCHEMA = (
         status INTEGER NOT NULL,
         reason TEXT NOT NULL,
         endpoint TEXT NOT NULL,
-        batch_id TEXT NOT NULL DEFAULT ''
+        batch_id TEXT NOT NULL DEFAULT '',
+        priority TEXT NOT NULL DEFAULT 'interactive',
+        tier TEXT NOT NULL DEFAULT '',
+        score REAL,
+        escalation TEXT NOT NULL DEFAULT '',
+        wasted TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
     "CREATE INDEX IF NOT EXISTS calls_caller_ts ON calls (caller, ts)",
@@ -270,6 +280,8 @@ class Ledger(LedgerBase):
                 for statement in _SCHEMA:
                     self._read.execute(statement)
                 _add_batch_column(self._read)
+                _add_priority_column(self._read)
+                _add_tier_columns(self._read)
         except BaseException:
             self._read.close()
             raise
@@ -512,6 +524,27 @@ def _add_batch_column(conn: sqlite3.Connection) -> None:
     columns = {r[1] for r in conn.execute("PRAGMA table_info(calls)")}
     if "batch_id" not in columns:
         conn.execute("ALTER TABLE calls ADD COLUMN batch_id TEXT NOT NULL DEFAULT ''")
+
+
+def _add_priority_column(conn: sqlite3.Connection) -> None:
+    """A ledger written before priority classes: its calls were all interactive."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(calls)")}
+    if "priority" not in columns:
+        conn.execute("ALTER TABLE calls ADD COLUMN priority TEXT NOT NULL "
+                     "DEFAULT 'interactive'")
+
+
+def _add_tier_columns(conn: sqlite3.Connection) -> None:
+    """A ledger written before tiered aliases: its calls had no tier."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(calls)")}
+    for name, decl in _TIER_COLUMNS:
+        if name not in columns:
+            conn.execute(f"ALTER TABLE calls ADD COLUMN {name} {decl}")
+
+
+_TIER_COLUMNS = (("tier", "TEXT NOT NULL DEFAULT ''"), ("score", "REAL"),
+                 ("escalation", "TEXT NOT NULL DEFAULT ''"),
+                 ("wasted", "TEXT NOT NULL DEFAULT ''"))
 
 
 def _exists(conn: sqlite3.Connection, row: LedgerRow) -> bool:

@@ -85,10 +85,23 @@ SCHEMA = (
         status INTEGER NOT NULL,
         reason TEXT NOT NULL,
         endpoint TEXT NOT NULL,
-        batch_id TEXT NOT NULL DEFAULT ''
+        batch_id TEXT NOT NULL DEFAULT '',
+        priority TEXT NOT NULL DEFAULT 'interactive',
+        tier TEXT NOT NULL DEFAULT '',
+        score DOUBLE PRECISION,
+        escalation TEXT NOT NULL DEFAULT '',
+        wasted TEXT NOT NULL DEFAULT ''
     )""",
     # A ledger created before the Batch API gets the column (PostgreSQL >= 9.6).
     "ALTER TABLE calls ADD COLUMN IF NOT EXISTS batch_id TEXT NOT NULL DEFAULT ''",
+    # And before priority classes: its calls were all interactive.
+    "ALTER TABLE calls ADD COLUMN IF NOT EXISTS priority TEXT NOT NULL "
+    "DEFAULT 'interactive'",
+    # And before tiered aliases.
+    "ALTER TABLE calls ADD COLUMN IF NOT EXISTS tier TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE calls ADD COLUMN IF NOT EXISTS score DOUBLE PRECISION",
+    "ALTER TABLE calls ADD COLUMN IF NOT EXISTS escalation TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE calls ADD COLUMN IF NOT EXISTS wasted TEXT NOT NULL DEFAULT ''",
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
     "CREATE INDEX IF NOT EXISTS calls_caller_ts ON calls (caller, ts)",
     # Money held for hosted calls in flight, by every replica. A replica that dies leaves

@@ -105,6 +105,9 @@ class Recorder:
             hosted_equiv_usd=call.hosted_equiv_usd or 0.0,
             latency_s=line["latency_ms"] / 1000, ttft_s=call.ttft_s, status=call.status,
             reason=call.reason, endpoint=call.api or call.facts.endpoint, batch_id=call.batch_id,
+            priority=call.facts.priority,
+            tier=call.tier or "", score=call.tier_score,
+            escalation=(call.escalation or "").partition(";")[0], wasted=call.wasted or "",
         )
 
 
@@ -151,12 +154,21 @@ _TODAY = ("requests", "local", "hosted", "errors", "cost_usd", "hosted_cost_usd"
 
 
 def entry(call: Call) -> dict[str, Any]:
+    out = _entry(call)
+    if call.tier is not None:  # a tiered alias's call: which tier, why, and if wasted
+        out.update(tier=call.tier, tier_score=call.tier_score,
+                   escalation=(call.escalation or "").partition(";")[0], wasted=call.wasted)
+    return out
+
+
+def _entry(call: Call) -> dict[str, Any]:
     return {
         "ts": round(call.wall_started, 3),
         "request_id": call.request_id,
         "caller": call.caller,
         "alias": call.facts.alias,
         "endpoint": call.api or call.facts.endpoint,
+        "priority": call.facts.priority,
         "stream": call.facts.stream,
         "route": call.route,
         "backend": call.backend,

@@ -87,7 +87,7 @@ def build_routes(rt: Runtime) -> APIRouter:
             "object": "list",
             "data": [
                 {"id": alias, "object": "model", "created": 0, "owned_by": "spillover"}
-                for alias in parts.catalog.aliases if allowed is None or alias in allowed
+                for alias in parts.catalog.listed() if allowed is None or alias in allowed
             ],
         }
 

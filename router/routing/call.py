@@ -10,6 +10,7 @@ from typing import Any
 from router.accounting.budgets import Reservation
 from router.routing.policy import RequestFacts
 from router.routing.ratelimit import Admission
+from router.routing.reasons import CallReason
 
 # The alias recorded for a request naming no alias of the catalog: never the caller's text.
 UNKNOWN_ALIAS = "(unknown)"
@@ -28,7 +29,7 @@ class Call:
     route: str | None = None
     backend: str | None = None
     model_id: str | None = None
-    reason: str = ""
+    reason: CallReason = ""  # router.routing.reasons
     status: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -53,6 +54,9 @@ class Call:
     wasted: str | None = None
     api: str | None = None  # the API surface when not the endpoint's own (e.g. "messages")
     batch_id: str = ""  # a line of /v1/batches: hosted at the batch price, grouped in usage
+    # A deployment with several replicas: the one that served it ("address:port") and why.
+    replica: str | None = None
+    replica_why: str | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -34,6 +34,9 @@ class Backend:
     saturation: Saturation | None = None
     gpus: tuple[int, ...] = ()
     gpu_hour_usd: float = 0.0
+    # A DNS name whose every address at `port` is a replica (LocalDeployment.discover).
+    discover: str | None = None
+    port: int | None = None
     # A local engine run with vLLM's priority scheduling: requests carry their class's
     # vLLM priority (an engine without it must not be sent one).
     priority_scheduling: bool = False
@@ -72,6 +75,8 @@ class Catalog:
                         gpus=tuple(dep.gpus),
                         gpu_hour_usd=dep.gpu_hour_usd,
                         priority_scheduling=dep.engine_scheduling == "priority",
+                        discover=dep.discover,
+                        port=dep.port,
                     )
                 )
             for off in alias.hosted:

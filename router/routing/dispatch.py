@@ -41,6 +41,8 @@ from router.routing.call import Call
 from router.routing.catalog import Backend
 from router.routing.load import LoadMonitor
 from router.routing.policy import RoutePlan
+from router.routing.reasons import OutcomeReason, RouteReason
+from router.routing.replicas import conversation_key
 from router.routing.resilience import Breakers, RetryPolicy, parse_retry_after, request_too_large
 from router.upstreams.sse import SSEFramer
 from router.upstreams.transport import TransportError, Upstream, UpstreamResponse
@@ -197,37 +199,26 @@ class Dispatcher:
         return headers
 
     async def _send(self, call: Call, b: Backend, prep: Prepared, content: bytes,
-                    headers: dict[str, str]) -> UpstreamResponse | _Failure:
+                    headers: dict[str, str], base_url: str | None = None,
+                    ) -> UpstreamResponse | _Failure:
         try:
-            return await self._upstream.post(b.base_url + prep.path, content, headers,
-                                             b.timeouts, call.remaining())
+            return await self._upstream.post((base_url or b.base_url) + prep.path, content,
+                                             headers, b.timeouts, call.remaining())
         except TransportError as exc:
-            return self._transport_failure(b, exc)
+            return self._transport_failure(b, exc, call.replica)
 
-    async def count_prompt(self, b: Backend, body: dict[str, Any],
-                           remaining_s: float) -> int | None:
-        """The prompt's tokens as a local engine's own tokenizer and chat template count
-        them (vLLM's /tokenize, at the server's root); None when it cannot tell."""
-        if b.route != "local":
+    def _replica(self, call: Call, b: Backend, prep: Prepared) -> str | None:
+        """A deployment with replicas: the one for this request (its conversation's, while
+        it has room), recorded on the call; its base URL, or None for a single engine."""
+        call.replica = call.replica_why = None
+        if b.route != "local" or b.discover is None:
             return None
-        prep = self._translators[b.name].request("chat", body, b.model_id,
-                                                 include_usage=False)
-        payload = {k: v for k, v in prep.body.items() if k in ("model", "messages", "tools")}
-        url = b.base_url.removesuffix("/v1") + "/tokenize"
-        try:
-            resp = await self._upstream.post(url, orjson.dumps(payload),
-                                             {"content-type": "application/json"},
-                                             b.timeouts, remaining_s)
-            data = await resp.read()
-        except TransportError:
+        picked = self._monitor.pick(b.name, conversation_key(call.caller, prep.body))
+        if picked is None:
             return None
-        if resp.status != 200:
-            return None
-        try:
-            count = orjson.loads(data).get("count")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None
-        return count if isinstance(count, int) and not isinstance(count, bool) else None
+        call.replica, url, choice = picked
+        call.replica_why = choice.why
+        return url
 
     async def count_prompt(self, b: Backend, body: dict[str, Any],
                            remaining_s: float) -> int | None:
@@ -256,17 +247,19 @@ class Dispatcher:
 
     async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
                     headers: dict[str, str]) -> Response | _Failure:
-        self._monitor.acquire(b.name)
+        url = self._replica(call, b, prep)
+        replica = call.replica
+        self._monitor.acquire(b.name, replica)
         try:
-            resp = await self._send(call, b, prep, content, headers)
+            resp = await self._send(call, b, prep, content, headers, url)
             if isinstance(resp, _Failure):
                 return resp
             try:
                 body = await resp.read()
             except TransportError as exc:
-                return self._transport_failure(b, exc)
+                return self._transport_failure(b, exc, replica)
         finally:
-            self._monitor.release(b.name)
+            self._monitor.release(b.name, replica)
         status = resp.status
         if status in RETRYABLE:
             return self._status_failure(b, status, resp.headers.get("retry-after"), body)
@@ -295,16 +288,18 @@ class Dispatcher:
 
     async def _open_stream(self, call: Call, b: Backend, prep: Prepared, content: bytes,
                            headers: dict[str, str]) -> Response | _Failure:
-        self._monitor.acquire(b.name)
+        url = self._replica(call, b, prep)
+        replica = call.replica
+        self._monitor.acquire(b.name, replica)
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self._monitor.release(b.name)
+                self._monitor.release(b.name, replica)
 
-        resp = await self._send(call, b, prep, content, headers)
+        resp = await self._send(call, b, prep, content, headers, url)
         if isinstance(resp, _Failure):
             release()
             return resp
@@ -331,7 +326,7 @@ class Dispatcher:
             await resp.aclose()
             release()
             if isinstance(exc, TransportError):
-                return self._transport_failure(b, exc)
+                return self._transport_failure(b, exc, replica)
             return _Failure(b, "closed the stream before its first event", 502)
         self._started(call, b)
         call.ttft_s = time.monotonic() - call.started
@@ -442,11 +437,12 @@ class Dispatcher:
         err.message = self._scrub(err.message)
         return err
 
-    def _transport_failure(self, b: Backend, exc: TransportError) -> _Failure:
+    def _transport_failure(self, b: Backend, exc: TransportError,
+                           replica: str | None = None) -> _Failure:
         # Refused means no engine there; a connect that timed out may only be a full
         # connection pool or a busy host, which the probes judge better.
         if exc.connect and not exc.timeout and b.route == "local":
-            self._monitor.mark_down(b.name, f"connect failed: {exc.kind}")
+            self._monitor.mark_down(b.name, f"connect failed: {exc.kind}", replica)
         return _Failure(b, "timed out" if exc.timeout else exc.kind, connect=exc.connect)
 
     async def _give_up(self, call: Call, failures: list[_Failure]) -> Response:
@@ -564,7 +560,7 @@ _DONE = b"data: [DONE]\n\n"
 _BATCH_BYTES = 64 * 1024
 
 
-def _reason(planned: str, failures: list[_Failure]) -> str:
+def _reason(planned: RouteReason, failures: list[_Failure]) -> RouteReason | OutcomeReason:
     if not failures:
         return planned
     last = failures[-1]
