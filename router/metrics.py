@@ -130,6 +130,8 @@ class Metrics:
         self._aliases = frozenset(aliases)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # reason: a token of router.routing.reasons, or the error code of a request refused
+        # before routing; both closed sets, so the label cannot grow without bound either.
         self.requests = Counter("spillover_requests", "Requests by outcome",
                                 ["alias", "route", "backend", "reason", "status"], registry=r)
         # By API surface (chat, completions, fim, embeddings, messages): which clients

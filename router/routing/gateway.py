@@ -35,6 +35,7 @@ from router.routing.load import LoadMonitor
 from router.routing.policy import RequestFacts, RoutePlan, decide
 from router.routing.ratelimit import RateLimiter, StreamSlots
 from router.routing.reasons import ErrorCode, is_reason
+from router.routing.reasons import ErrorCode, is_reason
 from router.routing.resilience import Breakers
 from router.routing.tiers import TierDecision, Tiers, cascade_trigger
 

@@ -12,17 +12,19 @@ from typing import Literal
 
 from router.config import Endpoint, Mode
 from router.routing.catalog import Backend
+from router.routing.reasons import RefusalCode, RouteReason, SkipReason
 
 Force = Literal["local", "hosted", "auto"]
 
 # The order in which a skipped local explains why a request went hosted.
-_LOCAL_REASONS = ("forced", "license", "capability", "context-length", "local-saturated",
-                  "local-down")
+_LOCAL_REASONS: tuple[RouteReason, ...] = (
+    "forced", "license", "capability", "context-length", "local-saturated", "local-down")
 # Skips that time can undo: an engine that comes up or drains, a budget hold released, a
 # breaker closing. A refusal is retryable (503/429 with Retry-After) only when one of its
 # skips is one of these; every other skip (capability, context length, licence, residency,
 # a forced route, the caller's cost cap, a missing API key) stands however long one waits.
-_TRANSIENT = frozenset({"local-down", "local-saturated", "budget", "unavailable"})
+_TRANSIENT: frozenset[SkipReason] = frozenset(
+    {"local-down", "local-saturated", "budget", "unavailable"})
 # Retry-After for a wait with no better estimate: saturated engines drain in seconds.
 RETRY_SOON_S = 5
 
@@ -88,14 +90,14 @@ class EngineLoad:
 @dataclass(frozen=True, slots=True)
 class Skip:
     backend: str
-    reason: str
+    reason: SkipReason
     detail: str
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     status: int  # 400, 403, 429, 503
-    code: str
+    code: RefusalCode  # also the response's x-spillover-reason
     message: str
     # Whole seconds after which the same request may be answered; None when waiting cannot
     # change the answer (then the status is never 429, and 503 only for a gateway that
@@ -106,7 +108,7 @@ class Refusal:
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
     targets: tuple[Backend, ...]
-    reason: str
+    reason: RouteReason
     skipped: tuple[Skip, ...] = ()
     refusal: Refusal | None = None
     # Waiting could change the answer: every local is only saturated, and either the mode
@@ -138,8 +140,9 @@ def decide(
     hosted: list[tuple[float, Backend]] = []
 
     for b in backends:
-        why = (("no-api-key", f"${keyless[b.name]} is not set")
-               if b.route == "hosted" and b.name in keyless else _unfit(facts, b, unavailable))
+        why: tuple[SkipReason, str] | None = (
+            ("no-api-key", f"${keyless[b.name]} is not set")
+            if b.route == "hosted" and b.name in keyless else _unfit(facts, b, unavailable))
         if why is not None:
             skipped.append(Skip(b.name, *why))
         elif b.route == "hosted":
@@ -163,7 +166,7 @@ def decide(
     skips = tuple(skipped)
 
     if ready:
-        reason = "forced" if facts.force == "local" else "local-ok"
+        reason: RouteReason = "forced" if facts.force == "local" else "local-ok"
         return RoutePlan(tuple(targets), reason, skips)
     if hosted:
         wait = facts.mode == "cost-first" and bool(saturated)
@@ -174,7 +177,7 @@ def decide(
 
 
 def _unfit(facts: RequestFacts, b: Backend,
-           unavailable: Mapping[str, str]) -> tuple[str, str] | None:
+           unavailable: Mapping[str, str]) -> tuple[SkipReason, str] | None:
     if facts.endpoint not in b.endpoints:
         return "capability", f"does not serve {facts.endpoint}"
     if b.route == "hosted":
@@ -204,7 +207,7 @@ def _unfit(facts: RequestFacts, b: Backend,
     return None
 
 
-def _hosted_reason(skipped: list[Skip], backends: Sequence[Backend]) -> str:
+def _hosted_reason(skipped: list[Skip], backends: Sequence[Backend]) -> RouteReason:
     if not any(b.route == "local" for b in backends):
         return "hosted-only"
     reasons = {s.reason for s in skipped}
