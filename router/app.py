@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from router.config import Config, load_config
 from router.http import GatewayAPI, build_routes, install_error_handlers
 from router.http.dashboard import dashboard_routes
+from router.routing.replicas import Resolver
 from router.runtime import Runtime
 
 log = logging.getLogger("spillover")
@@ -30,10 +31,12 @@ def create_app(
     *,
     config: Config | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    resolver: Resolver | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
     cfg = config or load_config(settings.config_path)
-    runtime = Runtime(cfg, settings.env, transport, config_path=settings.config_path)
+    runtime = Runtime(cfg, settings.env, transport, config_path=settings.config_path,
+                      resolver=resolver)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

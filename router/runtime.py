@@ -27,6 +27,7 @@ from router.routing.dispatch import Dispatcher
 from router.routing.gateway import Gateway
 from router.routing.load import LoadMonitor
 from router.routing.ratelimit import RateLimiter
+from router.routing.replicas import Resolver
 from router.routing.resilience import Breakers, RetryPolicy
 from router.upstreams.h1 import H1Upstream
 from router.upstreams.transport import AiohttpUpstream, HttpxUpstream, Upstream
@@ -70,8 +71,10 @@ class Runtime:
 
     def __init__(self, config: Config, env: Mapping[str, str],
                  transport: httpx.AsyncBaseTransport | None = None,
-                 config_path: str = "models.yaml") -> None:
+                 config_path: str = "models.yaml", resolver: Resolver | None = None) -> None:
         server = config.server
+        # How discovered deployments' DNS names are resolved (tests inject their own).
+        self.resolver = resolver
         self.env = env
         self.config_path = config_path
         self.client = httpx.AsyncClient(
@@ -160,7 +163,8 @@ class Runtime:
         monitor = LoadMonitor(self.client, catalog.all(), interval_s=server.metrics_interval_s,
                               stale_s=server.metrics_stale_s, engine_note=self._engine_note,
                               started_at=self._engine_started_at,
-                              ready_after=self._ready_after)
+                              ready_after=self._ready_after, resolver=self.resolver,
+                              resolve_interval_s=server.discover_interval_s)
         key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
         api_keys = {name: self.env.get(name) for name in key_envs}
         translators = {b.name: translator_for(b.flavour) for b in catalog.all()}

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from router.routing.load import LoadMonitor
 from router.routing.policy import RequestFacts, RoutePlan, decide
 from router.routing.ratelimit import RateLimiter, StreamSlots
 from router.routing.reasons import ErrorCode, is_reason
-from router.routing.reasons import ErrorCode, is_reason
+from router.routing.replicas import conversation_key
 from router.routing.resilience import Breakers
 from router.routing.tiers import TierDecision, Tiers, cascade_trigger
 
@@ -368,7 +368,8 @@ class Gateway:
             "filtered": [{"backend": s.backend, "reason": s.reason, "detail": s.detail}
                          for s in plan.skipped],
             # Only this alias's engines and upstreams: nothing of the other aliases'.
-            "load": {name: e for name, e in self.monitor.status().items() if name in mine},
+            "load": {name: e for name, e in self.monitor.status().items()
+                     if name.partition("@")[0] in mine},
             "breakers": {name: b for name, b in self.breakers.snapshot().items()
                          if name in mine},
             "plan": {
@@ -376,11 +377,24 @@ class Gateway:
                 "reason": plan.reason,
                 "targets": [b.name for b in plan.targets],
                 "would_wait_for_local": plan.wait_for_local,
+                # Deployments with replicas: which one this conversation would go to, why.
+                "replicas": self._replicas_explained(principal.name, body, plan.targets),
                 "refusal": None if refusal is None else {
                     "status": refusal.status, "code": refusal.code,
                     "message": refusal.message},
             },
         }
+
+    def _replicas_explained(self, caller: str, body: dict[str, Any],
+                            targets: Sequence[Backend]) -> dict[str, Any]:
+        key = conversation_key(caller, body)
+        out: dict[str, Any] = {}
+        for b in targets:
+            if b.route == "local" and b.discover is not None:
+                picked = self.monitor.pick(b.name, key)
+                out[b.name] = None if picked is None else {
+                    "replica": picked[0], "why": picked[2].why, "affinity": key is not None}
+        return out
 
 
 def _tier_explained(d: TierDecision) -> dict[str, Any]:

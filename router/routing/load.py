@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.config import Saturation
 from router.routing.catalog import Backend
 from router.routing.policy import EngineLoad
+from router.routing.replicas import Choice, Resolver, choose, dns_resolver, replica_url
 
 log = logging.getLogger("spillover.signals")
 
@@ -67,6 +69,7 @@ class _Engine:
     __slots__ = (
         "_last_tokens",
         "backend",
+        "base_url",
         "down_reason",
         "healthy",
         "inflight",
@@ -79,9 +82,10 @@ class _Engine:
         "up_at",
     )
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, base_url: str | None = None) -> None:
         assert backend.saturation is not None
         self.backend = backend
+        self.base_url = backend.base_url if base_url is None else base_url
         self.sat: Saturation = backend.saturation
         self.healthy = False
         self.down_reason = "not checked yet"
@@ -107,6 +111,8 @@ class LoadMonitor:
         engine_note: Callable[[str], tuple[bool, str] | None] | None = None,
         started_at: Callable[[str], float | None] | None = None,
         ready_after: dict[str, float] | None = None,
+        resolver: Resolver | None = None,
+        resolve_interval_s: float = 5.0,
     ) -> None:
         self._client = client
         # When this process started the engine's current process (monotonic), if it runs:
@@ -118,7 +124,15 @@ class LoadMonitor:
         # Not running: nothing that answers on the port is ours (an orphan, another
         # program), so the engine is down whatever the probes say.
         self._engine_note = engine_note
-        self._engines = {b.name: _Engine(b) for b in backends if b.route == "local"}
+        local = [b for b in backends if b.route == "local"]
+        self._engines = {b.name: _Engine(b) for b in local if b.discover is None}
+        # Deployments found by DNS: name -> replica ("address:port") -> its own engine state.
+        self._discovered = {b.name: b for b in local if b.discover is not None}
+        self._replicas: dict[str, dict[str, _Engine]] = {n: {} for n in self._discovered}
+        self._resolve_error: dict[str, str] = {}
+        self._resolver: Resolver = dns_resolver if resolver is None else resolver
+        self._resolve_interval = resolve_interval_s
+        self._resolved_at = float("-inf")
         self._interval = interval_s
         self._stale = stale_s
         self._timeout = httpx.Timeout(probe_timeout_s)
@@ -161,15 +175,47 @@ class LoadMonitor:
                 log.exception("load refresh failed")
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._probe(e) for e in self._engines.values()))
+        now = time.monotonic()
+        if self._discovered and now - self._resolved_at >= self._resolve_interval:
+            self._resolved_at = now
+            await asyncio.gather(*(self._resolve(b) for b in self._discovered.values()))
+        engines = [*self._engines.values(),
+                   *(e for reps in self._replicas.values() for e in reps.values())]
+        await asyncio.gather(*(self._probe(e) for e in engines))
         self._notify()
+
+    async def resolve_now(self) -> None:
+        """Resolve every discovered deployment at the next refresh, not at its interval."""
+        self._resolved_at = float("-inf")
+        await self.refresh()
+
+    async def _resolve(self, b: Backend) -> None:
+        assert b.discover is not None and b.port is not None
+        try:
+            async with asyncio.timeout(self._timeout.connect or 2.0):
+                addresses = await self._resolver(b.discover, b.port)
+        except (OSError, TimeoutError) as exc:
+            # A failed lookup is not an empty answer: the replicas known stay.
+            self._resolve_error[b.name] = f"{b.discover} did not resolve: {exc}"
+            log.warning("deployment %s: %s", b.name, self._resolve_error[b.name])
+            return
+        self._resolve_error.pop(b.name, None)
+        reps = self._replicas[b.name]
+        wanted = {f"{a}:{b.port}" if ":" not in a else f"[{a}]:{b.port}": a
+                  for a in addresses}
+        for gone in set(reps) - set(wanted):
+            log.info("deployment %s: replica %s gone", b.name, gone)
+            del reps[gone]
+        for new in sorted(set(wanted) - set(reps)):
+            log.info("deployment %s: replica %s found", b.name, new)
+            reps[new] = _Engine(b, replica_url(wanted[new], b.port))
 
     async def _probe(self, e: _Engine) -> None:
         note = self._engine_note(e.backend.name) if self._engine_note is not None else None
         if note is not None and not note[0]:
             self._set_down(e, note[1])
             return
-        root = e.backend.base_url.removesuffix("/v1")
+        root = e.base_url.removesuffix("/v1")
         try:
             health, metrics = await asyncio.gather(
                 self._client.get(root + "/health", timeout=self._timeout),
@@ -223,31 +269,62 @@ class LoadMonitor:
         e.down_reason = why
         e.metrics = None
 
-    def mark_down(self, name: str, why: str) -> None:
+    def mark_down(self, name: str, why: str, replica: str | None = None) -> None:
         """A request just failed to connect: do not wait for the next probe to notice."""
-        e = self._engines.get(name)
+        e = (self._engines.get(name) if replica is None
+             else self._replicas.get(name, {}).get(replica))
         if e is not None:
             self._set_down(e, why)
             self._notify()
 
-    def acquire(self, name: str) -> None:
-        e = self._engines.get(name)
+    def acquire(self, name: str, replica: str | None = None) -> None:
+        e = (self._engines.get(name) if replica is None
+             else self._replicas.get(name, {}).get(replica))
         if e is not None:
             e.inflight += 1
 
-    def release(self, name: str) -> None:
-        e = self._engines.get(name)
+    def release(self, name: str, replica: str | None = None) -> None:
+        e = (self._engines.get(name) if replica is None
+             else self._replicas.get(name, {}).get(replica))
         if e is not None and e.inflight > 0:
             e.inflight -= 1
             self._notify()
+
+    def pick(self, name: str, key: str | None = None) -> tuple[str, str, Choice] | None:
+        """For a discovered deployment: (replica, its base URL, why) for a request whose
+        conversation key is `key`; None for a deployment with one engine, or none found."""
+        reps = self._replicas.get(name)
+        if not reps:
+            return None
+        now = time.monotonic()
+        choice = choose([(r, self._load(e, now)) for r, e in reps.items()], key)
+        if choice is None:
+            return None
+        return choice.replica, reps[choice.replica].base_url, choice
+
+    def replicas(self, name: str) -> list[str]:
+        return sorted(self._replicas.get(name, {}))
 
     def view(self, names: Iterable[str] | None = None) -> dict[str, EngineLoad]:
         """The load of every engine, or of `names` only (a request's own candidates)."""
         now = time.monotonic()
         if names is None:
-            return {name: self._load(e, now) for name, e in self._engines.items()}
-        engines = self._engines
-        return {name: self._load(e, now) for name in names if (e := engines.get(name))}
+            out = {name: self._load(e, now) for name, e in self._engines.items()}
+            out.update({name: self._deployment_load(name, now) for name in self._replicas})
+            return out
+        engines, replicas = self._engines, self._replicas
+        return {name: (self._load(e, now) if (e := engines.get(name)) is not None
+                       else self._deployment_load(name, now))
+                for name in names if name in engines or name in replicas}
+
+    def _deployment_load(self, name: str, now: float) -> EngineLoad:
+        """A discovered deployment as routing sees it: as good as its best replica (it
+        spills only when every replica is full or down), with every replica's requests."""
+        loads = [self._load(e, now) for e in self._replicas[name].values()]
+        if not loads:
+            return EngineLoad(healthy=False, saturated=False, score=0.0)
+        best = min(loads, key=lambda x: (not x.healthy, x.saturated, x.score))
+        return dataclasses.replace(best, inflight=sum(x.inflight for x in loads))
 
     def _load(self, e: _Engine, now: float) -> EngineLoad:
         sat = e.sat
@@ -293,7 +370,22 @@ class LoadMonitor:
     def status(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}
         now = time.monotonic()
-        for name, e in self._engines.items():
+        engines = [(name, e) for name, e in self._engines.items()]
+        for name, reps in self._replicas.items():
+            b = self._discovered[name]
+            load = self._deployment_load(name, now)
+            why = self._resolve_error.get(name) or (
+                None if reps else f"{b.discover} resolves to no replica")
+            healthy = [r for r, e in reps.items() if e.healthy]
+            out[name] = {
+                "alias": b.alias, "discover": b.discover, "replicas": sorted(reps),
+                "healthy": load.healthy,
+                "down_reason": why if not healthy else None,
+                "saturated": load.saturated, "score": round(load.score, 3),
+                "inflight": load.inflight, "healthy_replicas": len(healthy),
+            }
+            engines += [(f"{name}@{r}", e) for r, e in sorted(reps.items())]
+        for name, e in engines:
             load = self._load(e, now)
             out[name] = {
                 "alias": e.backend.alias,

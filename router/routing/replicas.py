@@ -1,0 +1,127 @@
+"""Engine replicas of one local deployment found by DNS, and which of them serves a request.
+
+A deployment that names `discover` (a Kubernetes headless Service) has one replica per
+address the name resolves to; the load monitor resolves it periodically and keeps each
+replica's load, health and probes apart (router.routing.load). A request goes to the
+replica that rendezvous hashing of its conversation key ranks first, as long as that one is
+healthy, not saturated and within a bounded share of the in-flight load (so one hot
+conversation cannot pile onto a replica), else to the next in that key's order; a request
+without a key goes to the least-loaded replica. Ranking by key keeps a conversation where
+its prefix is already in the engine's KV cache, and a replica set that changes moves only
+the conversations of the replicas that came or went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from router.routing.policy import EngineLoad
+
+# (host, port) -> the addresses it resolves to now; [] when it resolves to nothing (every
+# replica gone). Raising OSError means the lookup failed: the last answer is kept.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+# A replica may hold this factor above an even share of the in-flight requests (plus one)
+# before a conversation homed on it moves to its next choice (bounded-load hashing).
+LOAD_BOUND = 1.25
+
+_GONE = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n)}
+
+
+async def dns_resolver(host: str, port: int) -> list[str]:
+    """Every address of host (IPv4 and IPv6), as the system resolver answers now."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno in _GONE:
+            return []  # a headless Service with no ready pod: NXDOMAIN
+        raise
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def replica_url(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/v1"
+
+
+def _weight(key: str, replica: str) -> int:
+    digest = hashlib.blake2b(f"{key}\0{replica}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    replica: str
+    why: str  # affinity | affinity-moved (<home>: <reason>) | least-loaded | only-choice
+
+
+def _usable(load: EngineLoad) -> bool:
+    return load.healthy and not load.saturated
+
+
+def choose(replicas: Sequence[tuple[str, EngineLoad]], key: str | None,
+           bound: float = LOAD_BOUND) -> Choice | None:
+    """The replica for a request with conversation `key` (None: no affinity)."""
+    if not replicas:
+        return None
+    if key is None:
+        pool = [r for r in replicas if _usable(r[1])] or [
+            r for r in replicas if r[1].healthy] or list(replicas)
+        name, _ = min(pool, key=lambda r: (r[1].score, r[1].inflight, r[0]))
+        return Choice(name, "least-loaded")
+    ranked = sorted(replicas, key=lambda r: _weight(key, r[0]), reverse=True)
+    total = sum(load.inflight for _, load in replicas)
+    cap = math.ceil(bound * (total + 1) / len(replicas))
+    home = ranked[0]
+    for name, load in ranked:
+        if _usable(load) and load.inflight < cap:
+            if name == home[0]:
+                return Choice(name, "affinity")
+            return Choice(name, f"affinity-moved ({home[0]}: {_why_not(home[1], cap)})")
+    # Every replica full or down: the home one if it answers at all (the policy decided
+    # to serve locally; the engine queues it), else any that does.
+    alive = [r for r in ranked if r[1].healthy]
+    if alive:
+        return Choice(alive[0][0], "affinity" if alive[0] is home else "only-choice")
+    return Choice(home[0], "only-choice")
+
+
+def _why_not(load: EngineLoad, cap: int) -> str:
+    if not load.healthy:
+        return "down"
+    if load.saturated:
+        return "saturated"
+    return f"over its share ({load.inflight} in flight, bound {cap})"
+
+
+def conversation_key(caller: str, body: dict[str, Any]) -> str | None:
+    """What one conversation's requests share: the caller and its opening (the messages up
+    to the first user turn; a prompt's first characters), which later turns repeat as the
+    prefix the engine has cached. None (no affinity) when the body has neither."""
+    messages = body.get("messages")
+    opening: object
+    if isinstance(messages, list) and messages:
+        end = next((i for i, m in enumerate(messages)
+                    if isinstance(m, dict) and m.get("role") == "user"), 0)
+        opening = messages[:end + 1]
+    elif isinstance(body.get("prompt"), str):
+        opening = body["prompt"][:_PROMPT_PREFIX]
+    else:
+        return None
+    digest = hashlib.blake2b(orjson.dumps(opening, option=orjson.OPT_SORT_KEYS),
+                             digest_size=16, person=b"spillover-conv").hexdigest()
+    return f"{caller}:{digest}"
+
+
+# Characters of a completions prompt that make its conversation key: a system prompt or
+# document the follow-up prompts start with.
+_PROMPT_PREFIX = 1024

@@ -1,0 +1,277 @@
+"""Engine replicas found by DNS: several stand-in engines (one MockTransport handler per
+address) behind a resolver the test controls; conversations kept on their replica."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from router.app import Settings, create_app
+from router.routing.catalog import Catalog
+from router.routing.load import LoadMonitor
+from router.routing.policy import EngineLoad
+from router.routing.replicas import choose, conversation_key
+from tests.unit.helpers import HOSTED, METRICS_IDLE, completion, config
+
+PORT = 8102
+DNS = "vllm-small.spillover.svc.cluster.local"
+YAML = f"""
+server: {{request_timeout_s: 5, metrics_interval_s: 60, discover_interval_s: 60,
+          ledger_path: ":memory:"}}
+providers:
+  mistral: {{kind: mistral, base_url: "{HOSTED}", api_key_env: MISTRAL_API_KEY,
+            timeouts: {{connect: 1, read: 2, write: 1, pool: 1}}}}
+aliases:
+  small:
+    local:
+      - name: small
+        model: mistralai/Mistral-Small-3.2-24B-Instruct-2506
+        license: apache-2.0
+        discover: {DNS}
+        port: {PORT}
+        saturation: {{max_waiting: 0, max_inflight: 2, resume_below: 0.5}}
+    hosted:
+      - provider: mistral
+        model: mistral-small-latest
+        price: {{input_per_mtok: 0.1, output_per_mtok: 0.3}}
+"""
+
+
+@dataclass
+class Fleet:
+    """Stand-in engines at 10.0.0.N:8102 and the DNS answer the router gets."""
+
+    answer: list[str] | OSError = field(default_factory=lambda: ["10.0.0.1", "10.0.0.2"])
+    down: set[str] = field(default_factory=set)
+    served: list[tuple[str, str]] = field(default_factory=list)  # (address, first message)
+    lookups: int = 0
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        assert (host, port) == (DNS, PORT)
+        self.lookups += 1
+        if isinstance(self.answer, OSError):
+            raise self.answer
+        return list(self.answer)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self._handle)
+
+    def _handle(self, req: httpx.Request) -> httpx.Response:
+        host = req.url.host
+        if req.url.host == "api.mistral.test":
+            body = json.loads(req.content)
+            return httpx.Response(200, json=completion(body["model"], "hosted answer"))
+        if host in self.down or req.url.port != PORT:
+            raise httpx.ConnectError("connection refused", request=req)
+        if req.url.path == "/health":
+            return httpx.Response(200)
+        if req.url.path == "/metrics":
+            return httpx.Response(200, text=METRICS_IDLE % {"waiting": 0, "kv": 0.1})
+        body = json.loads(req.content)
+        self.served.append((host, body["messages"][0]["content"]))
+        return httpx.Response(200, json=completion("small", f"from {host}"))
+
+
+def monitor(fleet: Fleet) -> LoadMonitor:
+    client = httpx.AsyncClient(transport=fleet.transport())
+    return LoadMonitor(client, Catalog(config(YAML)).all(), stale_s=60,
+                       resolver=fleet.resolve, resolve_interval_s=60)
+
+
+async def test_replicas_appear_and_disappear_with_the_dns_answer() -> None:
+    fleet = Fleet()
+    mon = monitor(fleet)
+    await mon.refresh()
+    assert mon.replicas("small") == ["10.0.0.1:8102", "10.0.0.2:8102"]
+    status = mon.status()
+    assert status["small"]["healthy_replicas"] == 2
+    assert status["small@10.0.0.1:8102"]["healthy"] is True
+    # The interval has not passed: no new lookup on an ordinary refresh.
+    await mon.refresh()
+    assert fleet.lookups == 1
+    fleet.answer = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    await mon.resolve_now()
+    assert mon.replicas("small") == ["10.0.0.1:8102", "10.0.0.2:8102", "10.0.0.3:8102"]
+    assert mon.view(["small"])["small"].healthy
+    fleet.answer = ["10.0.0.3"]
+    await mon.resolve_now()
+    assert mon.replicas("small") == ["10.0.0.3:8102"]
+    assert "small@10.0.0.1:8102" not in mon.status()
+    # A failed lookup is not an empty answer: the replicas known stay.
+    fleet.answer = OSError("temporary failure in name resolution")
+    await mon.resolve_now()
+    assert mon.replicas("small") == ["10.0.0.3:8102"]
+    # Every replica gone: the deployment is down (routing spills), and says why.
+    fleet.answer = []
+    await mon.resolve_now()
+    assert mon.replicas("small") == []
+    assert not mon.view()["small"].healthy
+    assert "resolves to no replica" in str(mon.status()["small"]["down_reason"])
+    assert mon.pick("small", None) is None
+    fleet.answer = ["10.0.0.2"]
+    await mon.resolve_now()
+    assert mon.view()["small"].healthy
+
+
+async def test_each_replica_has_its_own_health_and_load() -> None:
+    fleet = Fleet(down={"10.0.0.2"})
+    mon = monitor(fleet)
+    await mon.refresh()
+    status = mon.status()
+    assert status["small@10.0.0.1:8102"]["healthy"] is True
+    assert status["small@10.0.0.2:8102"]["healthy"] is False
+    assert mon.view()["small"].healthy  # one replica answering is enough
+    for key in (f"conv-{i}" for i in range(20)):
+        picked = mon.pick("small", key)
+        assert picked is not None and picked[0] == "10.0.0.1:8102"
+        assert picked[1] == "http://10.0.0.1:8102/v1"
+    # In-flight requests saturate one replica; the deployment only when all are.
+    fleet.down.clear()
+    await mon.refresh()
+    mon.acquire("small", "10.0.0.1:8102")
+    mon.acquire("small", "10.0.0.1:8102")
+    view = mon.view()["small"]
+    assert not view.saturated and view.inflight == 2
+    assert mon.status()["small@10.0.0.1:8102"]["saturated"] is True
+    assert all(mon.pick("small", f"c{i}")[0] == "10.0.0.2:8102"  # type: ignore[index]
+               for i in range(10))
+    mon.acquire("small", "10.0.0.2:8102")
+    mon.acquire("small", "10.0.0.2:8102")
+    assert mon.view()["small"].saturated
+    # A failed connect marks that replica down at once, not its sibling.
+    mon.release("small", "10.0.0.2:8102")
+    mon.release("small", "10.0.0.2:8102")
+    mon.mark_down("small", "connect failed", "10.0.0.2:8102")
+    assert mon.status()["small@10.0.0.2:8102"]["healthy"] is False
+    assert mon.status()["small@10.0.0.1:8102"]["healthy"] is True
+
+
+def load(inflight: int = 0, *, healthy: bool = True, saturated: bool = False) -> EngineLoad:
+    return EngineLoad(healthy=healthy, saturated=saturated, score=inflight / 8,
+                      inflight=inflight)
+
+
+def test_a_conversation_keeps_its_replica_and_moves_when_it_must() -> None:
+    names = ["a:1", "b:1", "c:1"]
+    idle = [(n, load()) for n in names]
+    home = choose(idle, "k")
+    assert home is not None and home.why == "affinity"
+    # Stable, and spread: 300 keys land on every replica, none on more than half.
+    homes = [choose(idle, f"k{i}").replica for i in range(300)]  # type: ignore[union-attr]
+    assert all(0 < homes.count(n) < 150 for n in names)
+    for state, word in (({"healthy": False}, "down"), ({"saturated": True}, "saturated")):
+        moved = choose([(n, load(**state) if n == home.replica else load())  # type: ignore[arg-type]
+                        for n in names], "k")
+        assert moved is not None and moved.replica != home.replica
+        assert moved.why.startswith(f"affinity-moved ({home.replica}: {word}")
+    # Bounded load: a home far above an even share gives the conversation up.
+    hot = choose([(n, load(6) if n == home.replica else load(0)) for n in names], "k")
+    assert hot is not None and hot.replica != home.replica and "over its share" in hot.why
+    # No key: least loaded.
+    least = choose([("a:1", load(3)), ("b:1", load(1)), ("c:1", load(2))], None)
+    assert least is not None and (least.replica, least.why) == ("b:1", "least-loaded")
+
+
+def test_a_new_replica_takes_conversations_only_for_itself() -> None:
+    before = [(n, load()) for n in ("a:1", "b:1", "c:1")]
+    after = [*before, ("d:1", load())]
+    moved = 0
+    for i in range(400):
+        old = choose(before, f"k{i}").replica  # type: ignore[union-attr]
+        new = choose(after, f"k{i}").replica  # type: ignore[union-attr]
+        if old != new:
+            moved += 1
+            assert new == "d:1"  # nobody else's conversations reshuffle
+    assert 40 < moved < 180  # about a quarter move to the newcomer
+
+
+def test_conversation_key_is_the_caller_and_the_opening() -> None:
+    turn1 = {"messages": [{"role": "system", "content": "be brief"},
+                          {"role": "user", "content": "plan a trip"}]}
+    turn3 = {"messages": [*turn1["messages"], {"role": "assistant", "content": "ok"},
+                          {"role": "user", "content": "to Lyon"}]}
+    assert conversation_key("app", turn1) == conversation_key("app", turn3)
+    assert conversation_key("app", turn1) != conversation_key("other", turn1)
+    other = {"messages": [{"role": "user", "content": "another chat"}]}
+    assert conversation_key("app", other) != conversation_key("app", turn1)
+    assert conversation_key("app", {"prompt": "x" * 2000}) == conversation_key(
+        "app", {"prompt": "x" * 2000 + "more"})
+    assert conversation_key("app", {"input": "embed me"}) is None
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[httpx.AsyncClient, Fleet]]:
+    fleet = Fleet(answer=["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=config(YAML),
+                     transport=fleet.transport(), resolver=fleet.resolve)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+        yield c, fleet
+
+
+async def test_the_router_serves_each_conversation_from_its_replica(
+        served: tuple[httpx.AsyncClient, Fleet]) -> None:
+    client, fleet = served
+    for turn in range(3):
+        for conv in range(12):
+            messages = [{"role": "user", "content": f"conversation {conv}"}]
+            messages += [{"role": "assistant", "content": "a"},
+                         {"role": "user", "content": "more"}] * turn
+            r = await client.post("/v1/chat/completions",
+                                  json={"model": "small", "messages": messages})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-spillover-route"] == "local"
+            assert r.headers["x-spillover-backend"] == "small"
+    where: dict[str, set[str]] = {}
+    for host, first in fleet.served:
+        where.setdefault(first, set()).add(host)
+    assert len(where) == 12 and all(len(hosts) == 1 for hosts in where.values())
+    assert len({h for hosts in where.values() for h in hosts}) >= 2  # spread, not one
+    status = (await client.get("/status")).json()
+    assert status["engines"]["small"]["replicas"] == [
+        "10.0.0.1:8102", "10.0.0.2:8102", "10.0.0.3:8102"]
+    metrics = (await client.get("/metrics")).text
+    assert 'spillover_engine_healthy{alias="small",engine="small@10.0.0.2:8102"} 1.0' in (
+        metrics)
+
+
+async def test_a_replica_that_refuses_is_left_and_its_conversation_moves(
+        served: tuple[httpx.AsyncClient, Fleet]) -> None:
+    client, fleet = served
+    chat = {"model": "small", "messages": [{"role": "user", "content": "conversation x"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    home = fleet.served[-1][0]
+    fleet.down.add(home)
+    r = await client.post("/v1/chat/completions", json=chat)
+    # The connect failure marks that replica down; this request spills (a local failure
+    # is not retried locally), the next one goes to a sibling.
+    assert r.status_code == 200
+    assert r.headers["x-spillover-route"] == "hosted"
+    assert (await client.get("/status")).json()["engines"][f"small@{home}:8102"][
+        "healthy"] is False
+    r = await client.post("/v1/chat/completions", json=chat)
+    assert r.headers["x-spillover-route"] == "local"
+    assert fleet.served[-1][0] != home
+
+
+async def test_explain_names_the_replica_and_why(
+        served: tuple[httpx.AsyncClient, Fleet]) -> None:
+    client, fleet = served
+    chat = {"model": "small", "messages": [{"role": "user", "content": "conversation y"}]}
+    r = await client.post("/v1/route/explain", json=chat)
+    assert r.status_code == 200, r.text
+    choice = r.json()["plan"]["replicas"]["small"]
+    assert choice["why"] == "affinity" and choice["affinity"] is True
+    assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert choice["replica"] == f"{fleet.served[-1][0]}:8102"  # explain said where it went
+    fleet.down.add(fleet.served[-1][0])
+    status = await client.post("/v1/chat/completions", json=chat)  # marks it down, spills
+    assert status.headers["x-spillover-route"] == "hosted"
+    moved = (await client.post("/v1/route/explain", json=chat)).json()["plan"]["replicas"][
+        "small"]
+    assert moved["replica"] != choice["replica"]
+    assert moved["why"] == f"affinity-moved ({choice['replica']}: down)"
