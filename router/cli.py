@@ -61,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--caller", help="only this caller")
     usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
 
+    tiers = sub.add_parser("tiers", help="tiered aliases")
+    tiers_sub = tiers.add_subparsers(dest="tiers_command", required=True)
+    cal = tiers_sub.add_parser(
+        "calibrate", help="the top threshold that would have escalated a target share of "
+        "recent requests (scores from the ledger, or --from a JSONL file of bodies)")
+    cal.add_argument("--config", default=None)
+    cal.add_argument("--alias", default=None, help="the tiered alias (default: the only one)")
+    cal.add_argument("--target-share", type=float, required=True,
+                     help="the share of requests to send to the top tier, e.g. 0.2")
+    cal.add_argument("--days", type=float, default=7.0, help="ledger rows this recent")
+    cal.add_argument("--from", dest="source", default=None, metavar="FILE.jsonl",
+                     help="score these request bodies instead of reading the ledger")
+
     deploy = sub.add_parser("deploy", help="render deployment manifests from models.yaml")
     deploy_sub = deploy.add_subparsers(dest="deploy_target", required=True)
     k8s = deploy_sub.add_parser("k8s", help="Kubernetes manifests (README: Deploying on "
@@ -94,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return _keys_add(args.name)
     if args.command == "usage":
         return _usage(args)
+    if args.command == "tiers":
+        return _calibrate(args)
     if args.command == "demo-model":
         from serving.demo_model import build_demo_model
 
@@ -227,6 +242,55 @@ def _usage(args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     print(to_csv(rows, q.group_by) if args.csv else to_table(rows, q.group_by))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from router.accounting.ledger import LedgerError
+    from router.accounting.storage import open_ledger
+    from router.routing.calibrate import calibrate, from_bodies, from_ledger, render
+
+    _, cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    tiered = [n for n, a in cfg.aliases.items() if a.tiers is not None]
+    alias = args.alias or (tiered[0] if len(tiered) == 1 else None)
+    if alias not in tiered:
+        print(f"name a tiered alias with --alias ({', '.join(tiered) or 'none in the config'})",
+              file=sys.stderr)
+        return 2
+    if not 0 < args.target_share < 1:
+        print("--target-share must be between 0 and 1", file=sys.stderr)
+        return 2
+    tiers = cfg.aliases[alias].tiers or []
+    if args.source is not None:
+        try:
+            with open(args.source, "rb") as f:
+                samples, skipped = from_bodies(f, cfg, alias)
+        except OSError as exc:
+            print(f"cannot read {args.source}: {exc.strerror}", file=sys.stderr)
+            return 1
+        source = args.source + (f" ({skipped} lines skipped: not chat bodies)"
+                                if skipped else "")
+    else:
+        try:
+            ledger = open_ledger(cfg.server, os.environ)
+        except LedgerError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        try:
+            now = time.time()
+            rows = ledger.rows(since=now - args.days * 86400, until=now + 1, limit=1_000_000)
+        finally:
+            ledger.close()
+        samples = from_ledger(rows, tiers)
+        source = f"the ledger's last {args.days:g} days"
+    if not samples:
+        print(f"no scored requests of {alias} in {source}", file=sys.stderr)
+        return 1
+    print(render(calibrate(cfg, alias, samples, args.target_share), args.target_share, source))
     return 0
 
 

@@ -133,23 +133,35 @@ class Metrics:
         # reason: a token of router.routing.reasons, or the error code of a request refused
         # before routing; both closed sets, so the label cannot grow without bound either.
         self.requests = Counter("spillover_requests", "Requests by outcome",
-                                ["alias", "route", "backend", "reason", "status"], registry=r)
+                                ["alias", "route", "backend", "reason", "status", "priority"],
+                                registry=r)
         # By API surface (chat, completions, fim, embeddings, messages): which clients
         # the gateway serves, and how each fares.
         self.api_requests = Counter("spillover_api_requests", "Requests by API and outcome",
                                     ["api", "route", "status"], registry=r)
         self.latency = Histogram("spillover_request_latency_seconds",
                                  "Time from request to the end of the response",
-                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+                                 ["route", "priority"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("spillover_time_to_first_token_seconds",
                               "Time from request to the first byte of the answer",
-                              ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+                              ["route", "priority"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("spillover_tokens", "Tokens by kind",
                               ["alias", "route", "kind"], registry=r)
         self.cost = Counter("spillover_cost_usd", "What calls cost (hosted price or local "
                             "GPU cost)", ["caller", "route"], registry=r)
         self.saving = Counter("spillover_saving_usd", "Hosted price minus the real cost",
                               ["caller", "route"], registry=r)
+        # Tiered aliases: calls by tier (a plain alias of the catalog) and why that tier
+        # (a closed set: none, score, sticky, pinned, capped, lower, cascade-<trigger>),
+        # what each tier cost, and what the cascade threw away.
+        self.tier_requests = Counter("spillover_tier_requests",
+                                     "Calls of tiered aliases by tier and reason",
+                                     ["tier", "reason"], registry=r)
+        self.tier_cost = Counter("spillover_tier_cost_usd", "What calls of each tier cost",
+                                 ["tier"], registry=r)
+        self.tier_wasted = Counter("spillover_tier_wasted_usd",
+                                   "What answers the cascade re-sent one tier up cost",
+                                   ["tier", "trigger"], registry=r)
 
         # Labelled children by label values: `labels()` locks and rebuilds its key on
         # every call, which showed in the hot path's profile. Bounded like the registry.
@@ -176,15 +188,23 @@ class Metrics:
         route = call.route or "none"
         alias = call.facts.alias if call.facts.alias in self._aliases else "other"
         child = self._child
+        priority = call.facts.priority
         child(self.requests, alias, route, call.backend or "", call.reason,
-              str(call.status)).inc()
+              str(call.status), priority).inc()
         child(self.api_requests, call.api or call.facts.endpoint, route,
               str(call.status)).inc()
+        if call.tier is not None and call.tier in self._aliases:
+            reason = (call.escalation or "").partition(";")[0]
+            child(self.tier_requests, call.tier, reason).inc()
+            if call.cost_usd:
+                child(self.tier_cost, call.tier).inc(call.cost_usd)
+                if call.wasted:
+                    child(self.tier_wasted, call.tier, call.wasted).inc(call.cost_usd)
         if call.route is None:
             return
-        child(self.latency, route).observe(call.elapsed())
+        child(self.latency, route, priority).observe(call.elapsed())
         if call.ttft_s is not None:
-            child(self.ttft, route).observe(call.ttft_s)
+            child(self.ttft, route, priority).observe(call.ttft_s)
         if call.prompt_tokens:
             child(self.tokens, alias, route, "prompt").inc(call.prompt_tokens)
         if call.completion_tokens:

@@ -209,3 +209,18 @@ async def test_sticky_conversation_through_the_gateway(client: httpx.AsyncClient
     r = await client.post("/v1/chat/completions", json=follow, headers=auth("app"))
     assert r.headers["x-spillover-tier"] == "flagship"
     assert r.headers["x-spillover-escalation"].startswith("sticky;")
+
+
+async def test_prometheus_counts_calls_by_tier_and_reason(client: httpx.AsyncClient,
+                                                          world: World) -> None:
+    world.local = lambda req: httpx.Response(200, json=completion("demo", "no json"))
+    await client.post("/v1/chat/completions", json=EASY, headers=auth("app"))
+    await client.post("/v1/chat/completions", json=HARD_BODY, headers=auth("app"))
+    await client.post("/v1/chat/completions", json={**EASY, "response_format": PERSON},
+                      headers=auth("app"))
+    text = client.app.state.runtime.metrics.render().decode()  # type: ignore[attr-defined]
+    assert 'spillover_tier_requests_total{reason="none",tier="demo"} 2.0' in text
+    assert 'spillover_tier_requests_total{reason="score",tier="flagship"} 1.0' in text
+    assert ('spillover_tier_requests_total{reason="cascade-json-schema",tier="flagship"} 1.0'
+            in text)
+    assert 'spillover_tier_cost_usd_total{tier="flagship"}' in text
