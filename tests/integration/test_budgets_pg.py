@@ -22,18 +22,10 @@ from router.accounting.pg import PgConfigError, PgTarget
 from router.accounting.storage import budget_book, database_target, open_ledger
 from router.app import Settings, create_app
 from router.config import Budget, parse_config
-from tests.unit.helpers import BASE_YAML, HOSTED, World, completion
+from tests.unit.helpers import BASE_YAML, HOSTED, Clock, World, completion
 
 NOON = 1710072000.0  # 2024-03-10 12:00 UTC
 TTL = 30.0
-
-
-class Clock:
-    def __init__(self, now: float = NOON) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 Replica = Callable[..., Awaitable[tuple[PgBudgetBook, PgLedger]]]
@@ -52,7 +44,7 @@ async def replica(pg_url: str) -> AsyncIterator[Replica]:
             await stack.enter_async_context(ledger)
             callers = {} if caller_daily is None else {"app": Budget(daily_usd=caller_daily)}
             book = PgBudgetBook(Budget(daily_usd=daily, monthly_usd=monthly), callers, ledger,
-                                hold_ttl_s=TTL, clock=clock or Clock())
+                                hold_ttl_s=TTL, clock=clock or Clock(NOON))
             book.load(ledger)
             return book, ledger
 
@@ -125,7 +117,7 @@ async def test_settle_release_and_the_view(replica: Replica, pg_url: str) -> Non
 
 
 async def test_a_restart_remembers_spend(replica: Replica) -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     first, ledger = await replica(daily=1.0, monthly=1.5, clock=clock)
     r = await first.reserve("app", 0.9)
     assert r is not None
@@ -139,7 +131,7 @@ async def test_a_restart_remembers_spend(replica: Replica) -> None:
 
 
 async def test_holds_of_a_crashed_replica_expire(replica: Replica) -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     doomed, _ = await replica(daily=1.0, clock=clock)
     assert await doomed.reserve("app", 1.0) is not None  # ... and it dies holding it
     survivor, _ = await replica(daily=1.0, clock=clock)

@@ -14,9 +14,9 @@ import pytest
 
 from router.accounting.ledger_spool import Spool, StoreHealth
 from tests.pg import PgCluster
+from tests.unit.helpers import ENV
 from tests.unit.test_ledger import row
 from tests.unit.test_ledger_failure import (
-    ENV,
     Traffic,
     assert_no_tracebacks,
     ledger_state,

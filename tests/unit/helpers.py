@@ -1,19 +1,27 @@
-"""Building configs and a mock upstream world for unit tests (no network)."""
+"""Building configs, a mock upstream world and the router app on it for unit tests (no
+network, no socket): the fixtures and checks that many test files share."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import yaml
 
+from router.app import Settings, create_app
 from router.config import Config, parse_config
+from router.routing.auth import key_digest
+from router.runtime import Runtime
 
 LOCAL = "http://127.0.0.1:8101"
 HOSTED = "https://api.mistral.test/v1"
+HOSTED_KEY = "sk-test-secret"  # the only key the World's hosted side accepts
+ENV = {"MISTRAL_API_KEY": HOSTED_KEY}
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
 
 BASE_YAML = f"""
 server: {{request_timeout_s: 5, metrics_interval_s: 60, ledger_path: ":memory:"}}
@@ -127,10 +135,106 @@ class World:
         if url.startswith(HOSTED):
             body = json.loads(req.content)
             self.seen.append(("hosted", req.url.path, body))
-            if req.headers.get("authorization") != "Bearer sk-test-secret":
+            if req.headers.get("authorization") != f"Bearer {HOSTED_KEY}":
                 return httpx.Response(401, json={"message": "Unauthorized"})
             if self.hosted is not None:
                 return self.hosted(req)
             return httpx.Response(200, json=completion(body["model"], "hosted answer",
                                                        usage=(1000, 2000)))
         return httpx.Response(404)
+
+
+def gateway_app(world: World | None = None, cfg: Config | None = None,
+                env: Mapping[str, str] = ENV, **settings: Any) -> Any:
+    """The router app with its upstreams on `world`'s MockTransport (a fresh World and the
+    BASE_YAML config unless given)."""
+    return create_app(Settings(env=dict(env), **settings),
+                      config=cfg if cfg is not None else config(),
+                      transport=(world if world is not None else World()).transport())
+
+
+@asynccontextmanager
+async def lifespan_client(app: Any, **transport: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """`app` with its lifespan running, and a client that calls it in-process."""
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, **transport),
+            base_url="http://router") as client:
+        yield client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, object]:
+    """`resp` has `status` and OpenAI's error shape, with a message and no traceback."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in resp.text
+    return err
+
+
+class Clock:
+    """A clock for code that takes `clock: Callable[[], float]`: it moves only when told."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, s: float) -> None:
+        self.now += s
+
+
+# -- callers with keys, an admin and a second hosted provider (backup) -------------------
+
+BACKUP = "https://backup.test/v1"
+BRAIN_ENV = {**ENV, "BACKUP_KEY": "sk-backup-secret"}
+KEYS = {"alice": "sk-alice-1", "bob": "sk-bob-2", "lab": "sk-lab-3", "vault": "sk-vault-4",
+        "admin": "sk-admin-5"}
+
+
+def brain_config(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(BASE_YAML)
+    data["providers"]["backup"] = {"base_url": BACKUP, "api_key_env": "BACKUP_KEY",
+                                   "timeouts": {"connect": 1, "read": 2, "write": 1, "pool": 1}}
+    data["aliases"]["demo"]["hosted"].append(
+        {"provider": "backup", "model": "backup-small",
+         "price": {"input_per_mtok": 0.2, "output_per_mtok": 0.6}})
+    data["aliases"]["research"] = {"local": [{
+        "name": "large-local", "model": "/models/large", "license": "mrl", "port": 8102,
+        "base_url": "http://127.0.0.1:8101/v1"}]}
+    data["routing"] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.02,
+                       "cost_first_max_wait_s": 0.3, "residency_max_wait_s": 0.3,
+                       "breaker_failures": 2, "breaker_cooldown_s": 30}
+    data["callers"] = {
+        "alice": {"key_sha256": [key_digest(KEYS["alice"])]},
+        "bob": {"key_sha256": [key_digest(KEYS["bob"])], "aliases": ["demo"],
+                "may_force_route": False},
+        "lab": {"key_sha256": [key_digest(KEYS["lab"])], "use": "research"},
+        "vault": {"key_sha256": [key_digest(KEYS["vault"])], "residency": "onprem"},
+    }
+    data["admin_key_sha256"] = [key_digest(KEYS["admin"])]
+    data.update(changes)
+    return data
+
+
+def auth(who: str) -> dict[str, str]:
+    return bearer(KEYS[who])
+
+
+@asynccontextmanager
+async def router_app(world: World,
+                     data: dict[str, Any]) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
+    app = gateway_app(world, config(yaml.safe_dump(data)), BRAIN_ENV)
+    async with lifespan_client(app) as c:
+        yield c, app.state.runtime
+
+
+@asynccontextmanager
+async def router(world: World, data: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    async with router_app(world, data) as (c, _):
+        yield c

@@ -16,22 +16,11 @@ from router.accounting.budgets import (
 from router.accounting.ledger import MEMORY, Ledger, LedgerRow
 from router.accounting.storage import budget_book
 from router.config import Budget
-from tests.unit.helpers import config
+from tests.unit.helpers import Clock, config
 
 
 def at(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, text: str) -> None:
-        self.now = at(text)
-
-    def __call__(self) -> float:
-        return self.now
-
-    def set(self, text: str) -> None:
-        self.now = at(text)
 
 
 def book(
@@ -43,7 +32,7 @@ def book(
     return MemoryBudgetBook(
         Budget(daily_usd=daily, monthly_usd=monthly),
         callers or {},
-        clock or Clock("2024-03-10T12:00:00"),
+        clock or Clock(at("2024-03-10T12:00:00")),
     )
 
 
@@ -150,11 +139,11 @@ async def test_release_gives_the_reservation_back() -> None:
 
 
 async def test_day_rollover_keeps_the_month() -> None:
-    clock = Clock("2024-03-10T23:59:00")
+    clock = Clock(at("2024-03-10T23:59:00"))
     b = book(daily=1.0, monthly=1.5, clock=clock)
     b.settle(held(await b.reserve("app", 0.9)), 0.9)
     assert b.allowance("app") == pytest.approx(0.1)
-    clock.set("2024-03-11T00:00:01")
+    clock.now = at("2024-03-11T00:00:01")
     assert b.allowance("app") == pytest.approx(0.6)  # daily fresh, monthly still counts
     snap = b.snapshot()
     assert snap["global"] == {
@@ -165,19 +154,19 @@ async def test_day_rollover_keeps_the_month() -> None:
 
 
 async def test_month_rollover() -> None:
-    clock = Clock("2024-02-29T18:00:00")
+    clock = Clock(at("2024-02-29T18:00:00"))
     b = book(monthly=1.0, callers={"app": Budget(daily_usd=5.0)}, clock=clock)
     b.settle(held(await b.reserve("app", 1.0)), 1.0)
     assert await b.reserve("app", 0.01) is None
-    clock.set("2024-03-01T00:00:00")
+    clock.now = at("2024-03-01T00:00:00")
     assert b.allowance("app") == pytest.approx(1.0)
 
 
 async def test_a_reservation_settled_after_midnight_counts_on_the_new_day() -> None:
-    clock = Clock("2024-03-10T23:59:59")
+    clock = Clock(at("2024-03-10T23:59:59"))
     b = book(daily=1.0, clock=clock)
     r = held(await b.reserve("app", 0.4))
-    clock.set("2024-03-11T00:00:30")
+    clock.now = at("2024-03-11T00:00:30")
     assert b.allowance("app") == pytest.approx(0.6)  # still held across midnight
     b.settle(r, 0.4)
     assert b.allowance("app") == pytest.approx(0.6)
@@ -266,7 +255,7 @@ def test_budget_book_takes_the_budgets_of_models_yaml() -> None:
     cfg = config(budget={"daily_usd": 2.0}, callers={"app": {"budget": {"daily_usd": 0.5}}})
     ledger = Ledger(MEMORY)
     try:
-        b = budget_book(cfg, ledger, clock=Clock("2024-03-10T12:00:00"))
+        b = budget_book(cfg, ledger, clock=Clock(at("2024-03-10T12:00:00")))
     finally:
         ledger.close()
     assert isinstance(b, MemoryBudgetBook)

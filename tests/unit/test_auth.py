@@ -17,6 +17,7 @@ from router.routing.auth import (
     key_digest,
     new_key,
 )
+from tests.unit.helpers import bearer
 
 APP_KEY = "sk-spill-app-key-one"
 APP_KEY_2 = "sk-spill-app-key-two"
@@ -28,10 +29,6 @@ APP = Caller(key_sha256=[key_digest(APP_KEY), key_digest(APP_KEY_2)], use="resea
              rate_limit=RateLimit(requests_per_minute=10))
 BATCH = Caller(key_sha256=[key_digest(BATCH_KEY)], residency="onprem")
 CALLERS = {"app": APP, "batch": BATCH}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 def assert_key_not_leaked(err: SpilloverError, key: str) -> None:

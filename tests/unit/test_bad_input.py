@@ -13,7 +13,7 @@ import pytest
 
 from router.app import Settings, create_app
 from router.routing.auth import key_digest
-from tests.unit.helpers import BASE_YAML, World, config
+from tests.unit.helpers import BASE_YAML, World, config, gateway_app, lifespan_client
 
 SECRET = "sk-test-secret"
 LIMIT = 4 * 1024 * 1024  # server.max_body_bytes by default
@@ -25,17 +25,9 @@ YAML = BASE_YAML.replace("port: 8101",
 
 
 @pytest.fixture
-def world() -> World:
-    return World()
-
-
-@pytest.fixture
 async def client(world: World) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(Settings(env={"MISTRAL_API_KEY": SECRET}), config=config(YAML),
-                     transport=world.transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router"
-    ) as c:
+    async with lifespan_client(gateway_app(world, config(YAML), {"MISTRAL_API_KEY": SECRET})
+                               ) as c:
         yield c
 
 
@@ -474,11 +466,7 @@ async def test_routing_headers_ignore_case_and_spaces(client: httpx.AsyncClient,
 async def test_bad_api_keys_are_401_and_never_echoed(world: World) -> None:
     key = "sk-spill-right"
     cfg = config(callers={"app": {"key_sha256": [key_digest(key)]}})
-    app = create_app(Settings(env={"MISTRAL_API_KEY": SECRET}), config=cfg,
-                     transport=world.transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router"
-    ) as c:
+    async with lifespan_client(gateway_app(world, cfg, {"MISTRAL_API_KEY": SECRET})) as c:
         for auth in [None, b"", b"Bearer", b"Bearer ", b"Basic dXNlcjpwYXNz",
                      b"Bearer sk-spill-wrong", b"Bearer " + b"k" * 100_000,
                      b"Bearer \xe9\xff", b"Bearer sk-spill-right\r\nx: y", SECRET.encode()]:

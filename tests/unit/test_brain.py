@@ -6,75 +6,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 
 import httpx
 import pytest
 import yaml
 
-from router.app import Settings, create_app
-from router.routing.auth import key_digest
-from router.runtime import Runtime
-from tests.unit.helpers import BASE_YAML, World, completion, config
-from tests.unit.test_gateway import CHAT, assert_openai_error
-
-BACKUP = "https://backup.test/v1"
-KEYS = {"alice": "sk-alice-1", "bob": "sk-bob-2", "lab": "sk-lab-3", "vault": "sk-vault-4",
-        "admin": "sk-admin-5"}
-
-
-def brain_config(**changes: Any) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(BASE_YAML)
-    data["providers"]["backup"] = {"base_url": BACKUP, "api_key_env": "BACKUP_KEY",
-                                   "timeouts": {"connect": 1, "read": 2, "write": 1, "pool": 1}}
-    data["aliases"]["demo"]["hosted"].append(
-        {"provider": "backup", "model": "backup-small",
-         "price": {"input_per_mtok": 0.2, "output_per_mtok": 0.6}})
-    data["aliases"]["research"] = {"local": [{
-        "name": "large-local", "model": "/models/large", "license": "mrl", "port": 8102,
-        "base_url": "http://127.0.0.1:8101/v1"}]}
-    data["routing"] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.02,
-                       "cost_first_max_wait_s": 0.3, "residency_max_wait_s": 0.3,
-                       "breaker_failures": 2, "breaker_cooldown_s": 30}
-    data["callers"] = {
-        "alice": {"key_sha256": [key_digest(KEYS["alice"])]},
-        "bob": {"key_sha256": [key_digest(KEYS["bob"])], "aliases": ["demo"],
-                "may_force_route": False},
-        "lab": {"key_sha256": [key_digest(KEYS["lab"])], "use": "research"},
-        "vault": {"key_sha256": [key_digest(KEYS["vault"])], "residency": "onprem"},
-    }
-    data["admin_key_sha256"] = [key_digest(KEYS["admin"])]
-    data.update(changes)
-    return data
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
-
-
-def auth(who: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {KEYS[who]}"}
-
-
-@asynccontextmanager
-async def router_app(world: World,
-                     data: dict[str, Any]) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
-    cfg = config(yaml.safe_dump(data))
-    env = {"MISTRAL_API_KEY": "sk-test-secret", "BACKUP_KEY": "sk-backup-secret"}
-    app = create_app(Settings(env=env), config=cfg, transport=world.transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router"
-    ) as c:
-        yield c, app.state.runtime
-
-
-@asynccontextmanager
-async def router(world: World, data: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
-    async with router_app(world, data) as (c, _):
-        yield c
+from tests.unit.helpers import (
+    BACKUP,
+    BASE_YAML,
+    CHAT,
+    World,
+    assert_openai_error,
+    auth,
+    brain_config,
+    completion,
+    router,
+    router_app,
+)
 
 
 def backup_world(world: World, backup: Callable[[httpx.Request], httpx.Response]) -> World:

@@ -13,9 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.errors import InvalidRequest
 from router.http.inbound import facts_for
 from router.routing.auth import key_digest
-from tests.unit.helpers import World
-from tests.unit.test_brain import CHAT, auth, brain_config, router, router_app
-from tests.unit.test_gateway import assert_openai_error
+from tests.unit.helpers import (
+    CHAT,
+    World,
+    assert_openai_error,
+    auth,
+    brain_config,
+    router,
+    router_app,
+)
 
 METRICS_TOKEN = "prom-scrape-token-1"
 BODY = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
@@ -230,7 +236,3 @@ async def test_admin_key_cannot_call_models(world: World) -> None:
         usage = await c.get("/v1/usage", headers=auth("admin"))
         assert usage.status_code == 200
 
-
-@pytest.fixture
-def world() -> World:
-    return World()

@@ -8,34 +8,17 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from router.app import Settings, create_app
-from tests.unit.helpers import HOSTED, World, chunk, completion, config, sse
-
-CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
-
-
-@pytest.fixture
-async def client(world: World) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=config(),
-                     transport=world.transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router"
-    ) as c:
-        yield c
-
-
-def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, object]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert isinstance(err["message"], str) and err["message"]
-    assert "Traceback" not in resp.text
-    return err
+from tests.unit.helpers import (
+    CHAT,
+    HOSTED,
+    World,
+    assert_openai_error,
+    chunk,
+    completion,
+    gateway_app,
+    lifespan_client,
+    sse,
+)
 
 
 async def test_idle_engine_serves_locally(client: httpx.AsyncClient, world: World) -> None:
@@ -67,11 +50,7 @@ async def test_engine_down_goes_hosted_with_cost(client: httpx.AsyncClient,
 
 async def test_saturated_engine_spills_and_comes_back(world: World) -> None:
     world.waiting = 3  # over max_waiting 0 at the first scrape
-    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=config(),
-                     transport=world.transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router"
-    ) as c:
+    async with lifespan_client(gateway_app(world)) as c:
         r = await c.post("/v1/chat/completions", json=CHAT)
         assert r.headers["x-spillover-route"] == "hosted"
         assert r.headers["x-spillover-reason"] == "local-saturated"
@@ -273,19 +252,17 @@ async def test_key_never_leaks(client: httpx.AsyncClient, world: World,
     assert "sk-test-secret" not in caplog.text
 
 
-# GatewayAPI (router/http/fastlane.py) takes the proxied endpoints before FastAPI's
+# FastLaneApp (router/http/fastlane.py) takes the proxied endpoints before FastAPI's
 # layers; what it does not take must still be served the usual way.
 
 async def test_unexpected_error_on_the_proxied_path_is_an_openai_500(
         world: World, caplog: pytest.LogCaptureFixture) -> None:
-    app = create_app(Settings(env={}), config=config(), transport=world.transport())
+    app = gateway_app(world, env={})
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("sk-internal-detail")
 
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-            base_url="http://router") as c:
+    async with lifespan_client(app, raise_app_exceptions=False) as c:
         app.state.runtime.gateway.plan = broken
         r = await c.post("/v1/chat/completions", json=CHAT)
     err = assert_openai_error(r, 500)
@@ -297,7 +274,7 @@ async def test_unexpected_error_on_the_proxied_path_is_an_openai_500(
 
 async def test_requests_the_gateway_api_does_not_take_are_served_by_the_routes(
         world: World) -> None:
-    app = create_app(Settings(env={}), config=config(), transport=world.transport())
+    app = gateway_app(world, env={})
     async with app.router.lifespan_context(app):
         # Mounted under a prefix (root_path): FastAPI's own routing serves it, the same.
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path="/gw"),

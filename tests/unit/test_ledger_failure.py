@@ -25,12 +25,10 @@ import yaml
 
 from router.accounting.ledger import Ledger
 from router.accounting.ledger_spool import Spool, StoreHealth
-from router.app import Settings, create_app
 from router.config import Config, parse_config
-from tests.unit.helpers import BASE_YAML, World
+from tests.unit.helpers import BASE_YAML, ENV, World, gateway_app, lifespan_client
 from tests.unit.test_ledger import row
 
-ENV = {"MISTRAL_API_KEY": "sk-test-secret"}
 BODY = {"model": "demo", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -47,9 +45,8 @@ def make_config(tmp_path: Path, *, budget: float | None = None, **server: Any) -
 @contextlib.asynccontextmanager
 async def serving(cfg: Config, env: dict[str, str] = ENV) -> AsyncIterator[
         tuple[Any, httpx.AsyncClient]]:
-    app = create_app(Settings(env=env), config=cfg, transport=World().transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    app = gateway_app(World(), cfg, env)
+    async with lifespan_client(app) as client:
         yield app, client
 
 

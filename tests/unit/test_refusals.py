@@ -11,15 +11,19 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from router.app import Settings, create_app
-from tests.unit.helpers import World, chunk, completion, config
-from tests.unit.test_brain import auth, brain_config, router, router_app
-from tests.unit.test_gateway import CHAT, assert_openai_error
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
+from tests.unit.helpers import (
+    CHAT,
+    World,
+    assert_openai_error,
+    auth,
+    brain_config,
+    chunk,
+    completion,
+    gateway_app,
+    lifespan_client,
+    router,
+    router_app,
+)
 
 
 @dataclass
@@ -38,10 +42,9 @@ class _Supervisor:
 
 async def test_warm_up_without_a_key_is_503_local_starting(world: World) -> None:
     world.local_up = False  # the engine's port does not answer yet
-    app = create_app(Settings(env={}), config=config(), transport=world.transport())
+    app = gateway_app(world, env={})
     rt = app.state.runtime
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+    async with lifespan_client(app) as c:
         rt.supervisor = _Supervisor({"demo-local": _Proc(time.monotonic() - 30)})
         await rt.monitor.refresh()
         r = await c.post("/v1/chat/completions", json=CHAT)
@@ -74,9 +77,7 @@ async def test_warm_up_without_a_key_is_503_local_starting(world: World) -> None
 
 async def test_down_engine_that_nobody_starts_is_not_called_starting(world: World) -> None:
     world.local_up = False
-    app = create_app(Settings(env={}), config=config(), transport=world.transport())
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+    async with lifespan_client(gateway_app(world, env={})) as c:
         r = await c.post("/v1/chat/completions", json=CHAT)
         err = assert_openai_error(r, 503)
         assert err["code"] == "no_backend" and r.headers["retry-after"]

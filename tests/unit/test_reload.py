@@ -16,9 +16,16 @@ import yaml
 
 from router.app import Settings, create_app
 from router.runtime import Runtime
-from tests.unit.helpers import World, config
-from tests.unit.test_brain import CHAT, auth, brain_config
-from tests.unit.test_gateway import assert_openai_error
+from tests.unit.helpers import (
+    BRAIN_ENV,
+    CHAT,
+    World,
+    assert_openai_error,
+    auth,
+    brain_config,
+    config,
+    lifespan_client,
+)
 
 MONITOR_TASK = "spillover-load-monitor"
 
@@ -48,12 +55,9 @@ async def served(tmp_path: Path, data: dict[str, Any], transport: httpx.AsyncBas
                  ) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime, Path]]:
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {"MISTRAL_API_KEY": "sk-test-secret", "BACKUP_KEY": "sk-backup-secret"}
-    app = create_app(Settings(config_path=str(path), env=env),
+    app = create_app(Settings(config_path=str(path), env=BRAIN_ENV),
                      config=config(yaml.safe_dump(data)), transport=transport)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router"
-    ) as c:
+    async with lifespan_client(app) as c:
         yield c, app.state.runtime, path
 
 

@@ -8,19 +8,9 @@ import pytest
 
 from router.config import Routing
 from router.routing.resilience import Breakers, CircuitBreaker, RetryPolicy, parse_retry_after
+from tests.unit.helpers import Clock
 
 NOW = 1_700_000_000.0  # a wall-clock instant for HTTP-dates
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, s: float) -> None:
-        self.now += s
 
 
 def http_date(t: float) -> str:
@@ -148,22 +138,22 @@ def test_policy_from_routing() -> None:
 # --- CircuitBreaker ---------------------------------------------------------------------------
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> Clock:
+    return Clock(100.0)
 
 
-def breaker(clock: FakeClock, n: int = 3, cooldown: float = 10.0) -> CircuitBreaker:
+def breaker(clock: Clock, n: int = 3, cooldown: float = 10.0) -> CircuitBreaker:
     return CircuitBreaker(n, cooldown, clock=clock)
 
 
-def opened(clock: FakeClock, n: int = 3, cooldown: float = 10.0) -> CircuitBreaker:
+def opened(clock: Clock, n: int = 3, cooldown: float = 10.0) -> CircuitBreaker:
     b = breaker(clock, n, cooldown)
     for _ in range(n):
         b.failure()
     return b
 
 
-def test_new_breaker_is_closed(clock: FakeClock) -> None:
+def test_new_breaker_is_closed(clock: Clock) -> None:
     b = breaker(clock)
     assert (b.state, b.available(), b.allow(), b.retry_in()) == ("closed", True, True, 0.0)
     assert b.snapshot() == {"state": "closed", "consecutive_failures": 0, "retry_in_s": 0.0}
@@ -172,7 +162,7 @@ def test_new_breaker_is_closed(clock: FakeClock) -> None:
 @pytest.mark.parametrize(("n", "failures", "state"), [
     (1, 1, "open"), (3, 1, "closed"), (3, 2, "closed"), (3, 3, "open"), (3, 5, "open"),
 ])
-def test_opens_after_n_consecutive_failures(clock: FakeClock, n: int, failures: int,
+def test_opens_after_n_consecutive_failures(clock: Clock, n: int, failures: int,
                                             state: str) -> None:
     b = breaker(clock, n)
     for _ in range(failures):
@@ -182,7 +172,7 @@ def test_opens_after_n_consecutive_failures(clock: FakeClock, n: int, failures: 
     assert b.available() is (state == "closed")
 
 
-def test_success_resets_the_count_between_failures(clock: FakeClock) -> None:
+def test_success_resets_the_count_between_failures(clock: Clock) -> None:
     b = breaker(clock, n=3)
     for _ in range(4):
         b.failure()
@@ -191,7 +181,7 @@ def test_success_resets_the_count_between_failures(clock: FakeClock) -> None:
     assert (b.state, b.consecutive_failures) == ("closed", 0)
 
 
-def test_stays_open_for_the_cool_down(clock: FakeClock) -> None:
+def test_stays_open_for_the_cool_down(clock: Clock) -> None:
     b = opened(clock)
     for elapsed, state, retry_in in [(0, "open", 10.0), (4, "open", 6.0), (9.9, "open", 0.1),
                                      (10, "half-open", 0.0), (60, "half-open", 0.0)]:
@@ -203,14 +193,14 @@ def test_stays_open_for_the_cool_down(clock: FakeClock) -> None:
     assert b.allow() is False
 
 
-def test_failures_while_open_do_not_extend(clock: FakeClock) -> None:
+def test_failures_while_open_do_not_extend(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(5)
     b.failure()  # an attempt sent before the breaker opened
     assert b.retry_in() == pytest.approx(5.0)
 
 
-def test_reading_state_has_no_side_effect(clock: FakeClock) -> None:
+def test_reading_state_has_no_side_effect(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(10)
     for _ in range(3):
@@ -218,7 +208,7 @@ def test_reading_state_has_no_side_effect(clock: FakeClock) -> None:
     assert b.allow() is True
 
 
-def test_half_open_allows_exactly_one_probe(clock: FakeClock) -> None:
+def test_half_open_allows_exactly_one_probe(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(10)
     assert [b.allow() for _ in range(4)] == [True, False, False, False]
@@ -227,7 +217,7 @@ def test_half_open_allows_exactly_one_probe(clock: FakeClock) -> None:
     assert b.allow() is False
 
 
-def test_probe_success_closes(clock: FakeClock) -> None:
+def test_probe_success_closes(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(10)
     assert b.allow()
@@ -236,7 +226,7 @@ def test_probe_success_closes(clock: FakeClock) -> None:
     assert [b.allow() for _ in range(3)] == [True, True, True]
 
 
-def test_probe_failure_reopens_for_a_fresh_cool_down(clock: FakeClock) -> None:
+def test_probe_failure_reopens_for_a_fresh_cool_down(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(12)
     assert b.allow()
@@ -250,7 +240,7 @@ def test_probe_failure_reopens_for_a_fresh_cool_down(clock: FakeClock) -> None:
     assert (b.state, b.allow(), b.allow()) == ("half-open", True, False)
 
 
-def test_release_frees_the_probe_slot(clock: FakeClock) -> None:
+def test_release_frees_the_probe_slot(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(10)
     assert b.allow()
@@ -259,7 +249,7 @@ def test_release_frees_the_probe_slot(clock: FakeClock) -> None:
     assert [b.allow(), b.allow()] == [True, False]
 
 
-def test_release_while_closed_changes_nothing(clock: FakeClock) -> None:
+def test_release_while_closed_changes_nothing(clock: Clock) -> None:
     b = breaker(clock)
     b.failure()
     b.release()
@@ -272,7 +262,7 @@ def test_release_while_closed_changes_nothing(clock: FakeClock) -> None:
     (10.0, 10.0),
     (30.0, 30.0),
 ])
-def test_rate_limit_opens_at_once(clock: FakeClock, retry_after: float, retry_in: float) -> None:
+def test_rate_limit_opens_at_once(clock: Clock, retry_after: float, retry_in: float) -> None:
     b = breaker(clock, n=3)
     b.failure(retry_after_s=retry_after)
     assert (b.state, b.consecutive_failures, b.available()) == ("open", 1, False)
@@ -285,7 +275,7 @@ def test_rate_limit_opens_at_once(clock: FakeClock, retry_after: float, retry_in
     (30.0, 5.0, 60.0, 60.0),    # a longer one extends
     (30.0, 0.0, 40.0, 40.0),
 ])
-def test_later_rate_limit_extends_never_shortens(clock: FakeClock, first: float, wait: float,
+def test_later_rate_limit_extends_never_shortens(clock: Clock, first: float, wait: float,
                                                  second: float, retry_in: float) -> None:
     b = breaker(clock)
     b.failure(retry_after_s=first)
@@ -294,13 +284,13 @@ def test_later_rate_limit_extends_never_shortens(clock: FakeClock, first: float,
     assert b.retry_in() == pytest.approx(retry_in)
 
 
-def test_rate_limit_on_an_open_breaker_extends(clock: FakeClock) -> None:
+def test_rate_limit_on_an_open_breaker_extends(clock: Clock) -> None:
     b = opened(clock)
     b.failure(retry_after_s=45.0)
     assert b.retry_in() == 45.0
 
 
-def test_rate_limited_probe_reopens_for_the_longer_wait(clock: FakeClock) -> None:
+def test_rate_limited_probe_reopens_for_the_longer_wait(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(10)
     assert b.allow()
@@ -308,7 +298,7 @@ def test_rate_limited_probe_reopens_for_the_longer_wait(clock: FakeClock) -> Non
     assert (b.state, b.retry_in(), b.available()) == ("open", 25.0, False)
 
 
-def test_snapshot_while_open(clock: FakeClock) -> None:
+def test_snapshot_while_open(clock: Clock) -> None:
     b = opened(clock)
     clock.advance(6.66666)
     assert b.snapshot() == {"state": "open", "consecutive_failures": 3, "retry_in_s": 3.333}
@@ -324,7 +314,7 @@ def test_breaker_rejects_bad_settings(n: int, cooldown: float) -> None:
 
 # --- Breakers ---------------------------------------------------------------------------------
 
-def test_breakers_create_one_per_name(clock: FakeClock) -> None:
+def test_breakers_create_one_per_name(clock: Clock) -> None:
     bs = Breakers(2, 10.0, clock=clock)
     assert bs.get("a") is bs.get("a")
     assert bs.get("a") is not bs.get("b")
@@ -332,7 +322,7 @@ def test_breakers_create_one_per_name(clock: FakeClock) -> None:
     assert bs.get("b").consecutive_failures == 0
 
 
-def test_unavailable_lists_only_those_not_available(clock: FakeClock) -> None:
+def test_unavailable_lists_only_those_not_available(clock: Clock) -> None:
     bs = Breakers(2, 10.0, clock=clock)
 
     def trip(name: str) -> None:
@@ -358,7 +348,7 @@ def test_unavailable_lists_only_those_not_available(clock: FakeClock) -> None:
     assert list(bs.unavailable()) == ["later"]
 
 
-def test_breakers_snapshot(clock: FakeClock) -> None:
+def test_breakers_snapshot(clock: Clock) -> None:
     bs = Breakers(1, 5.0, clock=clock)
     bs.get("z").failure()
     bs.get("a").success()
@@ -368,7 +358,7 @@ def test_breakers_snapshot(clock: FakeClock) -> None:
     }
 
 
-def test_breakers_from_routing(clock: FakeClock) -> None:
+def test_breakers_from_routing(clock: Clock) -> None:
     bs = Breakers.from_routing(Routing(breaker_failures=2, breaker_cooldown_s=3.0), clock=clock)
     b = bs.get("x")
     assert (b.failures_to_open, b.cooldown_s) == (2, 3.0)

@@ -15,10 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from router.app import Settings, create_app
 from router.config import ConfigError
 from router.runtime import Runtime
-from tests.unit.helpers import BASE_YAML, World, chunk, config
+from tests.unit.helpers import BASE_YAML, World, chunk, config, gateway_app, lifespan_client
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "stream": True}
 EVENTS = 50
@@ -91,11 +90,9 @@ async def test_a_response_that_cannot_be_built_still_ends_its_stream(
     closed: list[bool] = []
     world = streaming_world(closed)
     world.local_up = False
-    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}),
-                     config=config(), transport=world.transport())
+    app = gateway_app(world)
     runtime: Runtime = app.state.runtime
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+    async with lifespan_client(app) as c:
         r = await c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 500, r.text
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -112,8 +109,7 @@ async def test_a_start_that_cannot_be_sent_still_ends_its_stream(route: str) -> 
     never goes out, so its body never starts."""
     closed: list[bool] = []
     world = streaming_world(closed)
-    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=config(),
-                     transport=world.transport())
+    app = gateway_app(world)
     runtime: Runtime = app.state.runtime
     body = json.dumps(CHAT).encode()
     sent: list[dict[str, Any]] = []

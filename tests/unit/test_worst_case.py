@@ -13,9 +13,16 @@ import pytest
 
 from router.accounting.budgets import MemoryBudgetBook
 from router.config import Budget, GlobalBudget
-from tests.unit.helpers import World, completion
-from tests.unit.test_brain import auth, brain_config, router, router_app
-from tests.unit.test_gateway import CHAT, assert_openai_error
+from tests.unit.helpers import (
+    CHAT,
+    World,
+    assert_openai_error,
+    auth,
+    brain_config,
+    completion,
+    router,
+    router_app,
+)
 
 
 @pytest.fixture
