@@ -2,8 +2,8 @@
 """Does spilling over keep latency inside the SLO while paying for as little hosted as
 possible? A bursty trace against the real vLLM CPU engine and a fake hosted API.
 
-    .venv/bin/python scripts/bench_offload.py            # about 15 minutes
-    .venv/bin/python scripts/bench_offload.py --quick    # about 7 minutes
+    .venv/bin/python scripts/bench_offload.py            # full run (run times:
+    .venv/bin/python scripts/bench_offload.py --quick    # docs/performance.md)
     .venv/bin/python scripts/bench_offload.py --engine-url http://127.0.0.1:8101/v1
                                                           # reuse a running demo engine
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What spillover adds on the hot path: latency, throughput, streaming, open streams.
 
-    .venv/bin/python scripts/bench_overhead.py            # full run, about 3.5 minutes
-    .venv/bin/python scripts/bench_overhead.py --quick    # about 80 seconds
+    .venv/bin/python scripts/bench_overhead.py            # full run (run times:
+    .venv/bin/python scripts/bench_overhead.py --quick    # docs/performance.md)
     .venv/bin/python scripts/bench_overhead.py --profile 15   # + py-spy on the router
                                                           # (.venv/bin/pip install py-spy)
 
@@ -824,7 +824,7 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short run (about 80 s)")
+    p.add_argument("--quick", action="store_true", help="short run: shorter phases")
     p.add_argument("--rates", type=float, nargs="+", default=[100, 300])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per open-loop rate")
     p.add_argument("--closed-duration", type=float, default=6.0)
@@ -849,7 +849,7 @@ def main() -> int:
     p.add_argument("--slow-rate", type=float, default=50.0,
                    help="ordinary requests/s in the slow-reader phase")
     p.add_argument("--slow-readers-only", action="store_true",
-                   help="run only the slow-reader phase (about 30 s)")
+                   help="run only the slow-reader phase")
     p.add_argument("--max-connections", type=int, default=2048,
                    help="server.max_connections of the router (its upstream pool)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",

@@ -3,9 +3,9 @@
 Every request writes one row, so at a few thousand requests a second a commit per row
 would be the bottleneck. Rows are committed on the event loop, all the rows queued within
 one turn of the loop in a single transaction (group commit), and each `await record(row)`
-returns once its transaction is in the WAL. A commit in WAL mode without fsync takes tens
-of microseconds, where a hand-off to a writer thread and back measured ~150 us of added
-latency per request here; the one slow part of SQLite writes, the checkpoint that folds
+returns once its transaction is in the WAL. A commit in WAL mode without fsync costs a
+request less than a hand-off to a writer thread and back (docs/performance.md); the one
+slow part of SQLite writes, the checkpoint that folds
 the WAL back into the database, runs in a worker thread and blocks no writer. Reads use
 their own connection from worker threads: in WAL mode readers and the writer do not block
 each other.

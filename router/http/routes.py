@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 class RequestOnlyRoute(APIRoute):
     """For endpoints that take the Request and return a Response: FastAPI's handler
     (dependency solving, parameter validation, response serialisation) has nothing to do
-    there and measured ~30 us a request; the route still documents itself in OpenAPI."""
+    there and costs time on every request (docs/performance.md); the route still documents
+    itself in OpenAPI."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         return self.endpoint

@@ -3,9 +3,9 @@
 The hop to a local engine is on the path of every local request and every streamed
 token, so it is kept to what that hop needs: a kept-alive connection taken from a list,
 the request written in one piece, the answer parsed by llhttp (httptools, which uvicorn
-already uses to parse what callers send) and handed over as it arrives. Measured on the
-streaming benchmark, aiohttp's client spent ~300 us between being called and writing the
-request; this spends a few tens. TLS (the hosted APIs) stays with a general client.
+already uses to parse what callers send) and handed over as it arrives. On the streaming
+benchmark aiohttp's client took far longer between being called and writing the request
+(figures: docs/performance.md). TLS (the hosted APIs) stays with a general client.
 
 Kept-alive connections the upstream closed are dropped as soon as it says so; one that
 dies under a request before any byte of the answer is retried once on a new connection

@@ -3,8 +3,8 @@
 One small interface, three implementations. `router.upstreams.h1.H1Upstream` speaks to the
 plain-HTTP upstreams (the local engines, on every local token's path) and hands TLS ones (the hosted
 APIs) to `AiohttpUpstream`, whose connection pool hands out a kept-alive connection in
-constant time and whose response parser is C: measured ~110 us per proxied request here
-against ~1,600 us for httpx, whose pool scans every pooled connection on each request.
+constant time and whose response parser is C, where httpx's pool scans every pooled
+connection on each request (the cost of each per request: docs/performance.md).
 `HttpxUpstream` serves an injected httpx transport (tests, embedders) and the probes keep
 using httpx. All raise `TransportError` for anything that is not an HTTP answer, so
 dispatch knows one error type.
