@@ -354,6 +354,9 @@ def chat_to_message(data: Mapping[str, Any], model: str,
                         "input": _input(fn.get("arguments"))})
     reason, sequence = stop_reason(choice.get("finish_reason", "stop"),
                                    choice.get("stop_reason"), stops)
+    if reason == "end_turn" and any(b["type"] == "tool_use" for b in content):
+        # vLLM ends a named tool_choice with "stop"; a Message that calls a tool says so.
+        reason = "tool_use"
     return {"id": message_id(data.get("id")), "type": "message", "role": "assistant",
             "model": model, "content": content, "stop_reason": reason or "end_turn",
             "stop_sequence": sequence, "usage": usage_of(data.get("usage"))}
@@ -464,6 +467,8 @@ class MessageStream:
         out.extend(self._close())
         reason, sequence = stop_reason(self.finish if self.finish is not None else "stop",
                                        self.matched, self.stops)
+        if reason == "end_turn" and self.tools:
+            reason = "tool_use"  # as in chat_to_message
         usage = self.usage or {"input_tokens": 0, "output_tokens": 0}
         out.append(event("message_delta", {
             "type": "message_delta",

@@ -147,6 +147,10 @@ def chat(content: str | None = "hello", tool_calls: list[Any] | None = None,
         "name": "get_weather", "arguments": '{"city": "Oslo"}'}}], "tool_calls"),
      [{"type": "tool_use", "id": "abcDEF123", "name": "get_weather",
        "input": {"city": "Oslo"}}], "tool_use", None),
+    # vLLM answers a named tool_choice with finish_reason "stop": still a tool_use.
+    (chat(None, [{"id": "t2", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}], "stop"),
+     [{"type": "tool_use", "id": "t2", "name": "f", "input": {}}], "tool_use", None),
     (chat("", [{"id": "t1", "type": "function", "function": {
         "name": "f", "arguments": "not json"}}], "tool_calls"),
      [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}], "tool_use", None),
@@ -222,6 +226,14 @@ def test_stream_text_then_tool_call() -> None:
     assert events[10][1] == {"type": "message_delta",
                              "delta": {"stop_reason": "tool_use", "stop_sequence": None},
                              "usage": {"input_tokens": 20, "output_tokens": 7}}
+
+
+def test_stream_tool_call_ended_by_stop_is_tool_use() -> None:
+    events = run_stream([
+        ck({"tool_calls": [{"index": 0, "id": "t1", "function": {"name": "f",
+                                                                 "arguments": "{}"}}]}),
+        ck({}, finish="stop")])
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
 
 
 def test_stream_cut_midway_has_no_message_stop_and_an_error_event() -> None:

@@ -17,7 +17,8 @@ from router.runtime import Runtime
 from tests.unit.helpers import BASE_YAML, World, chunk, completion, config, sse
 
 KEY = "sk-caller-anthropic"
-MSG = {"model": "demo", "max_tokens": 32, "messages": [{"role": "user", "content": "hello"}]}
+MSG: dict[str, Any] = {"model": "demo", "max_tokens": 32,
+                       "messages": [{"role": "user", "content": "hello"}]}
 
 
 @pytest.fixture
