@@ -28,23 +28,24 @@ from router.errors import Forbidden, InvalidRequest
 
 log = logging.getLogger("spillover.tiers")
 
-_SCAN_CHARS = 8000  # of the last user message, for markers and code fences
+_SCAN_CHARS = 4000  # of the last user message (its end), for markers and code fences
 _STICKY_MAX = 100_000  # conversations remembered at once; the oldest go first
 _LOG_EVERY_S = 60.0  # a failing plug-in is said at most this often (with a count)
 
-# Reasoning and multi-step markers: each kind counts once, whatever its repeats.
-_MARKERS = re.compile(
-    r"(?P<stepwise>step[- ]by[- ]step|\bstep \d)"
-    r"|(?P<proof>\b(?:prove|proof|derive|derivation|theorem)\b)"
-    r"|(?P<analysis>\banaly[sz]e|\banalysis\b|\bevaluate\b|\bcritique\b)"
-    r"|(?P<compare>\bcompare\b|\btrade-?offs?\b|\bpros and cons\b)"
-    r"|(?P<why>\bwhy\b|\bexplain\b|\breason(?:ing)?\b)"
-    r"|(?P<plan>\bplan\b|\bdesign\b|\barchitect|\bstrategy\b)"
-    r"|(?P<sequence>\bthen\b|\bafterwards\b|\bfinally\b|^\s*\d+[.)]\s)",
-    re.IGNORECASE | re.MULTILINE)
-_WORDS = re.compile(r"\b(\d{3,5})\s*(?:words|tokens)\b", re.IGNORECASE)
-_LONG = re.compile(r"\b(?:in detail|detailed|comprehensive|thorough|exhaustive|essay)\b",
-                   re.IGNORECASE)
+# Reasoning and multi-step markers: each kind counts once, whatever its repeats. Plain
+# substrings of the lower-cased text (a regex of word boundaries over 8,000 characters
+# cost over a millisecond); a leading space keeps "plan" out of "explain".
+_MARKERS: tuple[tuple[str, ...], ...] = (
+    ("step by step", "step-by-step"),
+    ("prove", "proof", "derive", "derivation", "theorem"),
+    ("analyse", "analyze", "analysis", "evaluate", "critique"),
+    ("compare", "trade-off", "tradeoff", "pros and cons"),
+    ("why", "explain", "reason"),
+    (" plan", " design", "architect", "strategy"),
+    (" then ", "afterwards", "finally", "\n1.", "\n2.", "\n- "),
+)
+_WORDS = re.compile(r"(\d{3,5})\s*(?:words|tokens)")
+_LONG = ("in detail", "detailed", "comprehensive", "thorough", "exhaustive", "essay")
 
 FEATURES = ("prompt_tokens", "conversation_depth", "tools", "response_schema",
             "code_blocks", "reasoning", "requested_length")
@@ -113,11 +114,12 @@ def features(view: RequestView, scorer: Scorer) -> dict[str, float]:
     """Each feature's value, from 0 to 1."""
     s = scorer.scales
     text = view.last_user_text
-    markers = {m.lastgroup for m in _MARKERS.finditer(text)}
+    low = "\n" + text.lower()
+    markers = sum(1 for kind in _MARKERS if any(m in low for m in kind))
     length = (view.max_tokens or 0) / s.requested_length
-    if (words := _WORDS.search(text)) is not None:
+    if ("words" in low or "tokens" in low) and (words := _WORDS.search(low)) is not None:
         length = max(length, int(words.group(1)) * 4 / 3 / s.requested_length)
-    if _LONG.search(text):
+    if any(m in low for m in _LONG):
         length = max(length, 0.5)
     return {
         "prompt_tokens": min(1.0, view.prompt_tokens / s.prompt_tokens),
@@ -126,7 +128,7 @@ def features(view: RequestView, scorer: Scorer) -> dict[str, float]:
         "response_schema": {"json_schema": 1.0, "json_object": 0.5}.get(
             view.response_format or "", 0.0),
         "code_blocks": min(1.0, (text.count("```") // 2) / s.code_blocks),
-        "reasoning": min(1.0, len(markers) / s.reasoning),
+        "reasoning": min(1.0, markers / s.reasoning),
         "requested_length": min(1.0, length),
     }
 
