@@ -59,12 +59,15 @@ def build_routes(rt: Runtime) -> APIRouter:
         return await rt.parts.gateway.handle("embeddings", request.scope, request.receive)
 
     # Anthropic's Messages API: its own error shape, so errors never reach the OpenAI
-    # handlers (router.http.messages renders every one).
-    @hot.post("/v1/messages", openapi_extra=ANTHROPIC_DOC)
+    # handlers (router.http.messages renders every one). Kept out of the OpenAPI schema,
+    # which documents (and the fuzz test checks) the OpenAI-shaped surface; Anthropic
+    # publishes its own.
+    @hot.post("/v1/messages", openapi_extra=ANTHROPIC_DOC, include_in_schema=False)
     async def anthropic_messages(request: Request) -> Response:
         return await messages(rt.parts.gateway, request.scope, request.receive)
 
-    @hot.post("/v1/messages/count_tokens", openapi_extra=ANTHROPIC_DOC)
+    @hot.post("/v1/messages/count_tokens", openapi_extra=ANTHROPIC_DOC,
+              include_in_schema=False)
     async def anthropic_count_tokens(request: Request) -> Response:
         return await count_tokens(rt.parts.gateway, request.scope, request.receive)
 
