@@ -12,8 +12,10 @@ import httpx
 from fastapi import FastAPI
 
 from router.config import Config, load_config
-from router.http import GatewayAPI, build_routes, install_error_handlers
 from router.http.dashboard import dashboard_routes
+from router.http.errors import install_error_handlers
+from router.http.fastlane import FastLaneApp
+from router.http.routes import build_routes
 from router.routing.replicas import Resolver
 from router.runtime import Runtime
 
@@ -46,8 +48,8 @@ def create_app(
         finally:
             await runtime.stop()
 
-    app = GatewayAPI(gateway=lambda: runtime.parts.gateway, title="spillover", version="0.1.0",
-                     lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
+    app = FastLaneApp(gateway=lambda: runtime.parts.gateway, title="spillover", version="0.1.0",
+                      lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)
     app.include_router(build_routes(runtime))

@@ -18,7 +18,6 @@ from router.accounting.recorder import Recorder
 from router.accounting.storage import budget_book, open_ledger
 from router.config import Config, Price, load_config
 from router.errors import InvalidRequest, Unavailable
-from router.http.streaming import StreamSlots
 from router.metrics import Metrics
 from router.providers import translator_for
 from router.routing.auth import Authenticator
@@ -26,7 +25,7 @@ from router.routing.catalog import Backend, Catalog
 from router.routing.dispatch import Dispatcher
 from router.routing.gateway import Gateway
 from router.routing.load import LoadMonitor
-from router.routing.ratelimit import RateLimiter
+from router.routing.ratelimit import RateLimiter, StreamSlots
 from router.routing.replicas import Resolver
 from router.routing.resilience import Breakers, RetryPolicy
 from router.upstreams.h1 import H1Upstream

@@ -1,7 +1,6 @@
-"""Thin HTTP routes: parse nothing, decide nothing; the gateway does the work."""
+"""The HTTP surface: the fast lane, thin routes, request parsing, the stream writer.
 
-from router.http.errors import install_error_handlers
-from router.http.fastlane import GatewayAPI
-from router.http.routes import build_routes
-
-__all__ = ["GatewayAPI", "build_routes", "install_error_handlers"]
+Nothing is imported here: routing/ uses the stream writer and the body reader, and a
+package init that pulled in the routes (which import routing/) made `import
+router.routing.gateway` fail on a cycle when it came first.
+"""

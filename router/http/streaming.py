@@ -57,39 +57,6 @@ class Relay:
             await self._end()
 
 
-class StreamSlots:
-    """Streams each caller holds open now, against its policy's cap."""
-
-    __slots__ = ("_open",)
-
-    def __init__(self) -> None:
-        self._open: dict[str, int] = {}
-
-    def take(self, caller: str, cap: int | None) -> Callable[[], None] | None:
-        """A release (idempotent) for one more stream, or None when the caller is at its
-        cap."""
-        n = self._open.get(caller, 0)
-        if cap is not None and n >= cap:
-            return None
-        self._open[caller] = n + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                left = self._open[caller] - 1
-                if left:
-                    self._open[caller] = left
-                else:
-                    del self._open[caller]
-
-        return release
-
-    def open(self, caller: str) -> int:
-        return self._open.get(caller, 0)
-
-
 class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 

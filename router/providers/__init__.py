@@ -1,14 +1,13 @@
 """Upstream adapters: how a request is shaped for each kind of OpenAI-compatible backend."""
 
 from router.providers.base import (
-    IdMap,
     OpenAITranslator,
     Prepared,
     Translator,
     bound_output,
-    translator_for,
 )
-from router.providers.mistral import MistralTranslator, mistral_tool_id
+from router.providers.mistral import MistralTranslator
+from router.providers.tool_ids import IdMap, mistral_tool_id
 
 __all__ = [
     "IdMap",
@@ -20,3 +19,11 @@ __all__ = [
     "mistral_tool_id",
     "translator_for",
 ]
+
+
+def translator_for(flavour: str) -> Translator:
+    if flavour == "mistral":
+        return MistralTranslator()
+    if flavour == "vllm":
+        return OpenAITranslator(mistral_ids=True)
+    return OpenAITranslator()

@@ -1,9 +1,12 @@
+"""The translator protocol and the pass-through translator of OpenAI-compatible upstreams."""
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from router.config import Endpoint
+from router.providers.tool_ids import IdMap, restore_ids, rewrite_message_ids
 
 _PATHS: dict[str, str] = {
     "chat": "/chat/completions",
@@ -11,16 +14,6 @@ _PATHS: dict[str, str] = {
     "fim": "/completions",
     "embeddings": "/embeddings",
 }
-
-
-@dataclass(slots=True)
-class IdMap:
-    """Tool-call ids as the upstream saw them -> as the caller sent them."""
-
-    back: dict[str, str] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.back)
 
 
 @dataclass(slots=True)
@@ -65,8 +58,6 @@ class OpenAITranslator:
                                      "include_usage": True}
         ids = IdMap()
         if self._mistral_ids and endpoint == "chat":
-            from router.providers.mistral import rewrite_message_ids
-
             rewrite_message_ids(out, ids)
         return Prepared(_PATHS[endpoint], out, ids)
 
@@ -84,28 +75,3 @@ def bound_output(prep: Prepared, endpoint: Endpoint, max_tokens: int) -> None:
             or prep.body.get("max_completion_tokens") is not None:
         return
     prep.body["max_tokens"] = max_tokens
-
-
-def restore_ids(data: dict[str, Any], ids: IdMap, key: str) -> bool:
-    if not ids:
-        return False
-    changed = False
-    for choice in data.get("choices") or ():
-        msg = choice.get(key) if isinstance(choice, dict) else None
-        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
-        for call in calls or ():
-            if isinstance(call, dict) and isinstance(call.get("id"), str) \
-                    and call["id"] in ids.back:
-                call["id"] = ids.back[call["id"]]
-                changed = True
-    return changed
-
-
-def translator_for(flavour: str) -> Translator:
-    if flavour == "mistral":
-        from router.providers.mistral import MistralTranslator
-
-        return MistralTranslator()
-    if flavour == "vllm":
-        return OpenAITranslator(mistral_ids=True)
-    return OpenAITranslator()

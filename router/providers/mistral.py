@@ -8,16 +8,12 @@ chat shape, so it is reshaped into a text completion for the caller.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from typing import Any
 
 from router.config import Endpoint
-from router.providers.base import IdMap, Prepared, restore_ids
-
-_ID_OK = re.compile(r"[a-zA-Z0-9]{9}\Z")
-_B62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from router.providers.base import Prepared
+from router.providers.tool_ids import IdMap, restore_ids, rewrite_message_ids
 
 # Every field of La Plateforme's request models (mistralai 3.7's ChatCompletionRequest and
 # FIMCompletionRequest; tests/unit/test_mistral_schema.py checks these sets against the SDK),
@@ -46,63 +42,6 @@ _MESSAGE_FIELDS: dict[str, frozenset[str]] = {
     "assistant": frozenset({"role", "content", "tool_calls", "prefix"}),
     "tool": frozenset({"role", "content", "tool_call_id", "name"}),
 }
-
-
-def mistral_tool_id(original: str) -> str:
-    """A stable 9-character id for any caller id: the same input maps the same way in
-    every turn of a conversation, so no state has to be kept between requests."""
-    if _ID_OK.match(original):
-        return original
-    n = int.from_bytes(hashlib.sha256(original.encode()).digest()[:8], "big")
-    out = []
-    for _ in range(9):
-        n, r = divmod(n, 62)
-        out.append(_B62[r])
-    return "".join(out)
-
-
-def rewrite_message_ids(body: dict[str, Any], ids: IdMap) -> None:
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return
-    new_messages: list[Any] | None = None
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            continue
-        fixed = _fix_message(msg, ids)
-        if fixed is not msg:
-            if new_messages is None:
-                new_messages = list(messages)
-            new_messages[i] = fixed
-    if new_messages is not None:
-        body["messages"] = new_messages
-
-
-def _fix_message(msg: dict[str, Any], ids: IdMap) -> dict[str, Any]:
-    out = msg
-    tcid = msg.get("tool_call_id")
-    if isinstance(tcid, str) and not _ID_OK.match(tcid):
-        out = dict(msg)
-        out["tool_call_id"] = _mapped(tcid, ids)
-    calls = msg.get("tool_calls")
-    if isinstance(calls, list) and any(
-        isinstance(c, dict) and isinstance(c.get("id"), str) and not _ID_OK.match(c["id"])
-        for c in calls
-    ):
-        if out is msg:
-            out = dict(msg)
-        out["tool_calls"] = [
-            {**c, "id": _mapped(c["id"], ids)}
-            if isinstance(c, dict) and isinstance(c.get("id"), str) else c
-            for c in calls
-        ]
-    return out
-
-
-def _mapped(original: str, ids: IdMap) -> str:
-    new = mistral_tool_id(original)
-    ids.back[new] = original
-    return new
 
 
 class MistralTranslator:
