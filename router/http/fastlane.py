@@ -4,7 +4,7 @@ Chat, completion and embedding requests would otherwise pass through FastAPI's a
 Starlette's entry points, three middleware, a scan of the route table and the route's
 wrappers, and each streamed event through two wrappers around `send`. On this machine a
 process woken from idle runs its first Python several times slower than in a tight loop
-(measured: 4-10x), so every layer on the first token's path counts. The routes stay
+(docs/performance.md), so every layer on the first token's path counts. The routes stay
 registered with FastAPI (the OpenAPI schema, and any request this lane does not take)
 and both ways end in the same `Gateway.handle` and the same error shapes.
 
