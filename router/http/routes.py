@@ -16,6 +16,7 @@ from router.config import ConfigError
 from router.errors import Forbidden, InvalidRequest
 from router.http.inbound import read_json
 from router.http.messages import ANTHROPIC_DOC, count_tokens, messages
+from router.http.responses import RESPONSES_DOC, responses
 from router.http.schemas import (
     CHAT_BODY,
     COMPLETIONS_BODY,
@@ -70,6 +71,13 @@ def build_routes(rt: Runtime) -> APIRouter:
               include_in_schema=False)
     async def anthropic_count_tokens(request: Request) -> Response:
         return await count_tokens(rt.parts.gateway, request.scope, request.receive)
+
+    # OpenAI's Responses API (stateless): OpenAI's error shape, the usual handlers. Kept
+    # out of the OpenAPI schema until it publishes a request schema the fuzz test can
+    # draw valid bodies from (OpenAI publishes the full one).
+    @hot.post("/v1/responses", openapi_extra=RESPONSES_DOC, include_in_schema=False)
+    async def openai_responses(request: Request) -> Response:
+        return await responses(rt.parts.gateway, request.scope, request.receive)
 
     r.include_router(hot)
 
