@@ -381,17 +381,6 @@ def test_fail_next_fails_only_the_next_requests(fake: FakePlateforme, http: http
     assert fake.counters["injected"] == 2
 
 
-def test_reset_restores_the_constructor_settings() -> None:
-    fake = FakePlateforme(stall_s=3, latency_s=0.5)
-    fake.mode, fake.stall_s, fake.latency_s = "stall", 9, 0
-    fake.fail_next(1, 500)
-
-    fake.reset()
-
-    assert (fake.mode, fake.stall_s, fake.latency_s) == ("ok", 3, 0.5)
-    assert fake._take_fault() is None
-
-
 def test_unknown_mode_is_refused(fake: FakePlateforme) -> None:
     with pytest.raises(ValueError, match="unknown mode"):
         fake.mode = "flaky"

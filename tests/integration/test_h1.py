@@ -9,14 +9,14 @@ import contextlib
 import socketserver
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
 from router.config import Timeouts
 from router.upstreams.h1 import H1Upstream
-from router.upstreams.transport import TransportError, UpstreamResponse
+from router.upstreams.transport import TransportError
 
 # Every test on both loops (tests/conftest.py): uvloop, which `spillover serve` runs,
 # runs due timers before it looks at the sockets; asyncio looks first.
@@ -246,38 +246,6 @@ async def test_header_values_cannot_inject_lines(h1: H1Upstream) -> None:
         assert srv.requests == []
         # The refusal took no slot: the pool (of one) still serves.
         assert await (await h1.post(srv.url + "/v1/x", b"{}", {}, FAST, 5.0)).read() == b"{}"
-
-
-class _Recording:
-    def __init__(self) -> None:
-        self.urls: list[str] = []
-        self.started = self.closed = False
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-    async def post(self, url: str, content: bytes, headers: Mapping[str, str],
-                   timeouts: Timeouts, remaining_s: float) -> UpstreamResponse:
-        self.urls.append(url)
-        raise TransportError("Recorded", connect=True)
-
-
-async def test_tls_goes_to_the_general_client() -> None:
-    tls = _Recording()
-    up = H1Upstream(max_connections=4, tls=tls)
-    await up.start()
-    with pytest.raises(TransportError, match="Recorded"):
-        await up.post("https://api.mistral.ai/v1/chat/completions", b"{}", {}, FAST, 5.0)
-    await up.aclose()
-    assert tls.urls == ["https://api.mistral.ai/v1/chat/completions"]
-    assert tls.started and tls.closed
-    bare = H1Upstream(max_connections=4)
-    with pytest.raises(TransportError) as info:
-        await bare.post("https://api.mistral.ai/v1/chat/completions", b"{}", {}, FAST, 5.0)
-    assert info.value.connect
 
 
 class _Answering(socketserver.StreamRequestHandler):

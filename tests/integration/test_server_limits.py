@@ -15,8 +15,7 @@ import pytest
 import uvicorn
 
 from router.app import Settings, create_app
-from router.config import Server
-from router.http.server import BoundedHttpToolsProtocol, HeadLimits, server_config
+from router.http.server import server_config
 from tests.unit.helpers import config
 
 LOOPS = pytest.mark.both_loops
@@ -258,17 +257,3 @@ async def test_a_head_trickled_after_a_first_request_is_cut_off_too() -> None:
     assert got.startswith(b"HTTP/1.1 408 "), got[:200]
     assert closed
     assert 0.4 < elapsed < ANSWERED_WITHIN_S
-
-
-def test_the_server_takes_its_limits_from_the_config() -> None:
-    defaults = Server()
-    assert (defaults.max_header_bytes, defaults.header_timeout_s, defaults.keep_alive_s) \
-        == (65536, 10.0, 5)
-    cfg = server_config(object(), Server(max_header_bytes=2048, header_timeout_s=3,
-                                         keep_alive_s=7), host="127.0.0.1", port=0)
-    assert isinstance(cfg.http, type) and issubclass(cfg.http, BoundedHttpToolsProtocol)
-    assert cfg.http.limits == HeadLimits(max_bytes=2048, timeout_s=3.0)
-    assert cfg.timeout_keep_alive == 7
-    # What `spillover serve` has always set stays set.
-    assert (cfg.access_log, cfg.proxy_headers, cfg.server_header, cfg.lifespan) \
-        == (False, False, False, "on")
