@@ -6,6 +6,7 @@ re-serialising every message is what makes Python gateways slow.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # beyond 64 bits as a float): such a number is not taken as an integer.
 _EXACT_FLOAT = 2**53
 _MAX_DEPTH = 254  # the deepest nesting orjson writes
+# A session id: what UUIDs, ULIDs and base64 tokens are spelled with, bounded.
+_SESSION = re.compile(r"[A-Za-z0-9._:/+=\-]{1,128}")
 
 # The prompt's upper bound. Mistral's tokenizers (SentencePiece with byte fallback, and the
 # byte-level Tekken) never spend more than one token on a byte of UTF-8 text; what they add
@@ -155,6 +158,29 @@ def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, st
         force=force,
         onprem_only="onprem" in residency,
     )
+
+
+def session_header(headers: Mapping[str, str]) -> str | None:
+    """The caller's conversation id from x-spillover-session (kept on one engine replica
+    while it has room), None when not sent. Case counts; sent more than once with
+    different values, it is refused rather than one picked."""
+    raw = headers.get("x-spillover-session")
+    if raw is None:
+        return None
+    values = {v for part in raw.split(",") if (v := part.strip())}
+    if len(values) > 1:
+        raise InvalidRequest("x-spillover-session was sent more than once with different "
+                             "values; send it once", param="x-spillover-session",
+                             code="conflicting_headers")
+    if not values:
+        return None
+    (session,) = values
+    if not _SESSION.fullmatch(session):
+        # The value is not echoed: it may be anything, a secret pasted by mistake included.
+        raise InvalidRequest("x-spillover-session must be 1 to 128 characters of letters, "
+                             "digits and . _ : / + = -", param="x-spillover-session",
+                             code="invalid_session")
+    return session
 
 
 def _header_values(headers: Mapping[str, str], name: str) -> list[str]:

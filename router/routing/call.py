@@ -57,6 +57,9 @@ class Call:
     # A deployment with several replicas: the one that served it ("address:port") and why.
     replica: str | None = None
     replica_why: str | None = None
+    # The conversation key of x-spillover-session (a digest: the id is not kept as sent);
+    # None: the key is read from the body.
+    session_key: str | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -213,7 +213,8 @@ class Dispatcher:
         call.replica = call.replica_why = None
         if b.route != "local" or b.discover is None:
             return None
-        picked = self._monitor.pick(b.name, conversation_key(call.caller, prep.body))
+        key = call.session_key or conversation_key(call.caller, prep.body)
+        picked = self._monitor.pick(b.name, key)
         if picked is None:
             return None
         call.replica, url, choice = picked

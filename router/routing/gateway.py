@@ -25,7 +25,7 @@ from router.errors import (
     SpilloverError,
     Unavailable,
 )
-from router.http.inbound import facts_for, priority_header, read_json
+from router.http.inbound import facts_for, priority_header, read_json, session_header
 from router.http.streaming import EventStream
 from router.routing.auth import Authenticator, Principal
 from router.routing.call import UNKNOWN_ALIAS, Call
@@ -35,7 +35,7 @@ from router.routing.load import LoadMonitor
 from router.routing.policy import RequestFacts, RoutePlan, decide
 from router.routing.ratelimit import RateLimiter, StreamSlots
 from router.routing.reasons import ErrorCode, is_reason
-from router.routing.replicas import conversation_key
+from router.routing.replicas import conversation_key, session_key
 from router.routing.resilience import Breakers
 from router.routing.tiers import TierDecision, Tiers, cascade_trigger
 
@@ -134,6 +134,7 @@ class Gateway:
                 else UNKNOWN_ALIAS, endpoint)
             p = self.plan(principal, endpoint, body, headers, priority=priority)
             call.facts = p.facts
+            call.session_key = _session_key(principal.name, headers)
             cascade_to = None if p.tier is None else self._tiered(call, p, body)
             call.wants_usage = _caller_wants_usage(body)
             worst = p.facts.tokens_max
@@ -300,7 +301,7 @@ class Gateway:
         assert d is not None
         call = Call(request_id=first.request_id, facts=nxt.facts, started=first.started,
                     deadline=first.deadline, caller=first.caller,
-                    wants_usage=first.wants_usage)
+                    wants_usage=first.wants_usage, session_key=first.session_key)
         call.api = first.api
         call.tier, call.tier_score = d.tier, d.score
         call.escalation = f"cascade-{first.wasted}; score={d.score:.3f}; from={first.tier}"
@@ -378,7 +379,8 @@ class Gateway:
                 "targets": [b.name for b in plan.targets],
                 "would_wait_for_local": plan.wait_for_local,
                 # Deployments with replicas: which one this conversation would go to, why.
-                "replicas": self._replicas_explained(principal.name, body, plan.targets),
+                "replicas": self._replicas_explained(
+                    principal.name, body, plan.targets, _session_key(principal.name, headers)),
                 "refusal": None if refusal is None else {
                     "status": refusal.status, "code": refusal.code,
                     "message": refusal.message},
@@ -386,15 +388,25 @@ class Gateway:
         }
 
     def _replicas_explained(self, caller: str, body: dict[str, Any],
-                            targets: Sequence[Backend]) -> dict[str, Any]:
-        key = conversation_key(caller, body)
+                            targets: Sequence[Backend], session: str | None,
+                            ) -> dict[str, Any]:
+        key = session or conversation_key(caller, body)
+        # What keeps the conversation together: the caller's session header, the body's
+        # opening, or nothing (least-loaded).
+        by = "session" if session else None if key is None else "conversation"
         out: dict[str, Any] = {}
         for b in targets:
             if b.route == "local" and b.discover is not None:
                 picked = self.monitor.pick(b.name, key)
                 out[b.name] = None if picked is None else {
-                    "replica": picked[0], "why": picked[2].why, "affinity": key is not None}
+                    "replica": picked[0], "why": picked[2].why, "affinity": key is not None,
+                    "key": by}
         return out
+
+
+def _session_key(caller: str, headers: Mapping[str, str]) -> str | None:
+    session = session_header(headers)
+    return None if session is None else session_key(caller, session)
 
 
 def _tier_explained(d: TierDecision) -> dict[str, Any]:

@@ -122,6 +122,15 @@ def conversation_key(caller: str, body: dict[str, Any]) -> str | None:
     return f"{caller}:{digest}"
 
 
+def session_key(caller: str, session: str) -> str:
+    """The conversation key of a caller's explicit session id (x-spillover-session): a
+    digest of both, so the id is never kept as sent and two callers' equal ids are two
+    conversations. It takes precedence over the key read from the body."""
+    digest = hashlib.blake2b(f"{caller}\0{session}".encode(), digest_size=16,
+                             person=b"spillover-sess").hexdigest()
+    return f"{caller}:s:{digest}"
+
+
 # Characters of a completions prompt that make its conversation key: a system prompt or
 # document the follow-up prompts start with.
 _PROMPT_PREFIX = 1024

@@ -11,10 +11,12 @@ import httpx
 import pytest
 
 from router.app import Settings, create_app
+from router.errors import InvalidRequest
+from router.http.inbound import session_header
 from router.routing.catalog import Catalog
 from router.routing.load import LoadMonitor
 from router.routing.policy import EngineLoad
-from router.routing.replicas import choose, conversation_key
+from router.routing.replicas import choose, conversation_key, session_key
 from tests.unit.helpers import HOSTED, METRICS_IDLE, completion, config
 
 PORT = 8102
@@ -275,3 +277,92 @@ async def test_explain_names_the_replica_and_why(
         "small"]
     assert moved["replica"] != choice["replica"]
     assert moved["why"] == f"affinity-moved ({choice['replica']}: down)"
+
+
+def test_session_header_is_bounded_validated_and_sent_once() -> None:
+    assert session_header({}) is None
+    assert session_header({"x-spillover-session": "  "}) is None  # a bare header
+    assert session_header({"x-spillover-session": "Conv-7f3a:b/c+d=="}) == "Conv-7f3a:b/c+d=="
+    assert session_header({"x-spillover-session": "abc, abc"}) == "abc"  # a proxy repeating it
+    for bad in ("x" * 129, "has space", "naïve", "semi;colon", 'quote"'):
+        with pytest.raises(InvalidRequest) as err:
+            session_header({"x-spillover-session": bad})
+        assert err.value.param == "x-spillover-session"
+        assert bad not in str(err.value)
+    assert session_header({"x-spillover-session": "x" * 128}) == "x" * 128
+    with pytest.raises(InvalidRequest) as err:
+        session_header({"x-spillover-session": "one,two"})
+    assert err.value.code == "conflicting_headers"
+
+
+def test_session_key_is_a_digest_of_the_caller_and_the_id() -> None:
+    key = session_key("app", "conv-42")
+    assert "conv-42" not in key
+    assert key == session_key("app", "conv-42")
+    assert key != session_key("other", "conv-42")  # two callers' equal ids: two conversations
+    assert key != session_key("app", "Conv-42")
+    body = {"messages": [{"role": "user", "content": "conv-42"}]}
+    assert key != conversation_key("app", body)
+
+
+async def test_a_session_header_keeps_a_conversation_whatever_its_body(
+        served: tuple[httpx.AsyncClient, Fleet]) -> None:
+    client, fleet = served
+    secret = "session-id-not-to-be-kept"
+    for turn in range(3):
+        for conv in range(12):
+            # Every turn opens differently (a client that rewrites its system prompt): the
+            # body's key would scatter it; the header keeps it together.
+            chat = {"model": "small",
+                    "messages": [{"role": "user", "content": f"turn {turn} of {conv}"}]}
+            r = await client.post("/v1/chat/completions", json=chat,
+                                  headers={"x-spillover-session": f"{secret}-{conv}"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-spillover-route"] == "local"
+    hosts = [host for host, _ in fleet.served]
+    by_conv = [{hosts[turn * 12 + conv] for turn in range(3)} for conv in range(12)]
+    assert all(len(h) == 1 for h in by_conv)
+    assert len(set().union(*by_conv)) >= 2  # the sessions spread over the replicas
+    # The header takes precedence: one body, twelve sessions, more than one replica.
+    fleet.served.clear()
+    same = {"model": "small", "messages": [{"role": "user", "content": "same opening"}]}
+    for conv in range(12):
+        r = await client.post("/v1/chat/completions", json=same,
+                              headers={"x-spillover-session": f"{secret}-{conv}"})
+        assert r.status_code == 200
+    assert [host for host, _ in fleet.served] == [
+        next(iter(h)) for h in by_conv]
+    for path in ("/status", "/metrics"):
+        assert secret not in (await client.get(path)).text
+
+
+async def test_explain_says_the_session_keeps_the_conversation(
+        served: tuple[httpx.AsyncClient, Fleet]) -> None:
+    client, fleet = served
+    chat = {"model": "small", "messages": [{"role": "user", "content": "conversation z"}]}
+    r = await client.post("/v1/route/explain", json=chat,
+                          headers={"x-spillover-session": "s-1"})
+    assert r.status_code == 200, r.text
+    assert "s-1" not in r.text
+    choice = r.json()["plan"]["replicas"]["small"]
+    assert choice["key"] == "session" and choice["why"] == "affinity"
+    assert (await client.post("/v1/chat/completions", json=chat,
+                              headers={"x-spillover-session": "s-1"})).status_code == 200
+    assert choice["replica"] == f"{fleet.served[-1][0]}:8102"
+    r = await client.post("/v1/route/explain", json=chat)
+    assert r.json()["plan"]["replicas"]["small"]["key"] == "conversation"
+
+
+async def test_a_malformed_session_header_is_refused_in_the_api_shape(
+        served: tuple[httpx.AsyncClient, Fleet]) -> None:
+    client, fleet = served
+    chat = {"model": "small", "messages": [{"role": "user", "content": "hi"}]}
+    for value in ("x" * 200, "a b"):
+        r = await client.post("/v1/chat/completions", json=chat,
+                              headers={"x-spillover-session": value})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["param"] == "x-spillover-session"
+        assert err["type"] == "invalid_request_error"
+        assert value not in r.text
+    assert fleet.served == []
