@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive
 
-from router.config import Endpoint
+from router.config import PRIORITIES, Endpoint, Priority
 from router.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from router.routing.policy import Force, RequestFacts
 
@@ -158,6 +158,18 @@ def facts_for(endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, st
         force=force,
         onprem_only="onprem" in residency,
     )
+
+
+def priority_header(headers: Mapping[str, str]) -> Priority | None:
+    """The class x-spillover-priority asks for, None when it is not sent. Sent more than
+    once (a proxy adding its own), the lowest class wins: lowering is always allowed, so
+    no hop can raise what another lowered."""
+    asked = _header_values(headers, "x-spillover-priority")
+    if any(v not in PRIORITIES for v in asked):
+        raise InvalidRequest("x-spillover-priority must be one of "
+                             f"{', '.join(PRIORITIES)}", param="x-spillover-priority")
+    named = [p for p in PRIORITIES if p in asked]
+    return named[-1] if named else None
 
 
 def session_header(headers: Mapping[str, str]) -> str | None:

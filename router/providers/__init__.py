@@ -1,21 +1,25 @@
 """Upstream adapters: how a request is shaped for each kind of OpenAI-compatible backend."""
 
 from router.providers.base import (
+    VLLM_PRIORITY,
     OpenAITranslator,
     Prepared,
     Translator,
     bound_output,
+    engine_priority,
 )
 from router.providers.mistral import MistralTranslator
 from router.providers.tool_ids import IdMap, mistral_tool_id
 
 __all__ = [
+    "VLLM_PRIORITY",
     "IdMap",
     "MistralTranslator",
     "OpenAITranslator",
     "Prepared",
     "Translator",
     "bound_output",
+    "engine_priority",
     "mistral_tool_id",
     "translator_for",
 ]

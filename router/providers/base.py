@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from router.config import Endpoint
+from router.config import Endpoint, Priority
 from router.providers.tool_ids import IdMap, restore_ids, rewrite_message_ids
 
 _PATHS: dict[str, str] = {
@@ -66,6 +66,22 @@ class OpenAITranslator:
 
     def chunk(self, prep: Prepared, data: dict[str, Any]) -> bool:
         return restore_ids(data, prep.ids, "delta")
+
+
+# vLLM's `priority` per class (lower is scheduled earlier, ties by arrival), sent only to
+# engines started with --scheduling-policy priority.
+VLLM_PRIORITY: dict[Priority, int] = {"interactive": 0, "standard": 1, "batch": 2}
+
+
+def engine_priority(prep: Prepared, priority: Priority | None) -> None:
+    """Set the class's vLLM priority on a request for a priority-scheduled engine, or
+    (None) drop any `priority` the caller put in the body: a caller picks its class with
+    x-spillover-priority within its policy, never an engine priority of its own, and
+    hosted providers are never sent one."""
+    if priority is None:
+        prep.body.pop("priority", None)
+    else:
+        prep.body["priority"] = VLLM_PRIORITY[priority]
 
 
 def bound_output(prep: Prepared, endpoint: Endpoint, max_tokens: int) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from router.config import Endpoint, Mode
+from router.config import Endpoint, Mode, Price, Priority
 from router.routing.catalog import Backend
 from router.routing.reasons import RefusalCode, RouteReason, SkipReason
 
@@ -51,6 +51,9 @@ class RequestFacts:
     prompt_tokens_max: int = 0
     # Answers generated per request (n, or best_of where larger): each may be max_tokens.
     choices: int = 1
+    # The traffic class (router.config.PRIORITIES): batch keeps the engines' headroom for
+    # interactive traffic and goes hosted only at a batch price.
+    priority: Priority = "interactive"
 
     @property
     def output_tokens_max(self) -> int:
@@ -65,10 +68,15 @@ class RequestFacts:
 
     def worst_case_usd(self, b: Backend) -> float:
         """The most the request can cost on `b`: what a hosted attempt holds."""
-        if b.price is None:
+        price = self.price_on(b)
+        if price is None:
             return 0.0
         prompt = max(1, self.prompt_tokens, self.prompt_tokens_max)
-        return b.price.cost(prompt, self.output_tokens_max)
+        return price.cost(prompt, self.output_tokens_max)
+
+    def price_on(self, b: Backend) -> Price | None:
+        """What `b` charges this request: batch work pays the batch price."""
+        return b.batch_price if self.priority == "batch" else b.price
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,12 @@ def decide(
             elif state.saturated:
                 skipped.append(Skip(b.name, "local-saturated", _load_text(state)))
                 saturated.append((state.score, b))
+            elif (facts.priority == "batch" and b.saturation is not None
+                  and state.score >= b.saturation.batch_below):
+                # Not full, but past the batch line: the rest is interactive headroom.
+                skipped.append(Skip(b.name, "local-saturated", f"{_load_text(state)}, at or "
+                                    f"over the batch line {b.saturation.batch_below:g}"))
+                saturated.append((state.score, b))
             else:
                 ready.append((state.score, b))
 
@@ -195,6 +209,8 @@ def _unfit(facts: RequestFacts, b: Backend,
         if need > b.context_length:
             return "context-length", f"needs {need} tokens, context is {b.context_length}"
     if b.route == "hosted":
+        if facts.priority == "batch" and b.batch_price is None:
+            return "priority", "batch work goes hosted only at a batch price; none is set"
         if b.name in unavailable:
             return "unavailable", unavailable[b.name]
         worst = facts.worst_case_usd(b)
@@ -250,6 +266,11 @@ def _permanent(facts: RequestFacts, skipped: list[Skip],
                        f"the prompt (about {facts.prompt_tokens} tokens) plus max_tokens "
                        f"({facts.max_tokens or 0}) need {need} tokens; the largest context "
                        f"of a backend that may take this request is {limit} tokens ({why})")
+    if "priority" in reasons:
+        return Refusal(400, "priority_unavailable",
+                       f"'{facts.alias}' has no local engine that may take batch work and no "
+                       f"hosted offering with a batch price; send it as standard or "
+                       f"interactive ({why})")
     if "forced" in reasons:
         return Refusal(400, "route_unavailable",
                        f"no {facts.force} backend serves '{facts.alias}' ({why})")
@@ -278,6 +299,12 @@ def _retryable(facts: RequestFacts, skipped: list[Skip], backends: Sequence[Back
         return Refusal(503, "local_starting", f"the local engine {names} is starting "
                        f"({eta}) and {_no_hosted(facts, skipped, backends)}; retry in "
                        f"{wait} s", wait)
+    if facts.priority == "batch" and "local-saturated" in reasons:
+        return Refusal(503, "batch_deferred", "batch work runs locally only below the "
+                       "engines' batch line, keeping headroom for interactive traffic "
+                       f"({details['local-saturated']}), and "
+                       f"{_no_hosted(facts, skipped, backends)}; retry in {RETRY_SOON_S} s",
+                       RETRY_SOON_S)
     if "budget" in reasons:
         return Refusal(429, "budget_exceeded", f"hosted budget exhausted: {details['budget']}"
                        " and no local engine can take the request now")

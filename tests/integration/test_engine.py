@@ -96,6 +96,7 @@ def test_command_minimal() -> None:
         "py", "-m", "vllm.entrypoints.openai.api_server",
         "--model", "/m", "--served-model-name", "demo",
         "--host", "127.0.0.1", "--port", "8101",
+        "--scheduling-policy", "priority",
     ]  # fmt: skip
 
 

@@ -59,9 +59,10 @@ REQ = "spillover_requests_total"
 
 
 def req_labels(alias: str = "demo", route: str = "local", backend: str = "demo-local",
-               reason: str = "local-ok", status: str = "200") -> dict[str, str]:
+               reason: str = "local-ok", status: str = "200",
+               priority: str = "interactive") -> dict[str, str]:
     return {"alias": alias, "route": route, "backend": backend, "reason": reason,
-            "status": status}
+            "status": status, "priority": priority}
 
 
 # -- requests ------------------------------------------------------------------------
@@ -143,17 +144,18 @@ def test_latency_and_ttft_histograms() -> None:
     m.observe(call(route="hosted", elapsed=0.0, ttft=None))
     s = samples(m)
     lat, ttft = "spillover_request_latency_seconds", "spillover_time_to_first_token_seconds"
-    assert value(s, f"{lat}_count", route="local") == 1
-    assert 0.3 <= (value(s, f"{lat}_sum", route="local") or 0) < 5
-    assert value(s, f"{lat}_bucket", route="local", le="0.25") == 0
-    assert value(s, f"{lat}_bucket", route="local", le="5.0") == 1
-    assert value(s, f"{lat}_bucket", route="local", le="+Inf") == 1
-    assert value(s, f"{lat}_count", route="hosted") == 1
-    assert value(s, f"{ttft}_count", route="local") == 1
-    assert value(s, f"{ttft}_sum", route="local") == pytest.approx(0.04)
-    assert value(s, f"{ttft}_bucket", route="local", le="0.025") == 0
-    assert value(s, f"{ttft}_bucket", route="local", le="0.05") == 1
-    assert value(s, f"{ttft}_count", route="hosted") is None  # no first token, no sample
+    assert value(s, f"{lat}_count", route="local", priority="interactive") == 1
+    assert 0.3 <= (value(s, f"{lat}_sum", route="local", priority="interactive") or 0) < 5
+    assert value(s, f"{lat}_bucket", route="local", priority="interactive", le="0.25") == 0
+    assert value(s, f"{lat}_bucket", route="local", priority="interactive", le="5.0") == 1
+    assert value(s, f"{lat}_bucket", route="local", priority="interactive", le="+Inf") == 1
+    assert value(s, f"{lat}_count", route="hosted", priority="interactive") == 1
+    assert value(s, f"{ttft}_count", route="local", priority="interactive") == 1
+    assert value(s, f"{ttft}_sum", route="local", priority="interactive") == pytest.approx(0.04)
+    assert value(s, f"{ttft}_bucket", route="local", priority="interactive", le="0.025") == 0
+    assert value(s, f"{ttft}_bucket", route="local", priority="interactive", le="0.05") == 1
+    # No first token, no sample.
+    assert value(s, f"{ttft}_count", route="hosted", priority="interactive") is None
 
 
 # -- tokens and money ----------------------------------------------------------------

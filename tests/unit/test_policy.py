@@ -241,3 +241,110 @@ def test_open_breaker_refusal_retry_after_is_the_true_wait() -> None:
     assert plan.refusal is not None
     assert (plan.refusal.status, plan.refusal.retry_after_s) == (503, 14)
     assert "retry in 14 s" in plan.refusal.message
+
+
+# --- traffic classes ----------------------------------------------------------------------
+
+CLASSES = """
+providers:
+  mistral: {kind: mistral, base_url: "https://m.test/v1", api_key_env: K}
+aliases:
+  m:
+    local:
+      - {name: gpu0, model: w, license: apache-2.0, port: 9001,
+         saturation: {max_inflight: 10, batch_below: 0.5}}
+    hosted:
+      - {provider: mistral, model: small, price: {input_per_mtok: 1, output_per_mtok: 3}}
+  priced:
+    local:
+      - {name: gpu1, model: w, license: apache-2.0, port: 9002,
+         saturation: {max_inflight: 10, batch_below: 0.3}}
+    hosted:
+      - {provider: mistral, model: small, price: {input_per_mtok: 1, output_per_mtok: 3},
+         batch_price: {input_per_mtok: 0.5, output_per_mtok: 1.5}}
+  hosted-only:
+    hosted:
+      - {provider: mistral, model: large, price: {input_per_mtok: 2, output_per_mtok: 6}}
+  onprem:
+    local:
+      - {name: gpu2, model: w, license: apache-2.0, port: 9003}
+"""
+CLS = Catalog(config(CLASSES))
+
+
+def load(score: float, saturated: bool = False) -> EngineLoad:
+    return EngineLoad(healthy=True, saturated=saturated, score=score)
+
+
+BATCH, STD, INTER = "batch", "standard", "interactive"
+PRIORITY_CASES = [
+    # name, facts, load, expected target order, reason, refusal (status, code, retry-after)
+    ("batch on an idle engine runs locally, no hosted fallback at the interactive price",
+     f(priority=BATCH), {"gpu0": load(0.1)}, ["gpu0"], "local-ok", None),
+    ("batch just under its line runs locally", f(priority=BATCH), {"gpu0": load(0.49)},
+     ["gpu0"], "local-ok", None),
+    ("batch at its line is refused with a retry, not spilled",
+     f(priority=BATCH), {"gpu0": load(0.5)}, [], "none", (503, "batch_deferred", 5)),
+    ("batch on a saturated engine is refused with a retry, not spilled",
+     f(priority=BATCH), {"gpu0": load(1.2, saturated=True)}, [], "none",
+     (503, "batch_deferred", 5)),
+    ("interactive at the batch line still runs locally (headroom kept for it)",
+     f(priority=INTER), {"gpu0": load(0.6)}, ["gpu0", "mistral:small"], "local-ok", None),
+    ("interactive just under saturation still runs locally", f(priority=INTER),
+     {"gpu0": load(0.95)}, ["gpu0", "mistral:small"], "local-ok", None),
+    ("standard at the batch line runs locally", f(priority=STD, mode="cost-first"),
+     {"gpu0": load(0.6)}, ["gpu0", "mistral:small"], "local-ok", None),
+    ("interactive on a saturated engine spills as today", f(priority=INTER),
+     {"gpu0": load(1.2, saturated=True)}, ["mistral:small", "gpu0"], "local-saturated", None),
+    ("batch with the engine down is refused with a retry", f(priority=BATCH),
+     {"gpu0": DOWN}, [], "none", (503, "no_backend", 5)),
+    ("batch over its line goes hosted at a batch price when one exists",
+     f("priced", priority=BATCH), {"gpu1": load(0.4)}, ["mistral:small", "gpu1"],
+     "local-saturated", None),
+    ("batch under its line stays local even with a batch price", f("priced", priority=BATCH),
+     {"gpu1": load(0.2)}, ["gpu1", "mistral:small"], "local-ok", None),
+    ("batch for a hosted-only alias without a batch price: a clear 400",
+     f("hosted-only", priority=BATCH), {}, [], "none", (400, "priority_unavailable", None)),
+    ("batch on-prem only waits like any on-prem request", f("onprem", priority=BATCH),
+     {"gpu2": load(0.9)}, [], "none", (503, "batch_deferred", 5)),
+]
+
+
+@pytest.mark.parametrize(("facts", "load", "order", "reason", "refusal"),
+                         [c[1:] for c in PRIORITY_CASES], ids=[c[0] for c in PRIORITY_CASES])
+def test_decide_by_class(facts: RequestFacts, load: dict[str, EngineLoad], order: list[str],
+                         reason: str, refusal: tuple[int, str, int | None] | None) -> None:
+    backends = CLS.backends(facts.alias)
+    assert backends is not None
+    plan = decide(facts, backends, load)
+    assert [b.name for b in plan.targets] == order
+    assert plan.reason == reason
+    r = plan.refusal
+    assert (None if r is None else (r.status, r.code, r.retry_after_s)) == refusal, \
+        r and r.message
+
+
+def test_batch_waits_for_local_headroom_and_says_why() -> None:
+    backends = CLS.backends("m")
+    assert backends is not None
+    plan = decide(f(priority=BATCH), backends, {"gpu0": load(0.7)})
+    assert plan.wait_for_local  # the gateway waits for headroom before the 503
+    assert plan.refusal is not None
+    assert "batch line 0.5" in plan.refusal.message
+    assert "batch price" in plan.refusal.message
+    skips = {(s.backend, s.reason) for s in plan.skipped}
+    assert skips == {("gpu0", "local-saturated"), ("mistral:small", "priority")}
+
+
+def test_batch_worst_case_is_at_the_batch_price() -> None:
+    backends = CLS.backends("priced")
+    assert backends is not None
+    hosted = backends[-1]
+    facts = f("priced", priority=BATCH, max_tokens=1000, prompt_tokens=1000)
+    assert facts.worst_case_usd(hosted) == pytest.approx((1000 * 0.5 + 1000 * 1.5) / 1e6)
+    inter = f("priced", max_tokens=1000, prompt_tokens=1000)
+    assert inter.worst_case_usd(hosted) == pytest.approx((1000 * 1 + 1000 * 3) / 1e6)
+    # A batch allowance that covers the batch price but not the full one still goes hosted.
+    plan = decide(f("priced", priority=BATCH, max_tokens=1000, prompt_tokens=1000,
+                    hosted_allowance_usd=0.0025), backends, {"gpu1": load(0.9)})
+    assert [b.name for b in plan.targets] == ["mistral:small", "gpu1"]

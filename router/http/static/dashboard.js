@@ -401,13 +401,16 @@
       return h("tr", {
         "data-testid": "decision-row", "data-request-id": r.request_id || "",
         "data-route": r.route || "", "data-reason": r.reason || "", "data-status": status ?? "",
+        "data-priority": r.priority || "",
       },
       h("td", { class: "mono", title: isNum(r.ts) ? new Date(r.ts * 1000).toISOString() : "" },
         clock(r.ts)),
       h("td", { class: "mono ellipsis", title: r.request_id || "" }, r.request_id || DASH),
       h("td", {}, r.caller || DASH),
       h("td", {}, `${r.alias || DASH} · ${r.endpoint || DASH}`, r.stream ? h("span", {
-        class: "tag" }, "stream") : null),
+        class: "tag" }, "stream") : null, r.priority ? h("span", {
+        class: `tag priority-${r.priority}`, "data-testid": "decision-priority",
+        title: "traffic class" }, r.priority) : null),
       h("td", {}, r.route ? badge(r.route, `route ${r.route}`) : DASH),
       h("td", { class: "ellipsis", title: r.backend || "" }, r.backend || DASH),
       h("td", {}, r.reason ? badge(r.reason, reasonKind(r.reason, status),
