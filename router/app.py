@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI
 
+from router.accounting.batches import open_batch_store
 from router.config import Config, load_config
+from router.http.batches import batch_routes
 from router.http.dashboard import dashboard_routes
 from router.http.errors import install_error_handlers
 from router.http.fastlane import FastLaneApp
 from router.http.routes import build_routes
+from router.routing.batch_scheduler import BatchScheduler, Parts
 from router.routing.replicas import Resolver
 from router.runtime import Runtime
 
@@ -40,18 +43,30 @@ def create_app(
     runtime = Runtime(cfg, settings.env, transport, config_path=settings.config_path,
                       resolver=resolver)
 
+    batches = open_batch_store(cfg)
+
+    def parts() -> Parts:
+        p = runtime.parts
+        return Parts(p.config, p.catalog, p.monitor, p.gateway)
+
+    scheduler = BatchScheduler(batches, parts)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        await scheduler.start()
         try:
             yield
         finally:
+            await scheduler.stop()
             await runtime.stop()
+            batches.close()
 
     app = FastLaneApp(gateway=lambda: runtime.parts.gateway, title="spillover", version="0.1.0",
                       lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.runtime = runtime  # for tests and operators' tooling, never read by routes
     install_error_handlers(app)
     app.include_router(build_routes(runtime))
+    app.include_router(batch_routes(runtime, batches, scheduler))
     app.include_router(dashboard_routes())
     return app

@@ -21,10 +21,11 @@ from typing import IO, Any
 
 import orjson
 
-from router.config import Batches
+from router.config import Batches, Config, Endpoint
 
 # What a line may ask for, as OpenAI's Batch API spells it, and the gateway's endpoint.
-BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+BATCH_URLS: dict[str, Endpoint] = {"/v1/chat/completions": "chat",
+                                   "/v1/embeddings": "embeddings"}
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _WINDOW = re.compile(r"(\d{1,7})([smh])")
 _MAX_PROBLEMS = 20  # line problems reported at most (OpenAI reports a list too)
@@ -100,6 +101,18 @@ class Line:
     custom_id: str
     offset: int
     length: int
+
+
+def open_batch_store(config: Config) -> BatchStore:
+    """Beside the SQLite ledger (its database, a `batches` folder next to it). With the
+    PostgreSQL ledger the batch tables stay in SQLite under `batches.data_dir` for now."""
+    server, limits = config.server, config.batches
+    ledger_dir = Path(server.ledger_path).parent if server.ledger_path != ":memory:" else None
+    data_dir = Path(limits.data_dir) if limits.data_dir else (
+        (ledger_dir or Path(".spillover")) / "batches")
+    pg = server.database_url_env is not None
+    return BatchStore(str(data_dir / "batches.db") if pg else server.ledger_path, data_dir,
+                      limits)
 
 
 def window_seconds(window: str) -> float | None:
