@@ -337,7 +337,10 @@ class Runtime:
         return {**detail, "now": time.time(), "managed_engines": managed,
                 "open": self.auth.open, "budgets": self.budgets.snapshot(),
                 "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent),
-                "series": self.recorder.series(), "today": self.recorder.today()}
+                "series": self.recorder.series(), "today": self.recorder.today(),
+                "tiers": {**self.recorder.tiers(), "aliases": {
+                    n: list(a.tiers) for n, a in self.config.aliases.items()
+                    if a.tiers is not None}}}
 
 
 def local_price(monitor: LoadMonitor, b: Backend) -> Price | None:

@@ -39,6 +39,10 @@ class Recorder:
         self._refused = 0
         self._refused_logged = -math.inf
         self._today = dict.fromkeys(_TODAY, 0.0)
+        # Tiered aliases today, per tier: [calls, cost, escalated calls, their cost,
+        # wasted calls, their cost]; the reasons behind the calls (a closed set).
+        self._tiers: dict[str, list[float]] = {}
+        self._tier_reasons: dict[str, int] = {}
 
     async def finish(self, call: Call) -> None:
         row = self._close(call)
@@ -120,6 +124,9 @@ class Recorder:
         day = int(now // 86400)
         if day != self._day:
             self._day, self._today = day, dict.fromkeys(_TODAY, 0.0)
+            self._tiers, self._tier_reasons = {}, {}
+        if call.tier is not None:
+            self._count_tier(call)
         t = self._today
         t["requests"] += 1
         if call.status >= 400:
@@ -138,6 +145,38 @@ class Recorder:
         if call.hosted_equiv_usd is not None:
             t["saving_usd"] += call.hosted_equiv_usd - cost
 
+    def _count_tier(self, call: Call) -> None:
+        assert call.tier is not None
+        tier = self._tiers.setdefault(call.tier, [0.0] * 6)
+        cost = call.cost_usd or 0.0
+        if call.wasted:  # an answer the cascade threw away: what escalation cost extra
+            tier[4] += 1
+            tier[5] += cost
+            return
+        reason = (call.escalation or "").partition(";")[0]
+        self._tier_reasons[reason] = self._tier_reasons.get(reason, 0) + 1
+        tier[0] += 1
+        tier[1] += cost
+        if reason in _ESCALATED or reason.startswith("cascade"):
+            tier[2] += 1
+            tier[3] += cost
+
+    def tiers(self) -> dict[str, Any]:
+        """Today's calls of tiered aliases (UTC day): per tier the answers served and
+        their share, what they cost, how many were there because of an escalation (score,
+        sticky conversation, cascade) and what those cost, and the cascade's wasted calls
+        (lower-tier answers re-sent one tier up) with their cost."""
+        served = sum(t[0] for t in self._tiers.values())
+        per = {name: {"calls": t[0], "share": t[0] / served if served else 0.0,
+                      "cost_usd": t[1], "escalated": t[2], "escalated_cost_usd": t[3],
+                      "wasted": t[4], "wasted_usd": t[5]}
+               for name, t in self._tiers.items()}
+        return {"calls": served, "tiers": per, "reasons": dict(self._tier_reasons),
+                "escalated": sum(t[2] for t in self._tiers.values()),
+                "escalated_cost_usd": sum(t[3] for t in self._tiers.values()),
+                "wasted": sum(t[4] for t in self._tiers.values()),
+                "wasted_usd": sum(t[5] for t in self._tiers.values())}
+
     def series(self) -> list[dict[str, float]]:
         return [{"t": b[0], "local": b[1], "hosted": b[2], "errors": b[3]}
                 for b in self._series]
@@ -149,6 +188,8 @@ class Recorder:
         return t
 
 
+# Why a call sits above the tier its alias would give everyone: escalations (cascade-* too).
+_ESCALATED = frozenset({"score", "sticky"})
 _TODAY = ("requests", "local", "hosted", "errors", "cost_usd", "hosted_cost_usd",
           "saving_usd")
 

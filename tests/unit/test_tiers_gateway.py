@@ -224,3 +224,31 @@ async def test_prometheus_counts_calls_by_tier_and_reason(client: httpx.AsyncCli
     assert ('spillover_tier_requests_total{reason="cascade-json-schema",tier="flagship"} 1.0'
             in text)
     assert 'spillover_tier_cost_usd_total{tier="flagship"}' in text
+
+
+async def test_status_counts_calls_per_tier_and_what_escalation_cost(
+        client: httpx.AsyncClient, world: World) -> None:
+    world.local = lambda req: httpx.Response(200, json=completion("demo", "no json"))
+    world.hosted = lambda req: httpx.Response(
+        200, json=completion(json.loads(req.content)["model"], '{"name": "Ada"}'))
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    assert runtime.status()["tiers"]["calls"] == 0
+    for body in (EASY, EASY, HARD_BODY, {**EASY, "response_format": PERSON}):
+        r = await client.post("/v1/chat/completions", json=body, headers=auth("app"))
+        assert r.status_code == 200, r.text
+    t = runtime.status()["tiers"]
+    assert t["aliases"] == {"auto": ["demo", "flagship"]}
+    # Four answers: two everyday, one scored up, one cascaded up (its wasted first call
+    # is counted apart, not as a fifth answer).
+    assert t["calls"] == 4
+    demo, flagship = t["tiers"]["demo"], t["tiers"]["flagship"]
+    assert (demo["calls"], flagship["calls"]) == (2, 2)
+    assert demo["share"] == flagship["share"] == 0.5
+    assert t["reasons"] == {"none": 2, "score": 1, "cascade-json-schema": 1}
+    assert (demo["escalated"], flagship["escalated"], t["escalated"]) == (0, 2, 2)
+    assert (demo["wasted"], flagship["wasted"], t["wasted"]) == (1, 0, 1)
+    assert flagship["cost_usd"] > 0  # the flagship's price, on both of its answers
+    assert t["escalated_cost_usd"] == pytest.approx(flagship["cost_usd"])
+    assert t["wasted_usd"] == pytest.approx(demo["wasted_usd"])
+    ledger = runtime.ledger.rows(since=0, until=2e9)
+    assert t["wasted_usd"] == pytest.approx(sum(r.cost_usd for r in ledger if r.wasted))

@@ -332,6 +332,56 @@
           (a.backends || []).join(" → ") || DASH)))));
   }
 
+  // Tiered aliases: each tier's share of today's answers, the escalated ones among them
+  // (score, sticky conversation, cascade) and the cascade's wasted lower-tier calls.
+  const TIER_FILLS = ["ok", "gpu-util", "warn", "gpu-mem", "bad"];
+  function renderTiers(t) {
+    const aliases = Object.entries((t && t.aliases) || {});
+    if (!aliases.length) {
+      $("tiers").replaceChildren(empty("No tiered alias configured."));
+      return;
+    }
+    const per = t.tiers || {};
+    // Tiers in their configured order (everyday first), then any left from a reload.
+    const names = [...new Set([...aliases.flatMap(([, tiers]) => tiers), ...Object.keys(per)])];
+    const fill = (i) => TIER_FILLS[Math.min(i, TIER_FILLS.length - 1)];
+    const row = (name, i) => {
+      const c = per[name] || {};
+      return h("tr", { "data-testid": "tier-row", "data-tier": name },
+        h("td", {}, h("span", { class: `swatch fill ${fill(i)}` }), name),
+        h("td", { class: "num", "data-testid": "tier-calls" }, int(c.calls || 0)),
+        h("td", { class: "num", "data-testid": "tier-share" }, pct(c.share || 0)),
+        h("td", { class: "num" }, usd(c.cost_usd || 0)),
+        h("td", { class: "num", "data-testid": "tier-escalated" },
+          `${int(c.escalated || 0)} · ${usd(c.escalated_cost_usd || 0)}`),
+        h("td", { class: "num", "data-testid": "tier-wasted" },
+          `${int(c.wasted || 0)} · ${usd(c.wasted_usd || 0)}`));
+    };
+    const reasons = Object.entries(t.reasons || {}).sort((a, b) => b[1] - a[1]);
+    $("tiers").replaceChildren(
+      h("div", { class: "muted small" }, aliases.map(([n, tiers]) => `${n}: ${tiers.join(" → ")}`)
+        .join(" · ")),
+      bar(names.map((n, i) => [(per[n] && per[n].share) || 0, fill(i)]),
+        { "data-testid": "tiers-bar", title: "share of today's answers per tier" }),
+      h("table", { class: "mini" },
+        h("thead", {}, h("tr", {}, h("th", {}, "tier"), h("th", { class: "num" }, "answers"),
+          h("th", { class: "num" }, "share"), h("th", { class: "num" }, "cost"),
+          h("th", { class: "num", title: "answers above the everyday tier because of the " +
+            "score, a sticky conversation or the cascade, and what they cost" }, "escalated"),
+          h("th", { class: "num", title: "lower-tier answers the cascade re-sent one tier " +
+            "up, and what they cost" }, "wasted"))),
+        h("tbody", {}, names.map(row))),
+      h("dl", { class: "facts" }, facts([
+        ["answers today", int(t.calls), "tiers-calls"],
+        ["escalated answers · their cost", `${int(t.escalated)} · ${usd(t.escalated_cost_usd)}`,
+          "tiers-escalated"],
+        ["wasted cascade calls · their cost", `${int(t.wasted)} · ${usd(t.wasted_usd)}`,
+          "tiers-wasted"],
+        ["why", reasons.length ? reasons.map(([r, n]) => `${r} ${n}`).join(", ") : DASH,
+          "tiers-reasons"],
+      ])));
+  }
+
   function renderBreakers(breakers) {
     const list = Object.entries(breakers || {});
     if (!list.length) {
@@ -454,6 +504,7 @@
     renderSpend(d.budgets, d.today);
     renderEngines(d.engines, d.gpu);
     renderAliases(d.aliases);
+    renderTiers(d.tiers);
     renderBreakers(d.breakers);
     renderHost(d.host, d.gpu);
     renderLedger(d.ledger);
