@@ -47,12 +47,18 @@ def _exported() -> tuple[dict[str, set[str]], dict[str, str]]:
                                       "left": 0.9}},
                  "callers": {}},
         lambda: {"local_share": 0.5},
+        ledger=lambda: {"state": "ok", "failing_for_s": 0.0, "refusing": False,
+                        "spooled_rows": 0, "spool_bytes": 0, "rows_spooled_total": 0,
+                        "rows_lost_total": 0},
     )
     call = Call(request_id="r", facts=RequestFacts("demo", "chat"), started=time.monotonic(),
                 deadline=time.monotonic() + 10)
     call.route, call.backend, call.reason, call.status = "local", "demo-local", "local-ok", 200
     call.prompt_tokens, call.completion_tokens = 3, 5
     call.cost_usd, call.hosted_equiv_usd, call.ttft_s = 0.001, 0.002, 0.1
+    m.observe(call)
+    # A tiered alias's call the cascade threw away: the tier families have samples too.
+    call.tier, call.escalation, call.wasted = "demo", "none; score=0.100", "json-schema"
     m.observe(call)
 
     labels: dict[str, set[str]] = {}
