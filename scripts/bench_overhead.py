@@ -21,6 +21,8 @@ run:
 - many streams held open at once, and the router's RSS while they run;
 - a closed loop again on the routers that just took the overload and the open streams
   (what their state left behind costs);
+- a tiered alias next to the plain one it puts everyday requests on (`--tiers-only` runs
+  just this): what scoring and deciding the tier adds to the p50;
 - slow readers: callers holding long streams open and reading a trickle, beside ordinary
   requests on another alias: the router's CPU per relayed MB and those requests' p50/p99.
 
@@ -69,6 +71,11 @@ PUBLISHED = ROOT / "docs" / "overhead.json"
 PATH = "/v1/chat/completions"
 ALIAS = "bench"
 SLOW_ALIAS = "bench-slow"
+# A tiered alias over ALIAS (everyday) and TOP_ALIAS, both on the same mock upstream: the
+# bench prompt scores far below the threshold, so a request to TIERED reaches the same
+# engine as one to ALIAS and the difference is what deciding the tier costs.
+TOP_ALIAS = "bench-top"
+TIERED = "bench-auto"
 BENCH_KEY = b"sk-spill-bench"
 AUTH = b"authorization: Bearer " + BENCH_KEY + b"\r\n"
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
@@ -82,8 +89,9 @@ class Target:
     pid: int
 
 
-def body(stream: bool = False, mock: dict[str, Any] | None = None) -> bytes:
-    b: dict[str, Any] = {"model": ALIAS, "messages": PROMPT, "max_tokens": 16,
+def body(stream: bool = False, mock: dict[str, Any] | None = None,
+         model: str = ALIAS) -> bytes:
+    b: dict[str, Any] = {"model": model, "messages": PROMPT, "max_tokens": 16,
                          "temperature": 0.7}
     if stream:
         b["stream"] = True
@@ -416,7 +424,12 @@ def write_config(path: Path, upstream_port: int, max_connections: int,
             "base_url": f"http://{HOST}:{slow_port}/v1",
             "saturation": {"max_inflight": 100000, "max_waiting": 1000000,
                            "max_kv_cache": 1.0},
-        }]}},
+        }]}, TOP_ALIAS: {"local": [{
+            "name": "bench-top", "model": TOP_ALIAS, "license": "apache-2.0",
+            "base_url": f"http://{HOST}:{upstream_port}/v1",
+            "saturation": {"max_inflight": 100000, "max_waiting": 1000000,
+                           "max_kv_cache": 1.0},
+        }]}, TIERED: {"tiers": [ALIAS, TOP_ALIAS], "thresholds": [0.9]}},
     }
     path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
 
@@ -630,6 +643,56 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
               f"requests' own; heads {r['heads']}, reader errors "
               f"{r['reader_errors']}")
 
+    async def tier_phase() -> None:
+        # The scorer's cost: the plain alias and the tiered one over it, on one router,
+        # taking turns in short open-loop rounds (the host's drift falls on both alike).
+        router = await fresh("router")
+        tiered = body(model=TIERED)
+        probe = Pool(HOST, router.port)
+        r = await probe.post(PATH, tiered)
+        probe.close()
+        tier = r.headers.get(b"x-spillover-tier", b"").decode()
+        if r.status != 200 or tier != ALIAS:
+            raise RuntimeError(f"the tiered alias answered {r.status} on tier {tier!r}, "
+                               f"not {ALIAS!r}: the phase would not compare like with like")
+        rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "plain": [], "tiered": []}
+        for _ in range(args.tier_rounds):
+            for label, t, what in (("direct", direct, payload), ("plain", router, payload),
+                                   ("tiered", router, tiered)):
+                rounds[label].append(await open_loop(t, args.tier_rate, args.tier_duration,
+                                                     1.0, what))
+        res: dict[str, Any] = {"rate": args.tier_rate, "rounds": args.tier_rounds,
+                               "seconds_per_round": args.tier_duration}
+        rows = []
+        for label, rs in rounds.items():
+            p50s = sorted(x["p50_ms"] for x in rs)
+            p99s = sorted(x["p99_ms"] for x in rs)
+            res[label] = {"n": sum(x["n"] for x in rs), "p50_ms": p50s[len(p50s) // 2],
+                          "p99_ms": p99s[len(p99s) // 2],
+                          "errors": sum(sum(x["errors"].values()) for x in rs),
+                          "round_p50_ms": [x["p50_ms"] for x in rs]}
+            rows.append([label, res[label]["n"], res[label]["p50_ms"], res[label]["p99_ms"],
+                         res[label]["errors"], res[label]["round_p50_ms"]])
+        res["plain_added_p50_ms"] = round(res["plain"]["p50_ms"] - res["direct"]["p50_ms"], 3)
+        res["tiered_added_p50_ms"] = round(
+            res["tiered"]["p50_ms"] - res["direct"]["p50_ms"], 3)
+        res["tier_decision_p50_ms"] = round(res["tiered"]["p50_ms"] - res["plain"]["p50_ms"],
+                                            3)
+        out["tiers"] = res
+        print(f"\nTiered alias next to the plain one ({args.tier_rate:g} req/s open loop, "
+              f"{args.tier_rounds} interleaved rounds of {args.tier_duration:g} s; median of "
+              "the rounds' p50/p99, ms)", flush=True)
+        print(table(["target", "n", "p50", "p99", "errors", "p50 per round"], rows))
+        print(f"  added p50 over direct: plain alias {res['plain_added_p50_ms']:+.3f} ms, "
+              f"tiered alias {res['tiered_added_p50_ms']:+.3f} ms; the tier decision "
+              f"{res['tier_decision_p50_ms']:+.3f} ms")
+
+    if args.tiers_only:
+        await tier_phase()
+        while current:
+            kids.stop(current.pop())
+        return out
+
     if args.slow_readers_only:
         await slow_phase()
         while current:
@@ -771,6 +834,7 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
                  "RSS MB before", "peak", "after", "KB/stream"], rows))
     await closed(router, "router-after-open-streams", concurrency=[8])
     print_closed("Closed loop on the routers of phases 2 and 4, right after their load")
+    await tier_phase()
     await slow_phase()
     while current:
         kids.stop(current.pop())
@@ -812,6 +876,7 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         "bare_proxy_added_p50_ms_at_300": r300["bare_added_p50_ms"] if r300 else None,
         "bare_proxy_added_ttft_p50_ms": out["streams"]["bare_added_ttft_p50_ms"],
         "router_rss_peak_mb_open_streams": out["open_streams"]["router"]["rss_peak_mb"],
+        "tier_decision_added_p50_ms": out["tiers"]["tier_decision_p50_ms"],
         "targets_met": {
             "added_p50_le_1ms_at_300": bool(r300 and r300["added_p50_ms"] <= 1.0),
             "added_p99_le_3ms_at_300": bool(r300 and r300["added_p99_ms"] <= 3.0),
@@ -850,6 +915,13 @@ def main() -> int:
                    help="ordinary requests/s in the slow-reader phase")
     p.add_argument("--slow-readers-only", action="store_true",
                    help="run only the slow-reader phase")
+    p.add_argument("--tier-rate", type=float, default=200.0,
+                   help="requests/s of the tiered-alias phase")
+    p.add_argument("--tier-duration", type=float, default=4.0,
+                   help="seconds per round and target in the tiered-alias phase")
+    p.add_argument("--tier-rounds", type=int, default=3)
+    p.add_argument("--tiers-only", action="store_true",
+                   help="run only the tiered-alias phase (the scorer's added p50)")
     p.add_argument("--max-connections", type=int, default=2048,
                    help="server.max_connections of the router (its upstream pool)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
@@ -890,7 +962,7 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"logs in {tmp}/logs", file=sys.stderr)
-    if not args.slow_readers_only:
+    if not (args.slow_readers_only or args.tiers_only):
         out["summary"] = summary(out)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     if "summary" in out:
