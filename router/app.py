@@ -20,6 +20,7 @@ from router.http.fastlane import FastLaneApp
 from router.http.routes import build_routes
 from router.routing.batch_scheduler import BatchScheduler, Parts
 from router.routing.replicas import Resolver
+from router.routing.tracing import Tracing
 from router.runtime import Runtime
 
 log = logging.getLogger("spillover")
@@ -37,11 +38,12 @@ def create_app(
     config: Config | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     resolver: Resolver | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
     cfg = config or load_config(settings.config_path)
     runtime = Runtime(cfg, settings.env, transport, config_path=settings.config_path,
-                      resolver=resolver)
+                      resolver=resolver, tracing=tracing)
 
     batches = open_batch_store(cfg)
 

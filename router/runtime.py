@@ -28,6 +28,7 @@ from router.routing.load import LoadMonitor
 from router.routing.ratelimit import RateLimiter, StreamSlots
 from router.routing.replicas import Resolver
 from router.routing.resilience import Breakers, RetryPolicy
+from router.routing.tracing import Tracing
 from router.upstreams.h1 import H1Upstream
 from router.upstreams.transport import AiohttpUpstream, HttpxUpstream, Upstream
 from serving.engine import EngineSupervisor
@@ -70,8 +71,11 @@ class Runtime:
 
     def __init__(self, config: Config, env: Mapping[str, str],
                  transport: httpx.AsyncBaseTransport | None = None,
-                 config_path: str = "models.yaml", resolver: Resolver | None = None) -> None:
+                 config_path: str = "models.yaml", resolver: Resolver | None = None,
+                 tracing: Tracing | None = None) -> None:
         server = config.server
+        # OpenTelemetry traces when the OTEL_* variables ask for them (tests pass their own).
+        self.tracing = tracing if tracing is not None else Tracing.from_env(env)
         # How discovered deployments' DNS names are resolved (tests inject their own).
         self.resolver = resolver
         self.env = env
@@ -190,7 +194,7 @@ class Runtime:
                    if b.route == "hosted" and b.api_key_env and not api_keys.get(b.api_key_env)}
         gateway = Gateway(config, catalog, monitor, dispatcher, auth=auth, budgets=budgets,
                           limiter=limiter, breakers=breakers, recorder=self.recorder,
-                          streams=self.streams, keyless=keyless)
+                          streams=self.streams, keyless=keyless, tracing=self.tracing)
         if reload:
             budgets.reconfigure(config.budget,
                                 {n: c.budget for n, c in config.callers.items()})
@@ -280,6 +284,8 @@ class Runtime:
         await self.ledger.stop()
         if self.gpu is not None:
             self.gpu.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     def hardware(self) -> dict[str, object]:
         """GPUs per local deployment (NVML) and the host (psutil); no GPU is a normal

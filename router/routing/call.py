@@ -11,6 +11,7 @@ from router.accounting.budgets import Reservation
 from router.routing.policy import RequestFacts
 from router.routing.ratelimit import Admission
 from router.routing.reasons import CallReason
+from router.routing.tracing import RequestTrace
 
 # The alias recorded for a request naming no alias of the catalog: never the caller's text.
 UNKNOWN_ALIAS = "(unknown)"
@@ -60,6 +61,7 @@ class Call:
     # The conversation key of x-spillover-session (a digest: the id is not kept as sent);
     # None: the key is read from the body.
     session_key: str | None = None
+    trace: RequestTrace | None = None  # the request's span when tracing is on
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -44,6 +44,7 @@ from router.routing.policy import RoutePlan
 from router.routing.reasons import OutcomeReason, RouteReason
 from router.routing.replicas import conversation_key
 from router.routing.resilience import Breakers, RetryPolicy, parse_retry_after, request_too_large
+from router.routing.tracing import RequestTrace
 from router.upstreams.sse import SSEFramer
 from router.upstreams.transport import TransportError, Upstream, UpstreamResponse
 
@@ -155,10 +156,19 @@ class Dispatcher:
             call.reason = _reason(plan.reason, failures)
             call.attempts.append(b.name)
             tries += 1
+            sent, span = headers, None
+            if call.trace is not None:  # a child span; its traceparent goes upstream
+                sent = dict(headers)
+                span = call.trace.attempt(call, b, sent)
             if call.facts.stream:
-                result = await self._open_stream(call, b, prep, content, headers)
+                result = await self._open_stream(call, b, prep, content, sent)
             else:
-                result = await self._once(call, b, prep, content, headers)
+                result = await self._once(call, b, prep, content, sent)
+            if span is not None:
+                if isinstance(result, _Failure):
+                    RequestTrace.attempt_done(span, result.status, result.what, result.kind)
+                else:
+                    RequestTrace.attempt_done(span, result.status_code, None)
             if not isinstance(result, _Failure):
                 if breaker is not None:
                     breaker.success()
@@ -526,7 +536,8 @@ class Dispatcher:
 
     def _cost(self, call: Call, b: Backend) -> None:
         if b.route == "hosted":
-            price = b.batch_price if call.batch_id and b.batch_price is not None else b.price
+            # Batch work (the class, so the Batch API's lines too) pays the batch price.
+            price = call.facts.price_on(b)
         else:
             price = self._local_price(b)
         if price is not None:
@@ -551,10 +562,14 @@ class Dispatcher:
     async def _finish(self, call: Call, status: int) -> None:
         self._settle(call, status)
         await self._recorder.finish(call)
+        if call.trace is not None:
+            call.trace.end(call)
 
     def _finish_nowait(self, call: Call, status: int) -> None:
         self._settle(call, status)
         self._recorder.finish_nowait(call)
+        if call.trace is not None:
+            call.trace.end(call)
 
 
 _DONE = b"data: [DONE]\n\n"

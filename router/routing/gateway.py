@@ -38,6 +38,7 @@ from router.routing.reasons import ErrorCode, is_reason
 from router.routing.replicas import conversation_key, session_key
 from router.routing.resilience import Breakers
 from router.routing.tiers import TierDecision, Tiers, cascade_trigger
+from router.routing.tracing import Tracing
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -84,7 +85,7 @@ class Gateway:
                  limiter: RateLimiter, breakers: Breakers, recorder: Recorder,
                  streams: StreamSlots | None = None,
                  keyless: Mapping[str, str] | None = None,
-                 tiers: Tiers | None = None) -> None:
+                 tiers: Tiers | None = None, tracing: Tracing | None = None) -> None:
         self.config = config
         self.catalog = catalog
         self.monitor = monitor
@@ -98,6 +99,7 @@ class Gateway:
         self.keyless: Mapping[str, str] = keyless or {}
         self.streams = streams if streams is not None else StreamSlots()
         self.tiers = tiers if tiers is not None else Tiers(config)
+        self.tracing = tracing  # None when OTEL_* asks for no traces: one test a request
 
     async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive, *,
                      api: str | None = None,
@@ -114,6 +116,8 @@ class Gateway:
         call = Call(request_id=request_id(headers), facts=RequestFacts("", endpoint),
                     started=started, deadline=started + self.config.server.request_timeout_s)
         call.api = api
+        if self.tracing is not None:
+            call.trace = self.tracing.start(endpoint, headers, api)
         # The batch scheduler runs a line for the caller that uploaded it, who authenticated
         # then: no key is kept, so it names the caller instead of sending its key.
         call.batch_id = batch_id
@@ -176,6 +180,8 @@ class Gateway:
                 await self.recorder.finish(call)
             else:  # 6,000 keyless requests wrote 6,000 rows: counted, not written
                 self.recorder.refuse(call)
+            if call.trace is not None:
+                call.trace.end(call)
             raise
         if p.tier is not None:
             self.tiers.remember(p.tier)
