@@ -484,6 +484,12 @@ class BatchStore:
                 ("done" if ok else "failed", status_code, request_id, result.decode(),
                  route, self._clock(), line.batch_id, line.line_no))
 
+    def first_line(self, batch_id: str) -> Line | None:
+        rows = self._rows("SELECT line_no, custom_id, offset_bytes, length_bytes FROM "
+                          "batch_lines WHERE batch_id = ? ORDER BY line_no LIMIT 1",
+                          (batch_id,))
+        return Line(batch_id, *rows[0]) if rows else None
+
     def release(self, line: Line) -> None:
         """A claimed line not run after all (the router stops): pending again."""
         with self._lock:

@@ -157,13 +157,17 @@ class BatchScheduler:
             # The caller was removed from models.yaml: its lines fail, nobody pays for them.
             await self._fail_all(run, "the caller of this batch is no longer configured")
             return
+        if not run.aliases:
+            await self._learn_alias(run)
         b = parts.config.batches
         # Local: one line at a time while an engine of the batch's aliases has headroom.
         while len(run.local) < b.local_concurrency and self._headroom(parts, run):
             if not await self._spawn(run, principal, "local"):
                 break
-        if principal.policy.residency == "onprem":
-            return  # never leaves; what cannot finish in time expires
+        if principal.policy.residency == "onprem" or not self._batch_priced(parts, run):
+            # Never leaves (or has no hosted batch price to leave at): what cannot finish
+            # locally in time expires.
+            return
         want = self._hosted_share(run, counts, now, b.deadline_margin)
         while len(run.hosted) < min(want, b.hosted_concurrency):
             if not await self._spawn(run, principal, "hosted"):
@@ -183,6 +187,23 @@ class BatchScheduler:
         pace = len(run.done_local) / max(measured_for, 1e-3)
         local_can = pace * left * (1 - margin)
         return max(0, int(pending - local_can))
+
+    async def _learn_alias(self, run: _Run) -> None:
+        """The alias of the batch's first line, for headroom and hosted checks before any
+        line ran (lines of one batch name one model as a rule; others join as they run)."""
+        line = await asyncio.to_thread(self.store.first_line, run.id)
+        if line is None:
+            return
+        file_id = await asyncio.to_thread(self.store.input_file, run.id)
+        model = (await asyncio.to_thread(self.store.read_line, file_id, line))["body"]["model"]
+        if isinstance(model, str):
+            run.aliases.add(model)
+
+    def _batch_priced(self, parts: Parts, run: _Run) -> bool:
+        """Whether some hosted offering of the batch's aliases takes batch work (routing
+        sends batch work hosted only at a batch price)."""
+        return any(b.route == "hosted" and b.batch_price is not None
+                   for alias in run.aliases for b in parts.catalog.backends(alias) or ())
 
     def _headroom(self, parts: Parts, run: _Run) -> bool:
         names: list[str] = []

@@ -535,11 +535,8 @@ class Dispatcher:
         self._cost(call, b)
 
     def _cost(self, call: Call, b: Backend) -> None:
-        if b.route == "hosted":
-            # Batch work (the class, so the Batch API's lines too) pays the batch price.
-            price = call.facts.price_on(b)
-        else:
-            price = self._local_price(b)
+        # Hosted batch work (the class, so the Batch API's lines too) pays the batch price.
+        price = call.facts.price_on(b) if b.route == "hosted" else self._local_price(b)
         if price is not None:
             call.cost_usd = price.cost(call.prompt_tokens, call.completion_tokens)
         equiv = self._hosted_price(b.alias)

@@ -27,8 +27,8 @@ from tests.unit.helpers import BASE_YAML, World, completion, config
 ALICE, BOB, VAULT = "sk-alice", "sk-bob", "sk-vault"
 
 
-def _config(tmp_path: Path, **batches: Any) -> Any:
-    text = BASE_YAML.replace(
+def _config(tmp_path: Path, batch_price: bool = True, **batches: Any) -> Any:
+    text = BASE_YAML if not batch_price else BASE_YAML.replace(
         "price: {input_per_mtok: 0.1, output_per_mtok: 0.3}",
         "price: {input_per_mtok: 0.1, output_per_mtok: 0.3}\n"
         "        batch_price: {input_per_mtok: 0.05, output_per_mtok: 0.15}")
@@ -43,10 +43,11 @@ def _config(tmp_path: Path, **batches: Any) -> Any:
 
 
 @asynccontextmanager
-async def _app(tmp_path: Path, world: World, **batches: Any,
+async def _app(tmp_path: Path, world: World, batch_price: bool = True, **batches: Any,
                ) -> AsyncIterator[dict[str, openai.AsyncOpenAI]]:
     app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}),
-                     config=_config(tmp_path, **batches), transport=world.transport())
+                     config=_config(tmp_path, batch_price, **batches),
+                     transport=world.transport())
     async with app.router.lifespan_context(app):
         clients = {}
         for name, key in (("alice", ALICE), ("bob", BOB), ("vault", VAULT)):
@@ -294,3 +295,24 @@ async def test_restart_resumes_without_repeating_finished_lines(tmp_path: Path) 
     assert not done_before & set(again)
     assert {x["custom_id"]: x["response"]["body"]["choices"][0]["message"]["content"]
             for x in out} == {f"req-{i}": f"req-{i}" for i in range(10)}
+
+
+@pytest.mark.parametrize("batch_price", [True, False])
+async def test_engine_down_goes_hosted_only_at_a_batch_price(tmp_path: Path,
+                                                             batch_price: bool) -> None:
+    world = World(local_up=False)
+    async with _app(tmp_path, world, batch_price=batch_price) as c:
+        f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(4))),
+                                          purpose="batch")
+        b = await c["alice"].batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="2s")  # type: ignore[arg-type]
+        done = await _until(c["alice"], b.id, {"completed", "expired", "failed"})
+        assert done.request_counts is not None
+        if batch_price:
+            assert done.status == "completed" and done.request_counts.completed == 4
+            assert len(world.bodies("hosted")) == 4
+        else:
+            # No hosted price for batch work: nothing leaves at the full price.
+            assert done.status == "expired" and done.request_counts.completed == 0
+            assert world.bodies("hosted") == []
