@@ -187,7 +187,11 @@ ONE_APP_PER_OPERATION = settings(suppress_health_check=[HealthCheck.function_sco
 def test_valid_requests_are_served(case: Case[Any], serving: FastAPI) -> None:
     # /v1/usage takes `since` and `until` as unix seconds or ISO 8601, which its schema
     # does not say: any other string is rightly refused.
-    accepted = [] if case.path == "/v1/usage" else [positive_data_acceptance]
+    # The Batch API's bodies are valid only with a JSONL file whose lines the schema cannot
+    # describe, or the id of a file uploaded before: refused with a 4xx in OpenAI's shape,
+    # which the other checks hold them to.
+    accepted = [] if case.path == "/v1/usage" or case.path.startswith(
+        ("/v1/files", "/v1/batches")) else [positive_data_acceptance]
     case.call_and_validate(app=serving, checks=[*ALWAYS, *accepted])
 
 
