@@ -30,6 +30,7 @@ FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _WINDOW = re.compile(r"(\d{1,7})([smh])")
 _MAX_PROBLEMS = 20  # line problems reported at most (OpenAI reports a list too)
 _CHUNK = 1 << 16
+_PAGE = 1000  # lines read at a time when the result files are written
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS batch_files (
@@ -194,20 +195,12 @@ class BatchStore:
                 (file_id, caller, purpose, filename[:255], size, now, lines))
         return file_object(file_id, purpose, filename[:255], size, now)
 
-    def _write_file(self, caller: str, purpose: str, filename: str,
-                    lines: Iterator[bytes]) -> str:
-        file_id = new_id("file")
-        size = 0
-        with self.path(file_id).open("wb") as out:
-            for line in lines:
-                out.write(line)
-                size += len(line)
+    def _register_file(self, file_id: str, caller: str, filename: str, size: int) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT INTO batch_files (id, caller, purpose, filename, bytes, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (file_id, caller, purpose, filename, size, int(self._clock())))
-        return file_id
+                "VALUES (?, ?, 'batch_output', ?, ?, ?)",
+                (file_id, caller, filename, size, int(self._clock())))
 
     def get_file(self, caller: str, file_id: str) -> dict[str, Any] | None:
         """The file object, if `caller` owns it (another caller's file is not there)."""
@@ -500,7 +493,8 @@ class BatchStore:
     def finalize(self, batch_id: str, status: str) -> None:
         """Write the output and error files and end the batch as `status` (completed,
         expired or cancelled). Lines that never ran land in the error file as OpenAI
-        reports them (batch_expired, batch_cancelled)."""
+        reports them (batch_expired, batch_cancelled). Written a page of lines at a time:
+        a large batch's results are never in memory whole."""
         caller = self.caller_of(batch_id)
         assert caller is not None
         self.set_status(batch_id, "finalizing")
@@ -508,34 +502,49 @@ class BatchStore:
                              "the completion window expired."),
                  "cancelled": ("batch_cancelled", "This request was not executed because "
                                "the batch was cancelled.")}.get(status)
-        out_lines: list[bytes] = []
-        err_lines: list[bytes] = []
-        for line_no, cid, state, code, rid, result in self._rows(
-                "SELECT line_no, custom_id, state, status_code, request_id, result FROM "
-                "batch_lines WHERE batch_id = ? ORDER BY line_no", (batch_id,)):
-            item: dict[str, Any] = {"id": f"batch_req_{batch_id[6:]}_{line_no}",
-                                    "custom_id": cid}
-            if state in ("done", "failed"):
-                item["response"] = {"status_code": code, "request_id": rid,
-                                    "body": orjson.loads(result)}
-                item["error"] = None
-                (out_lines if state == "done" else err_lines).append(
-                    orjson.dumps(item) + b"\n")
-            elif never is not None:
-                item["response"] = None
-                item["error"] = {"code": never[0], "message": never[1]}
-                err_lines.append(orjson.dumps(item) + b"\n")
-        output = (self._write_file(caller, "batch_output", f"{batch_id}_output.jsonl",
-                                   iter(out_lines)) if out_lines else None)
-        errors = (self._write_file(caller, "batch_output", f"{batch_id}_error.jsonl",
-                                   iter(err_lines)) if err_lines else None)
+        ids = {"out": new_id("file"), "err": new_id("file")}
+        sizes = {"out": 0, "err": 0}
+        with self.path(ids["out"]).open("wb") as out, self.path(ids["err"]).open("wb") as err:
+            files = {"out": out, "err": err}
+            last = 0
+            while page := self._rows(
+                    "SELECT line_no, custom_id, state, status_code, request_id, result FROM "
+                    "batch_lines WHERE batch_id = ? AND line_no > ? ORDER BY line_no "
+                    "LIMIT ?", (batch_id, last, _PAGE)):
+                for line_no, cid, state, code, rid, result in page:
+                    item: dict[str, Any] = {"id": f"batch_req_{batch_id[6:]}_{line_no}",
+                                            "custom_id": cid}
+                    if state in ("done", "failed"):
+                        item["response"] = {"status_code": code, "request_id": rid,
+                                            "body": orjson.loads(result)}
+                        item["error"] = None
+                        which = "out" if state == "done" else "err"
+                    elif never is not None:
+                        item["response"] = None
+                        item["error"] = {"code": never[0], "message": never[1]}
+                        which = "err"
+                    else:
+                        continue
+                    data = orjson.dumps(item) + b"\n"
+                    files[which].write(data)
+                    sizes[which] += len(data)
+                last = page[-1][0]
+        kept: dict[str, str | None] = {}
+        for which, suffix in (("out", "output"), ("err", "error")):
+            if sizes[which]:
+                self._register_file(ids[which], caller, f"{batch_id}_{suffix}.jsonl",
+                                    sizes[which])
+                kept[which] = ids[which]
+            else:
+                self.path(ids[which]).unlink(missing_ok=True)
+                kept[which] = None
         column = {"completed": "completed_at", "expired": "expired_at",
                   "cancelled": "cancelled_at"}[status]
         with self._lock:
             self._db.execute(
                 f"UPDATE batches SET status = ?, {column} = ?, output_file_id = ?, "
                 "error_file_id = ? WHERE id = ?",
-                (status, self._clock(), output, errors, batch_id))
+                (status, self._clock(), kept["out"], kept["err"], batch_id))
 
 
 _BATCH_COLUMNS = ("id, caller, input_file_id, endpoint, completion_window, window_s, metadata, "

@@ -187,3 +187,25 @@ async def test_usage_groups_ledger_rows_by_batch(tmp_path: Path) -> None:
         got = {g["batch"]: (g["requests"], g["cost_usd"])
                for g in ledger.usage(since=0, until=200, group_by=["batch"])}
     assert got == {"batch-a": (2, 3.0), "": (1, 4.0)}
+
+
+def test_result_files_are_written_a_page_at_a_time(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.accounting.batches as batches
+
+    monkeypatch.setattr(batches, "_PAGE", 2)
+    store = _store(tmp_path)
+    f = _upload(store, "\n".join(_line(f"id{i}") for i in range(7)))
+    b = store.create_batch("alice", f["id"], "/v1/chat/completions", "24h", None, _allow)
+    for line in store.claim(b["id"], 7, "local"):
+        store.finish_line(line, ok=line.line_no % 3 != 0, status_code=200, request_id="r",
+                          route="local", result=orjson.dumps({"n": line.line_no}))
+    store.finalize(b["id"], "completed")
+    done = store.get_batch("alice", b["id"])
+    assert done is not None
+    out = [orjson.loads(x)["custom_id"] for x in store.path(done["output_file_id"])
+           .read_bytes().splitlines()]
+    err = [orjson.loads(x)["custom_id"] for x in store.path(done["error_file_id"])
+           .read_bytes().splitlines()]
+    assert out == ["id0", "id1", "id3", "id4", "id6"] and err == ["id2", "id5"]
+    assert store.get_file("alice", done["output_file_id"])["purpose"] == "batch_output"  # type: ignore[index]
