@@ -12,6 +12,7 @@ import httpx
 from fastapi import FastAPI
 
 from router.accounting.batches import open_batch_store
+from router.accounting.storage import database_target
 from router.config import Config, load_config
 from router.http.batches import batch_routes
 from router.http.dashboard import dashboard_routes
@@ -45,7 +46,7 @@ def create_app(
     runtime = Runtime(cfg, settings.env, transport, config_path=settings.config_path,
                       resolver=resolver, tracing=tracing)
 
-    batches = open_batch_store(cfg)
+    batches = open_batch_store(cfg, database_target(cfg.server, settings.env))
 
     def parts() -> Parts:
         p = runtime.parts

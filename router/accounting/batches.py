@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import orjson
 
+from router.accounting.pg import PgTarget
+from router.accounting.pg import connect as pg_connect
 from router.config import Batches, Config, Endpoint
 
 # What a line may ask for, as OpenAI's Batch API spells it, and the gateway's endpoint.
@@ -54,6 +56,7 @@ _SCHEMA = (
         offset_bytes INTEGER NOT NULL, length_bytes INTEGER NOT NULL,
         state TEXT NOT NULL DEFAULT 'pending', route TEXT NOT NULL DEFAULT '',
         status_code INTEGER, request_id TEXT, result TEXT, finished_at REAL,
+        claimed_at REAL,
         PRIMARY KEY (batch_id, line_no)
     )""",
     "CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state, line_no)",
@@ -104,16 +107,17 @@ class Line:
     length: int
 
 
-def open_batch_store(config: Config) -> BatchStore:
-    """Beside the SQLite ledger (its database, a `batches` folder next to it). With the
-    PostgreSQL ledger the batch tables stay in SQLite under `batches.data_dir` for now."""
+def open_batch_store(config: Config, target: PgTarget | None) -> BatchStore:
+    """In the ledger's database: SQLite beside it (files in a `batches` folder next to it),
+    or the PostgreSQL database the replicas share (`target`; then `batches.data_dir` must
+    be storage every replica sees)."""
     server, limits = config.server, config.batches
     ledger_dir = Path(server.ledger_path).parent if server.ledger_path != ":memory:" else None
     data_dir = Path(limits.data_dir) if limits.data_dir else (
         (ledger_dir or Path(".spillover")) / "batches")
-    pg = server.database_url_env is not None
-    return BatchStore(str(data_dir / "batches.db") if pg else server.ledger_path, data_dir,
-                      limits)
+    # A claimed line outlives no request: every request ends within request_timeout_s.
+    return BatchStore(target if target is not None else server.ledger_path, data_dir, limits,
+                      lease_s=server.request_timeout_s + 60)
 
 
 def window_seconds(window: str) -> float | None:
@@ -133,23 +137,51 @@ class BatchStore:
     """Files, batches and lines. Synchronous and thread-safe: callers on the event loop
     run it through `asyncio.to_thread`."""
 
-    def __init__(self, db_path: str, data_dir: str | os.PathLike[str], limits: Batches,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: str | PgTarget, data_dir: str | os.PathLike[str], limits: Batches,
+                 clock: Callable[[], float] = time.time, lease_s: float = 600.0) -> None:
+        """`db`: a SQLite path (one router) or a PostgreSQL target (replicas sharing the
+        batches; `data_dir` must then be storage they all see). `lease_s`: with
+        PostgreSQL, how long a line may stay claimed before another replica takes it
+        (its claimer died); set it above the request timeout."""
         self.limits = limits
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        if db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # Each finished line is committed before it counts as done; NORMAL survives a kill -9.
-        self._db.execute("PRAGMA synchronous = NORMAL")
         self._lock = threading.Lock()
+        self.shared = isinstance(db, PgTarget)
+        self._lease_s = lease_s
+        self._db: Any
+        if isinstance(db, PgTarget):
+            self._db = pg_connect(db, statement_timeout_ms=30_000, autocommit=True)
+        else:
+            if db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+            self._exec("PRAGMA busy_timeout = 5000")
+            self._exec("PRAGMA journal_mode = WAL")
+            # A finished line is committed before it counts as done; NORMAL survives kill -9.
+            self._exec("PRAGMA synchronous = NORMAL")
         with self._lock:
             for statement in _SCHEMA:
-                self._db.execute(statement)
+                self._exec(statement)
+            # Tables from before leases (claimed_at) get the column.
+            if self.shared:
+                self._exec("ALTER TABLE batch_lines ADD COLUMN IF NOT EXISTS claimed_at REAL")
+            elif "claimed_at" not in {r[1] for r in self._exec(
+                    "PRAGMA table_info(batch_lines)").fetchall()}:
+                self._exec("ALTER TABLE batch_lines ADD COLUMN claimed_at REAL")
+
+    def _sql(self, sql: str) -> str:
+        """The statements are written for SQLite; PostgreSQL spells a few things apart."""
+        if not self.shared:
+            return sql
+        sql = sql.replace("?", "%s").replace(" REAL", " DOUBLE PRECISION")
+        sql = sql.replace(" INTEGER", " BIGINT").replace("@SKIP_LOCKED", " FOR UPDATE SKIP LOCKED")
+        return sql
+
+    def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """One statement (the caller holds the lock): a cursor."""
+        return self._db.execute(self._sql(sql).replace("@SKIP_LOCKED", ""), params)
 
     def close(self) -> None:
         with self._lock:
@@ -157,7 +189,7 @@ class BatchStore:
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            return list(self._exec(sql, params).fetchall())
 
     # -- files -----------------------------------------------------------------------
 
@@ -189,7 +221,7 @@ class BatchStore:
             raise
         now = int(self._clock())
         with self._lock:
-            self._db.execute(
+            self._exec(
                 "INSERT INTO batch_files (id, caller, purpose, filename, bytes, created_at, "
                 "lines) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (file_id, caller, purpose, filename[:255], size, now, lines))
@@ -197,7 +229,7 @@ class BatchStore:
 
     def _register_file(self, file_id: str, caller: str, filename: str, size: int) -> None:
         with self._lock:
-            self._db.execute(
+            self._exec(
                 "INSERT INTO batch_files (id, caller, purpose, filename, bytes, created_at) "
                 "VALUES (?, ?, 'batch_output', ?, ?, ?)",
                 (file_id, caller, filename, size, int(self._clock())))
@@ -222,7 +254,7 @@ class BatchStore:
 
     def delete_file(self, caller: str, file_id: str) -> bool:
         with self._lock:
-            cur = self._db.execute("UPDATE batch_files SET deleted = 1 WHERE id = ? AND "
+            cur = self._exec("UPDATE batch_files SET deleted = 1 WHERE id = ? AND "
                                    "caller = ? AND deleted = 0", (file_id, caller))
         # A running batch still reads its input: the bytes go once no batch needs them.
         if cur.rowcount and not self._rows(
@@ -337,9 +369,9 @@ class BatchStore:
         errors = (orjson.dumps({"object": "list", "data": [p.as_dict() for p in problems]})
                   .decode() if problems else None)
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._exec("BEGIN" if self.shared else "BEGIN IMMEDIATE")
             try:
-                self._db.execute(
+                self._exec(
                     "INSERT INTO batches (id, caller, input_file_id, endpoint, "
                     "completion_window, window_s, metadata, status, errors, created_at, "
                     "failed_at, total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -347,13 +379,15 @@ class BatchStore:
                      orjson.dumps(metadata).decode() if metadata else None, status, errors,
                      now, now if problems else None, 0 if problems else len(lines)))
                 if not problems:
-                    self._db.executemany(
+                    cur = self._db.cursor()
+                    cur.executemany(self._sql(
                         "INSERT INTO batch_lines (batch_id, line_no, custom_id, offset_bytes, "
-                        "length_bytes) VALUES (?, ?, ?, ?, ?)",
+                        "length_bytes) VALUES (?, ?, ?, ?, ?)"),
                         [(batch_id, *line) for line in lines])
-                self._db.execute("COMMIT")
+                    cur.close()
+                self._exec("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._exec("ROLLBACK")
                 raise
         out = self.get_batch(caller, batch_id)
         assert out is not None
@@ -434,7 +468,7 @@ class BatchStore:
             sql += f" AND status IN ({', '.join('?' for _ in only_from)})"
             params += only_from
         with self._lock:
-            return bool(self._db.execute(sql, params).rowcount)
+            return bool(self._exec(sql, params).rowcount)
 
     def cancel(self, caller: str, batch_id: str) -> dict[str, Any] | None:
         """Stop feeding new lines; the scheduler lets in-flight ones finish, then ends it."""
@@ -446,11 +480,16 @@ class BatchStore:
     # -- lines -----------------------------------------------------------------------
 
     def recover(self) -> int:
-        """At start: lines a killed router had in flight have no result; run them again.
-        Finished lines keep theirs and are never run twice."""
+        """Lines a killed router had in flight have no result: run them again. Finished
+        lines keep theirs and are never run twice. SQLite (one router): every running line,
+        at start. PostgreSQL (replicas): the lines claimed longer than the lease ago."""
         with self._lock:
-            return self._db.execute("UPDATE batch_lines SET state = 'pending' "
-                                    "WHERE state = 'running'").rowcount
+            if not self.shared:
+                return int(self._exec("UPDATE batch_lines SET state = 'pending' "
+                                      "WHERE state = 'running'").rowcount)
+            return int(self._exec("UPDATE batch_lines SET state = 'pending' WHERE state = "
+                                  "'running' AND claimed_at < ?",
+                                  (self._clock() - self._lease_s,)).rowcount)
 
     def claim(self, batch_id: str, n: int, route: str) -> list[Line]:
         """Up to `n` pending lines, marked running (one transaction: two schedulers on the
@@ -458,19 +497,24 @@ class BatchStore:
         if n <= 0:
             return []
         with self._lock:
-            rows = self._db.execute(
-                "UPDATE batch_lines SET state = 'running', route = ? WHERE batch_id = ? AND "
-                "line_no IN (SELECT line_no FROM batch_lines WHERE batch_id = ? AND "
-                "state = 'pending' ORDER BY line_no LIMIT ?) "
-                "RETURNING line_no, custom_id, offset_bytes, length_bytes",
-                (route, batch_id, batch_id, n)).fetchall()
+            # The state is checked again by the UPDATE itself, and PostgreSQL skips rows
+            # another replica is claiming: no line is ever claimed twice.
+            # A materialised CTE: as a plain IN subquery PostgreSQL may evaluate the
+            # LIMIT more than once and claim more lines than asked (seen: 4 for 3).
+            rows = self._exec(
+                "WITH picked AS MATERIALIZED (SELECT line_no FROM batch_lines WHERE "
+                "batch_id = ? AND state = 'pending' ORDER BY line_no LIMIT ?@SKIP_LOCKED) "
+                "UPDATE batch_lines SET state = 'running', route = ?, claimed_at = ? WHERE "
+                "batch_id = ? AND state = 'pending' AND line_no IN (SELECT line_no FROM "
+                "picked) RETURNING line_no, custom_id, offset_bytes, length_bytes",
+                (batch_id, n, route, self._clock(), batch_id)).fetchall()
         return sorted((Line(batch_id, *r) for r in rows), key=lambda x: x.line_no)
 
     def finish_line(self, line: Line, *, ok: bool, status_code: int | None,
                     request_id: str, result: bytes, route: str) -> None:
         """Commit one line's outcome; a line already finished keeps its first one."""
         with self._lock:
-            self._db.execute(
+            self._exec(
                 "UPDATE batch_lines SET state = ?, status_code = ?, request_id = ?, "
                 "result = ?, route = ?, finished_at = ? WHERE batch_id = ? AND line_no = ? "
                 "AND state = 'running'",
@@ -486,7 +530,7 @@ class BatchStore:
     def release(self, line: Line) -> None:
         """A claimed line not run after all (the router stops): pending again."""
         with self._lock:
-            self._db.execute("UPDATE batch_lines SET state = 'pending', route = '' WHERE "
+            self._exec("UPDATE batch_lines SET state = 'pending', route = '' WHERE "
                              "batch_id = ? AND line_no = ? AND state = 'running'",
                              (line.batch_id, line.line_no))
 
@@ -497,7 +541,9 @@ class BatchStore:
         a large batch's results are never in memory whole."""
         caller = self.caller_of(batch_id)
         assert caller is not None
-        self.set_status(batch_id, "finalizing")
+        if not self.set_status(batch_id, "finalizing",
+                               only_from=("validating", "in_progress", "cancelling")):
+            return  # another replica is finalizing it
         never = {"expired": ("batch_expired", "This request could not be executed before "
                              "the completion window expired."),
                  "cancelled": ("batch_cancelled", "This request was not executed because "
@@ -541,7 +587,7 @@ class BatchStore:
         column = {"completed": "completed_at", "expired": "expired_at",
                   "cancelled": "cancelled_at"}[status]
         with self._lock:
-            self._db.execute(
+            self._exec(
                 f"UPDATE batches SET status = ?, {column} = ?, output_file_id = ?, "
                 "error_file_id = ? WHERE id = ?",
                 (status, self._clock(), kept["out"], kept["err"], batch_id))

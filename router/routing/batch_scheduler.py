@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("spillover.batches")
 
 _PACE_WINDOW_S = 60.0
+_RECOVER_EVERY_S = 30.0
 # A status the line is tried again for later rather than failed: the engine or the caller's
 # limits were busy for a moment.
 _RETRY_STATUSES = frozenset({429, 503})
@@ -84,6 +85,7 @@ class BatchScheduler:
         self._runs: dict[str, _Run] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._recovered_at = 0.0
 
     async def start(self) -> None:
         resumed = await asyncio.to_thread(self.store.recover)
@@ -126,6 +128,10 @@ class BatchScheduler:
 
     async def tick(self) -> None:
         """One turn: start, feed, and end the batches in progress."""
+        if self.store.shared and self._clock() - self._recovered_at > _RECOVER_EVERY_S:
+            # Replicas share the lines: those a dead replica held go back after its lease.
+            self._recovered_at = self._clock()
+            await asyncio.to_thread(self.store.recover)
         for bid, caller, status, endpoint, created, window_s in await asyncio.to_thread(
                 self.store.active):
             run = self._runs.get(bid)
