@@ -308,8 +308,9 @@ class Alias(_Strict):
 class Provider(_Strict):
     base_url: str
     api_key_env: str | None = None
-    # How requests are translated: "mistral" for La Plateforme, "openai" for plain ones.
-    kind: Literal["mistral", "openai"] = "openai"
+    # How requests are translated: "mistral" for La Plateforme, "openai" for plain ones,
+    # "anthropic" for Anthropic's Messages API (x-api-key auth, chat translated to Messages).
+    kind: Literal["mistral", "openai", "anthropic"] = "openai"
     timeouts: Timeouts = Field(default_factory=Timeouts)
 
 

@@ -76,10 +76,12 @@ async def messages(gateway: Gateway, scope: Scope, receive: Receive) -> Response
         log.error("unhandled %s on /v1/messages", type(exc).__name__, exc_info=exc)
         return error_response(SpilloverError("internal error in the gateway", status=500))
     name = model[0] if model else ""
+    native = _served_natively(gateway, response)
     if isinstance(response, EventStream):
         relay = response.body_iterator
         end = getattr(relay, "aclose", None)
-        translated = _events(relay, MessageStream(name, tuple(stops)))
+        translated = (_native_events(relay) if native
+                      else _events(relay, MessageStream(name, tuple(stops))))
         response.body_iterator = Relay(translated, end) if end is not None else translated
         _add_request_id(response.headers.get("x-request-id"), response)
         return response
@@ -90,6 +92,8 @@ async def messages(gateway: Gateway, scope: Scope, receive: Receive) -> Response
     if response.status_code >= 400:
         status, body = error_from_openai(response.status_code, bytes(response.body), rid)
         return Response(orjson.dumps(body), status, headers, media_type="application/json")
+    if native:  # Claude's own Message, as it came
+        return Response(bytes(response.body), 200, headers, media_type="application/json")
     try:
         data = orjson.loads(bytes(response.body))
     except orjson.JSONDecodeError:
@@ -175,6 +179,41 @@ async def _events(relay: AsyncIterable[str | bytes | memoryview],
             out.extend(stream.feed(data))
         if out:
             yield b"".join(out)
+
+
+def _served_natively(gateway: Gateway, response: Response) -> bool:
+    """Whether an Anthropic provider answered: the request went to it as Messages
+    (router.routing.dispatch) and its answer is a Message already."""
+    if response.headers.get("x-spillover-route") != "hosted":
+        return False
+    provider = gateway.config.providers.get(response.headers.get("x-spillover-backend", ""))
+    return provider is not None and provider.kind == "anthropic"
+
+
+async def _native_events(relay: AsyncIterable[str | bytes | memoryview],
+                         ) -> AsyncGenerator[bytes, None]:
+    """Claude's Messages events relayed as they came; only an error event of the gateway's
+    own (a deadline passed, the upstream broke off), in OpenAI's shape, is reworded."""
+    async for part in relay:
+        piece = part.encode() if isinstance(part, str) else bytes(part)
+        # Claude's events open with an `event:` line; the gateway's own are bare data.
+        if piece.startswith(b"data:") or b"\n\ndata:" in piece:
+            out: list[bytes] = []
+            for raw in piece.split(b"\n\n"):
+                if raw.startswith(b"data:"):
+                    try:
+                        data = orjson.loads(raw[5:].strip())
+                    except orjson.JSONDecodeError:
+                        continue
+                    err = data.get("error") if isinstance(data, dict) else None
+                    if isinstance(err, Mapping):
+                        out.append(MessageStream("").error(_status_of(err),
+                                                           str(err.get("message", ""))))
+                elif raw:
+                    out.append(raw + b"\n\n")
+            piece = b"".join(out)
+        if piece:
+            yield piece
 
 
 def _status_of(err: Mapping[str, Any]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +24,9 @@ class Prepared:
     ids: IdMap
     # How the upstream's answer must be reshaped for the caller (e.g. FIM -> completions).
     reshape: str | None = None
+    # An upstream whose stream is not chat chunks (Anthropic's events): turns each whole
+    # SSE event into a chat chunk event, `data: [DONE]`, or None to drop it.
+    events: Callable[[bytes], bytes | None] | None = None
 
 
 class Translator(Protocol):

@@ -54,6 +54,9 @@ class Call:
     inspect: Callable[[dict[str, Any]], str | None] | None = None
     wasted: str | None = None
     api: str | None = None  # the API surface when not the endpoint's own (e.g. "messages")
+    # The caller's body in its own API's shape, before it was made the endpoint's: an
+    # upstream that speaks that API (Anthropic for "messages") is sent it natively.
+    native: dict[str, Any] | None = None
     batch_id: str = ""  # a line of /v1/batches: hosted at the batch price, grouped in usage
     # A deployment with several replicas: the one that served it ("address:port") and why.
     replica: str | None = None

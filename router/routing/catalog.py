@@ -9,7 +9,7 @@ from typing import Literal
 from router.config import Config, Endpoint, License, Price, Saturation, Timeouts
 
 Route = Literal["local", "hosted"]
-Flavour = Literal["vllm", "mistral", "openai"]
+Flavour = Literal["vllm", "mistral", "openai", "anthropic"]
 
 
 @dataclass(frozen=True, slots=True)

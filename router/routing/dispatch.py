@@ -36,7 +36,14 @@ from router.errors import (
     to_response,
 )
 from router.http.streaming import EventStream, Relay
-from router.providers import Prepared, Translator, bound_output, engine_priority
+from router.providers import (
+    AnthropicTranslator,
+    Prepared,
+    Translator,
+    bound_output,
+    engine_priority,
+)
+from router.providers.anthropic_upstream import ANTHROPIC_VERSION, NATIVE, native_usage, parse_event
 from router.routing.call import Call
 from router.routing.catalog import Backend
 from router.routing.load import LoadMonitor
@@ -51,7 +58,8 @@ from router.upstreams.transport import TransportError, Upstream, UpstreamRespons
 log = logging.getLogger("spillover.dispatch")
 access = logging.getLogger("spillover.access")
 
-RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
+# 529: Anthropic's overloaded_error.
+RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 
 @dataclass(slots=True)
@@ -114,8 +122,15 @@ class Dispatcher:
                 failures.append(_Failure(backend, f"${backend.api_key_env} is not set",
                                          kind="config"))
                 continue
-            prep = self._translators[backend.name].request(
-                call.facts.endpoint, body, backend.model_id, include_usage=True)
+            translator = self._translators[backend.name]
+            if call.api == "messages" and call.native is not None \
+                    and isinstance(translator, AnthropicTranslator):
+                # A Messages request to Claude goes as the caller sent it: no round trip
+                # through chat.
+                prep = translator.native(call.native, backend.model_id)
+            else:
+                prep = translator.request(call.facts.endpoint, body, backend.model_id,
+                                          include_usage=True)
             if backend.route == "hosted":
                 bound_output(prep, call.facts.endpoint, call.facts.assumed_max_tokens)
             engine_priority(prep, call.facts.priority if backend.priority_scheduling else None)
@@ -205,7 +220,11 @@ class Dispatcher:
             key = self._keys.get(b.api_key_env)
             if not key:
                 return None
-            headers["authorization"] = f"Bearer {key}"
+            if b.flavour == "anthropic":
+                headers["x-api-key"] = key
+                headers["anthropic-version"] = ANTHROPIC_VERSION
+            else:
+                headers["authorization"] = f"Bearer {key}"
         return headers
 
     async def _send(self, call: Call, b: Backend, prep: Prepared, content: bytes,
@@ -287,7 +306,8 @@ class Dispatcher:
         if isinstance(data, dict):
             if self._translators[b.name].response(prep, data):
                 payload = orjson.dumps(data)
-            self._usage(call, b, data.get("usage"))
+            self._usage(call, b, native_usage(data) if prep.reshape == NATIVE
+                        else data.get("usage"))
             if call.inspect is not None:  # a tiered call the cascade may re-send
                 call.wasted = call.inspect(data)
         call.ttft_s = time.monotonic() - call.started
@@ -366,7 +386,9 @@ class Dispatcher:
                     for event in batch:
                         out = self._translate_event(call, b, prep, translator, event,
                                                     wants_usage)
-                        if out == _DONE:
+                        if out == _DONE or (prep.reshape == NATIVE and not end.finished
+                                            and out is not None
+                                            and out.startswith(b"event: message_stop")):
                             # Booked (and durable) before the caller sees the stream end.
                             end.finished = True
                             end.release()
@@ -398,6 +420,13 @@ class Dispatcher:
 
     def _translate_event(self, call: Call, b: Backend, prep: Prepared, translator: Translator,
                          event: bytes, wants_usage: bool) -> bytes | None:
+        if prep.reshape == NATIVE:
+            return self._native_event(call, b, event)
+        if prep.events is not None:
+            converted = prep.events(event)
+            if converted is None:
+                return None
+            event = converted.removesuffix(b"\n\n")
         if not event.startswith(b"data:"):
             return event + b"\n\n"
         payload = event[5:].strip()
@@ -431,6 +460,24 @@ class Dispatcher:
         if changed:
             payload = orjson.dumps(data)
         return b"data: " + payload + b"\n\n"
+
+    def _native_event(self, call: Call, b: Backend, event: bytes) -> bytes:
+        """An event of a stream relayed in the caller's own API (Messages from Claude):
+        passed on as it came, its usage read for the ledger."""
+        if b"error" in event:
+            event = self._scrub(event.decode("utf-8", "replace")).encode()
+        if b"content_block_delta" in event:
+            call.chunks += 1
+        elif b'"usage"' in event:
+            data = parse_event(event)
+            usage = native_usage(data) if data is not None else None
+            if usage is not None:
+                if data is not None and data.get("type") == "message_delta" \
+                        and not usage["prompt_tokens"]:
+                    # message_delta counts the output; the input came with message_start.
+                    usage["prompt_tokens"] = call.prompt_tokens
+                self._usage(call, b, usage)
+        return event + b"\n\n"
 
     def _status_failure(self, b: Backend, status: int, retry_after: str | None,
                         body: bytes) -> _Failure:

@@ -128,6 +128,7 @@ class Gateway:
             call.caller = principal.name
             body = await read_json(receive, self.config.server.max_body_bytes, headers)
             if prepare is not None:
+                call.native = body
                 body = prepare(body)
             # The caller's text is kept only when it names an alias: anything else would
             # reach the ledger, its CSV export and the dashboard as typed (a formula, say).
