@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope
 
 from router.errors import SpilloverError
 from router.http.inbound import read_json
-from router.http.streaming import EventStream, Relay
+from router.http.reshape import BODY_HEADERS, Piece, chat_events, json_body, reshape_stream
+from router.http.streaming import EventStream
 from router.providers.anthropic import (
     MessageStream,
     anthropic_error,
@@ -41,9 +42,6 @@ ANTHROPIC_DOC: dict[str, Any] = {
     "description": "Anthropic's Messages API (https://docs.anthropic.com/en/api/messages); "
                    "routed like a chat completion.",
 }
-
-# Response headers that describe the chat body, not the Message that replaces it.
-_BODY_HEADERS = frozenset({"content-length", "content-type"})
 
 
 def with_api_key(scope: Scope) -> Scope:
@@ -78,14 +76,11 @@ async def messages(gateway: Gateway, scope: Scope, receive: Receive) -> Response
     name = model[0] if model else ""
     native = _served_natively(gateway, response)
     if isinstance(response, EventStream):
-        relay = response.body_iterator
-        end = getattr(relay, "aclose", None)
-        translated = (_native_events(relay) if native
-                      else _events(relay, MessageStream(name, tuple(stops))))
-        response.body_iterator = Relay(translated, end) if end is not None else translated
+        reshape_stream(response, _native_events if native
+                       else lambda relay: _events(relay, MessageStream(name, tuple(stops))))
         _add_request_id(response.headers.get("x-request-id"), response)
         return response
-    headers = {k: v for k, v in response.headers.items() if k not in _BODY_HEADERS}
+    headers = {k: v for k, v in response.headers.items() if k not in BODY_HEADERS}
     rid = headers.get("x-request-id")
     if rid:
         headers["request-id"] = rid
@@ -94,10 +89,7 @@ async def messages(gateway: Gateway, scope: Scope, receive: Receive) -> Response
         return Response(orjson.dumps(body), status, headers, media_type="application/json")
     if native:  # Claude's own Message, as it came
         return Response(bytes(response.body), 200, headers, media_type="application/json")
-    try:
-        data = orjson.loads(bytes(response.body))
-    except orjson.JSONDecodeError:
-        data = {}
+    data = json_body(response)
     return Response(orjson.dumps(chat_to_message(data, name, stops)), 200, headers,
                     media_type="application/json")
 
@@ -151,34 +143,13 @@ def _add_request_id(rid: str | None, response: EventStream) -> None:
         response.raw_headers.append((b"request-id", rid.encode("latin-1")))
 
 
-async def _events(relay: AsyncIterable[str | bytes | memoryview],
-                  stream: MessageStream) -> AsyncGenerator[bytes, None]:
-    """The relayed chat events (whole SSE events, one or more a piece) as Messages
-    events. `[DONE]` ends the message; an error event (the upstream broke off, the
-    deadline passed) becomes Anthropic's error event."""
-    async for part in relay:
-        piece = part.encode() if isinstance(part, str) else bytes(part)
-        out: list[bytes] = []
-        for raw in piece.split(b"\n\n"):
-            if not raw.startswith(b"data:"):
-                continue
-            payload = raw[5:].strip()
-            if payload == b"[DONE]":
-                out.extend(stream.done())
-                continue
-            try:
-                data = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(data, dict):
-                continue
-            err = data.get("error")
-            if isinstance(err, Mapping):
-                out.append(stream.error(_status_of(err), str(err.get("message", ""))))
-                continue
-            out.extend(stream.feed(data))
-        if out:
-            yield b"".join(out)
+def _events(relay: AsyncIterable[Piece],
+            stream: MessageStream) -> AsyncGenerator[bytes, None]:
+    """The relayed chat events as Messages events. `[DONE]` ends the message; an error
+    event becomes Anthropic's error event."""
+    return chat_events(relay, stream.feed, stream.done,
+                       lambda err: [stream.error(_status_of(err),
+                                                 str(err.get("message", "")))])
 
 
 def _served_natively(gateway: Gateway, response: Response) -> bool:
@@ -190,7 +161,7 @@ def _served_natively(gateway: Gateway, response: Response) -> bool:
     return provider is not None and provider.kind == "anthropic"
 
 
-async def _native_events(relay: AsyncIterable[str | bytes | memoryview],
+async def _native_events(relay: AsyncIterable[Piece],
                          ) -> AsyncGenerator[bytes, None]:
     """Claude's Messages events relayed as they came; only an error event of the gateway's
     own (a deadline passed, the upstream broke off), in OpenAI's shape, is reworded."""

@@ -18,7 +18,8 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
-from router.http.streaming import EventStream, Relay
+from router.http.reshape import BODY_HEADERS, Piece, chat_events, json_body, reshape_stream
+from router.http.streaming import EventStream
 from router.providers.responses import (
     ResponseStream,
     chat_to_response,
@@ -36,9 +37,6 @@ RESPONSES_DOC: dict[str, Any] = {
                    "tools are refused.",
 }
 
-# Response headers that describe the chat body, not the Response object that replaces it.
-_BODY_HEADERS = frozenset({"content-length", "content-type"})
-
 
 async def responses(gateway: Gateway, scope: Scope, receive: Receive) -> Response:
     seen: list[tuple[str, dict[str, Any]]] = []
@@ -52,50 +50,22 @@ async def responses(gateway: Gateway, scope: Scope, receive: Receive) -> Respons
     response = await gateway.handle("chat", scope, receive, api="responses", prepare=prepare)
     model, settings = seen[0] if seen else ("", echo({}))
     if isinstance(response, EventStream):
-        relay = response.body_iterator
-        end = getattr(relay, "aclose", None)
-        translated = _events(relay, ResponseStream(model, settings))
-        response.body_iterator = Relay(translated, end) if end is not None else translated
+        reshape_stream(response, lambda relay: _events(relay, ResponseStream(model, settings)))
         return response
     if response.status_code >= 400:
         return response
-    headers = {k: v for k, v in response.headers.items() if k not in _BODY_HEADERS}
-    try:
-        data = orjson.loads(bytes(response.body))
-    except orjson.JSONDecodeError:
-        data = {}
+    headers = {k: v for k, v in response.headers.items() if k not in BODY_HEADERS}
+    data = json_body(response)
     return Response(orjson.dumps(chat_to_response(data, model, settings)), 200, headers,
                     media_type="application/json")
 
 
-async def _events(relay: AsyncIterable[str | bytes | memoryview],
-                  stream: ResponseStream) -> AsyncGenerator[bytes, None]:
-    """The relayed chat events (whole SSE events, one or more a piece) as Responses
-    events. `[DONE]` completes the response; an error event (the upstream broke off, the
-    deadline passed) becomes an error event and response.failed."""
-    async for part in relay:
-        piece = part.encode() if isinstance(part, str) else bytes(part)
-        out: list[bytes] = []
-        for raw in piece.split(b"\n\n"):
-            if not raw.startswith(b"data:"):
-                continue
-            payload = raw[5:].strip()
-            if payload == b"[DONE]":
-                out.extend(stream.done())
-                continue
-            try:
-                data = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(data, dict):
-                continue
-            err = data.get("error")
-            if isinstance(err, Mapping):
-                out.extend(stream.error(_code_of(err), str(err.get("message", ""))))
-                continue
-            out.extend(stream.feed(data))
-        if out:
-            yield b"".join(out)
+def _events(relay: AsyncIterable[Piece],
+            stream: ResponseStream) -> AsyncGenerator[bytes, None]:
+    """The relayed chat events as Responses events. `[DONE]` completes the response; an
+    error event becomes an error event and response.failed."""
+    return chat_events(relay, stream.feed, stream.done,
+                       lambda err: stream.error(_code_of(err), str(err.get("message", ""))))
 
 
 def _code_of(err: Mapping[str, Any]) -> str:

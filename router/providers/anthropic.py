@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from router.errors import InvalidRequest
+from router.providers.shapes import arguments_object, text_only
 
 # Fields a Messages request may carry that change nothing here: extended thinking and
 # Anthropic's own service tiers and containers have no counterpart on an open-weight
@@ -235,18 +236,12 @@ def _image_url(b: dict[str, Any], at: str) -> str:
 
 
 def _result_text(content: Any, at: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for k, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
-                raise _bad(f"{at}.content.{k}: tool results are passed on as text only",
-                           f"{at}.content.{k}")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _bad(f"{at}.content: must be a string or an array of text blocks", f"{at}.content")
+    return text_only(
+        content, "text", at,
+        lambda k: _bad(f"{at}.content.{k}: tool results are passed on as text only",
+                       f"{at}.content.{k}"),
+        lambda: _bad(f"{at}.content: must be a string or an array of text blocks",
+                     f"{at}.content"))
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
@@ -316,18 +311,6 @@ def stop_reason(finish: Any, matched: Any, stops: Iterable[str]) -> tuple[str | 
     return _STOP_REASON.get(str(finish), "end_turn"), None
 
 
-def _input(arguments: Any) -> dict[str, Any]:
-    if isinstance(arguments, dict):
-        return arguments
-    if isinstance(arguments, str) and arguments.strip():
-        try:
-            parsed = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            return {}
-        return parsed if isinstance(parsed, dict) else {}
-    return {}
-
-
 def usage_of(usage: Any) -> dict[str, int]:
     u = usage if isinstance(usage, dict) else {}
     p, c = u.get("prompt_tokens"), u.get("completion_tokens")
@@ -351,7 +334,7 @@ def chat_to_message(data: Mapping[str, Any], model: str,
             continue
         content.append({"type": "tool_use", "id": str(call.get("id") or _tool_id()),
                         "name": str(fn.get("name") or ""),
-                        "input": _input(fn.get("arguments"))})
+                        "input": arguments_object(fn.get("arguments"))})
     reason, sequence = stop_reason(choice.get("finish_reason", "stop"),
                                    choice.get("stop_reason"), stops)
     if reason == "end_turn" and any(b["type"] == "tool_use" for b in content):

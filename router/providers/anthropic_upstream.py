@@ -21,6 +21,7 @@ import orjson
 from router.config import Endpoint
 from router.errors import InvalidRequest
 from router.providers.base import Prepared
+from router.providers.shapes import arguments_object
 from router.providers.tool_ids import IdMap
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -127,20 +128,8 @@ def _assistant_blocks(msg: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         blocks.append({"type": "tool_use", "id": str(call.get("id") or ""),
                        "name": str(fn.get("name") or ""),
-                       "input": _arguments(fn.get("arguments"))})
+                       "input": arguments_object(fn.get("arguments"))})
     return blocks
-
-
-def _arguments(arguments: Any) -> dict[str, Any]:
-    if isinstance(arguments, Mapping):
-        return dict(arguments)
-    if isinstance(arguments, str) and arguments.strip():
-        try:
-            parsed = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            return {}
-        return parsed if isinstance(parsed, dict) else {}
-    return {}
 
 
 def _user_blocks(content: Any, i: int) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from router.errors import InvalidRequest
+from router.providers.shapes import text_only
 
 # Fields that change nothing here: reasoning effort, caching and tiers of OpenAI's own
 # service have no counterpart on an open-weight engine; `store` is read as false.
@@ -208,18 +209,11 @@ def _message(item: dict[str, Any], at: str) -> dict[str, Any]:
 
 
 def _output_text(output: Any, at: str) -> str:
-    if isinstance(output, str):
-        return output
-    if isinstance(output, list):
-        texts = []
-        for k, part in enumerate(output):
-            if not (isinstance(part, dict) and part.get("type") == "input_text"
-                    and isinstance(part.get("text"), str)):
-                raise _bad(f"Invalid '{at}[{k}]': tool outputs are passed on as text only",
-                           f"{at}[{k}]")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _bad(f"Invalid '{at}': expected a string.", at)
+    return text_only(
+        output, "input_text", at,
+        lambda k: _bad(f"Invalid '{at}[{k}]': tool outputs are passed on as text only",
+                       f"{at}[{k}]"),
+        lambda: _bad(f"Invalid '{at}': expected a string.", at))
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
