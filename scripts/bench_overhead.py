@@ -23,6 +23,9 @@ run:
   (what their state left behind costs);
 - a tiered alias next to the plain one it puts everyday requests on (`--tiers-only` runs
   just this): what scoring and deciding the tier adds to the p50;
+- OpenTelemetry: the same router with tracing off (no OTEL_* variables) and on (every span
+  exported over OTLP/HTTP to a local sink), in interleaved rounds (`--otel-only` runs just
+  this): what tracing adds to the p50/p99 and the router's CPU per request;
 - slow readers: callers holding long streams open and reading a trickle, beside ordinary
   requests on another alias: the router's CPU per relayed MB and those requests' p50/p99.
 
@@ -441,7 +444,7 @@ def cli_has_workers() -> bool:
 
 
 def start_router(kids: Children, name: str, config: Path, workers: int = 1,
-                 via: str = "cli") -> Target:
+                 via: str = "cli", env: dict[str, str] | None = None) -> Target:
     """`spillover serve` (via "cli"), or uvicorn with the app factory (via "uvicorn"):
     uvicorn's own runner picks uvloop and can fork workers."""
     port = free_port()
@@ -456,7 +459,7 @@ def start_router(kids: Children, name: str, config: Path, workers: int = 1,
                 "--app-dir", str(ROOT / "scripts"), "--host", HOST, "--port", str(port),
                 "--workers", str(workers), "--log-level", "warning", "--no-access-log",
                 "--timeout-graceful-shutdown", "5"]
-    proc = kids.start(name, argv, env={"SPILLOVER_CONFIG": str(config)})
+    proc = kids.start(name, argv, env={"SPILLOVER_CONFIG": str(config), **(env or {})})
     try:
         wait_http(f"http://{HOST}:{port}/readyz", 60, proc, name)
     except RuntimeError:
@@ -687,6 +690,73 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
               f"tiered alias {res['tiered_added_p50_ms']:+.3f} ms; the tier decision "
               f"{res['tier_decision_p50_ms']:+.3f} ms")
 
+    async def otel_phase() -> None:
+        # Tracing's cost: two routers on the same mock upstream, one with no OTEL_*
+        # variables (no tracer: an is-None test per hook) and one exporting every span over
+        # OTLP/HTTP (batched, protobuf) to a local sink, taking turns in open-loop rounds.
+        while current:
+            kids.stop(current.pop())
+        off = await asyncio.to_thread(start_router, kids, "router-otel-off", config)
+        current.append(off.name)
+        on = await asyncio.to_thread(
+            start_router, kids, "router-otel-on", config, 1, "cli",
+            {"OTEL_TRACES_EXPORTER": "otlp",
+             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{HOST}:{up_port}/v1/traces",
+             "OTEL_BSP_SCHEDULE_DELAY": "500"})
+        current.append(on.name)
+        rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "tracing off": [],
+                                                   "tracing on": []}
+        meters = {"tracing off": 0.0, "tracing on": 0.0}
+        for _ in range(args.otel_rounds):
+            for label, t in (("direct", direct), ("tracing off", off), ("tracing on", on)):
+                meter = CpuMeter({"target": t.pid})
+                meter.start()
+                rounds[label].append(await open_loop(t, args.otel_rate, args.otel_duration,
+                                                     1.0, payload))
+                used = meter.stop()["target"]
+                if label in meters:
+                    meters[label] += used
+        res: dict[str, Any] = {"rate": args.otel_rate, "rounds": args.otel_rounds,
+                               "seconds_per_round": args.otel_duration}
+        rows = []
+        for label, rs in rounds.items():
+            p50s = sorted(x["p50_ms"] for x in rs)
+            p99s = sorted(x["p99_ms"] for x in rs)
+            n = sum(x["n"] for x in rs)
+            res[label] = {"n": n, "p50_ms": p50s[len(p50s) // 2],
+                          "p99_ms": p99s[len(p99s) // 2],
+                          "errors": sum(sum(x["errors"].values()) for x in rs),
+                          "round_p50_ms": [x["p50_ms"] for x in rs]}
+            if label in meters:
+                res[label]["cpu_us_per_req"] = round(meters[label] / max(1, n) * 1e6)
+            rows.append([label, n, res[label]["p50_ms"], res[label]["p99_ms"],
+                         res[label]["errors"], res[label].get("cpu_us_per_req", ""),
+                         res[label]["round_p50_ms"]])
+        res["off_added_p50_ms"] = round(res["tracing off"]["p50_ms"] - res["direct"]["p50_ms"],
+                                        3)
+        res["tracing_added_p50_ms"] = round(
+            res["tracing on"]["p50_ms"] - res["tracing off"]["p50_ms"], 3)
+        res["tracing_added_p99_ms"] = round(
+            res["tracing on"]["p99_ms"] - res["tracing off"]["p99_ms"], 3)
+        res["tracing_added_cpu_us_per_req"] = (res["tracing on"]["cpu_us_per_req"]
+                                               - res["tracing off"]["cpu_us_per_req"])
+        out["otel"] = res
+        print(f"\nOpenTelemetry off vs on ({args.otel_rate:g} req/s open loop, "
+              f"{args.otel_rounds} interleaved rounds of {args.otel_duration:g} s; median of "
+              "the rounds' p50/p99, ms; on: OTLP/HTTP export to a local sink)", flush=True)
+        print(table(["target", "n", "p50", "p99", "errors", "router cpu us/req",
+                     "p50 per round"], rows))
+        print(f"  tracing on vs off: p50 {res['tracing_added_p50_ms']:+.3f} ms, p99 "
+              f"{res['tracing_added_p99_ms']:+.3f} ms, router CPU "
+              f"{res['tracing_added_cpu_us_per_req']:+d} us/req; off vs direct p50 "
+              f"{res['off_added_p50_ms']:+.3f} ms")
+
+    if args.otel_only:
+        await otel_phase()
+        while current:
+            kids.stop(current.pop())
+        return out
+
     if args.tiers_only:
         await tier_phase()
         while current:
@@ -835,6 +905,7 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
     await closed(router, "router-after-open-streams", concurrency=[8])
     print_closed("Closed loop on the routers of phases 2 and 4, right after their load")
     await tier_phase()
+    await otel_phase()
     await slow_phase()
     while current:
         kids.stop(current.pop())
@@ -922,6 +993,13 @@ def main() -> int:
     p.add_argument("--tier-rounds", type=int, default=3)
     p.add_argument("--tiers-only", action="store_true",
                    help="run only the tiered-alias phase (the scorer's added p50)")
+    p.add_argument("--otel-rate", type=float, default=200.0,
+                   help="OpenTelemetry phase: open-loop req/s per round")
+    p.add_argument("--otel-duration", type=float, default=4.0,
+                   help="OpenTelemetry phase: seconds per round")
+    p.add_argument("--otel-rounds", type=int, default=3)
+    p.add_argument("--otel-only", action="store_true",
+                   help="run only the OpenTelemetry phase (tracing off vs on)")
     p.add_argument("--max-connections", type=int, default=2048,
                    help="server.max_connections of the router (its upstream pool)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
@@ -962,7 +1040,7 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"logs in {tmp}/logs", file=sys.stderr)
-    if not (args.slow_readers_only or args.tiers_only):
+    if not (args.slow_readers_only or args.tiers_only or args.otel_only):
         out["summary"] = summary(out)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     if "summary" in out:
