@@ -23,7 +23,8 @@ def test_check_command(tmp_path: Path) -> None:
     r = subprocess.run([*cli, str(ROOT / "models.yaml")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "ok (1 aliases" in r.stdout
+    # The shipped catalog: demo, the hosted flagship, and the tiered alias over both.
+    assert "ok (3 aliases, 1 local deployments, 2 hosted offerings" in r.stdout
 
 
 
