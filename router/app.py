@@ -50,7 +50,7 @@ def create_app(
 
     def parts() -> Parts:
         p = runtime.parts
-        return Parts(p.config, p.catalog, p.monitor, p.gateway)
+        return Parts(p.config, p.catalog, p.monitor, p.gateway, runtime.client, p.api_keys)
 
     scheduler = BatchScheduler(batches, parts)
 

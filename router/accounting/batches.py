@@ -60,6 +60,12 @@ _SCHEMA = (
         PRIMARY KEY (batch_id, line_no)
     )""",
     "CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state, line_no)",
+    # A hosted provider's own batch job holding some lines of a batch (La Plateforme's
+    # Batch API): kept so a restarted router polls it again instead of resubmitting.
+    """CREATE TABLE IF NOT EXISTS batch_jobs (
+        job_id TEXT PRIMARY KEY, batch_id TEXT NOT NULL, backend TEXT NOT NULL,
+        submitted_at REAL NOT NULL, status TEXT NOT NULL DEFAULT 'open'
+    )""",
 )
 
 
@@ -129,6 +135,12 @@ def window_seconds(window: str) -> float | None:
     return float(seconds) if 1 <= seconds <= 7 * 86400 else None
 
 
+def line_request_id(batch_id: str, line_no: int) -> str:
+    """A line's request id, the same on every attempt: the ledger row of an attempt a
+    restart repeats is found by it."""
+    return f"{batch_id}-{line_no}"
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
 
@@ -170,6 +182,21 @@ class BatchStore:
             elif "claimed_at" not in {r[1] for r in self._exec(
                     "PRAGMA table_info(batch_lines)").fetchall()}:
                 self._exec("ALTER TABLE batch_lines ADD COLUMN claimed_at REAL")
+            # Lines sent in a hosted batch job name it (tables from before jobs get it).
+            if self.shared:
+                self._exec("ALTER TABLE batch_lines ADD COLUMN IF NOT EXISTS job_id TEXT")
+            elif "job_id" not in {r[1] for r in self._exec(
+                    "PRAGMA table_info(batch_lines)").fetchall()}:
+                self._exec("ALTER TABLE batch_lines ADD COLUMN job_id TEXT")
+
+    def _ledger_here(self) -> bool:
+        """Whether the ledger's rows live in this database too (unless the ledger is
+        elsewhere); the caller holds the lock."""
+        return bool(self._exec(
+            "SELECT 1 FROM information_schema.tables WHERE table_name = 'calls'"
+            if self.shared else
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'",
+        ).fetchall())
 
     def _sql(self, sql: str) -> str:
         """The statements are written for SQLite; PostgreSQL spells a few things apart."""
@@ -482,14 +509,82 @@ class BatchStore:
     def recover(self) -> int:
         """Lines a killed router had in flight have no result: run them again. Finished
         lines keep theirs and are never run twice. SQLite (one router): every running line,
-        at start. PostgreSQL (replicas): the lines claimed longer than the lease ago."""
+        at start. PostgreSQL (replicas): the lines claimed longer than the lease ago.
+        Lines inside a hosted batch job are not in flight here: the job is polled again.
+
+        A line's ledger row may have been committed before the kill while its result was
+        not: the row of that attempt is deleted with the reset, in one transaction, so the
+        rerun's row is the line's only one (its request id is the line's, see
+        `line_request_id`). The ledger must share this database for that (it does unless
+        server.ledger_path points elsewhere)."""
+        where = "state = 'running' AND job_id IS NULL"
+        params: tuple[Any, ...] = ()
+        if self.shared:
+            where += " AND claimed_at < ?"
+            params = (self._clock() - self._lease_s,)
         with self._lock:
-            if not self.shared:
-                return int(self._exec("UPDATE batch_lines SET state = 'pending' "
-                                      "WHERE state = 'running'").rowcount)
-            return int(self._exec("UPDATE batch_lines SET state = 'pending' WHERE state = "
-                                  "'running' AND claimed_at < ?",
-                                  (self._clock() - self._lease_s,)).rowcount)
+            self._exec("BEGIN" if self.shared else "BEGIN IMMEDIATE")
+            try:
+                if self._ledger_here():
+                    self._exec(
+                        "DELETE FROM calls WHERE batch_id <> '' AND request_id IN (SELECT "
+                        f"batch_id || '-' || line_no FROM batch_lines WHERE {where})", params)
+                n = int(self._exec(f"UPDATE batch_lines SET state = 'pending' WHERE {where}",
+                                   params).rowcount)
+                self._exec("COMMIT")
+            except BaseException:
+                self._exec("ROLLBACK")
+                raise
+        return n
+
+    def forget_rows(self, lines: list[Line]) -> None:
+        """Delete the ledger rows of lines about to be booked again (a hosted job's lines
+        whose results were being written when the router stopped)."""
+        if not lines:
+            return
+        with self._lock:
+            if not self._ledger_here():
+                return
+            self._db.cursor().executemany(self._sql(
+                "DELETE FROM calls WHERE batch_id = ? AND request_id = ?"),
+                [(ln.batch_id, line_request_id(ln.batch_id, ln.line_no)) for ln in lines])
+
+    # -- hosted batch jobs -----------------------------------------------------------
+
+    def add_job(self, batch_id: str, job_id: str, backend: str, lines: list[Line]) -> None:
+        """The job and the lines it holds, in one transaction."""
+        with self._lock:
+            self._exec("BEGIN" if self.shared else "BEGIN IMMEDIATE")
+            try:
+                self._exec("INSERT INTO batch_jobs (job_id, batch_id, backend, submitted_at) "
+                           "VALUES (?, ?, ?, ?)", (job_id, batch_id, backend, self._clock()))
+                self._db.cursor().executemany(self._sql(
+                    "UPDATE batch_lines SET job_id = ? WHERE batch_id = ? AND line_no = ?"),
+                    [(job_id, batch_id, ln.line_no) for ln in lines])
+                self._exec("COMMIT")
+            except BaseException:
+                self._exec("ROLLBACK")
+                raise
+
+    def open_jobs(self, batch_id: str) -> list[tuple[str, str, float]]:
+        """(job id, backend, submitted_at) of the batch's jobs not yet ended."""
+        return [(str(a), str(b), float(c)) for a, b, c in self._rows(
+            "SELECT job_id, backend, submitted_at FROM batch_jobs WHERE batch_id = ? AND "
+            "status = 'open' ORDER BY submitted_at", (batch_id,))]
+
+    def job_lines(self, job_id: str) -> list[Line]:
+        """The job's lines still without a result."""
+        return [Line(*r) for r in self._rows(
+            "SELECT batch_id, line_no, custom_id, offset_bytes, length_bytes FROM batch_lines "
+            "WHERE job_id = ? AND state = 'running' ORDER BY line_no", (job_id,))]
+
+    def end_job(self, job_id: str, status: str) -> None:
+        """The job is over: its lines without a result go back to pending (run again or
+        reported as never run by the batch's end)."""
+        with self._lock:
+            self._exec("UPDATE batch_lines SET state = 'pending', route = '', job_id = NULL "
+                       "WHERE job_id = ? AND state = 'running'", (job_id,))
+            self._exec("UPDATE batch_jobs SET status = ? WHERE job_id = ?", (status, job_id))
 
     def claim(self, batch_id: str, n: int, route: str) -> list[Line]:
         """Up to `n` pending lines, marked running (one transaction: two schedulers on the

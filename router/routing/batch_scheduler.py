@@ -21,22 +21,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import orjson
 
-from router.accounting.batches import BATCH_URLS, BatchStore, Line
+from router.accounting.batches import BATCH_URLS, BatchStore, Line, line_request_id
+from router.accounting.ledger import LedgerRow
 from router.config import Caller
 from router.errors import SpilloverError
+from router.providers.mistral import MistralTranslator
+from router.providers.mistral_batch import ENDED, BatchJobError, MistralBatches
 from router.routing.auth import ANONYMOUS, Principal
 
 if TYPE_CHECKING:
     from router.config import Config
-    from router.routing.catalog import Catalog
+    from router.routing.catalog import Backend, Catalog
     from router.routing.gateway import Gateway
     from router.routing.load import LoadMonitor
 
@@ -47,6 +52,8 @@ _RECOVER_EVERY_S = 30.0
 # A status the line is tried again for later rather than failed: the engine or the caller's
 # limits were busy for a moment.
 _RETRY_STATUSES = frozenset({429, 503})
+# A hosted batch job is polled at the scheduler's pace at first, then less often, up to this.
+_JOB_POLL_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,9 @@ class Parts:
     catalog: Catalog
     monitor: LoadMonitor
     gateway: Gateway
+    # For hosted providers' own batch APIs (La Plateforme's batch jobs).
+    http: httpx.AsyncClient | None = None
+    api_keys: Mapping[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +84,8 @@ class _Run:
     aliases: set[str] = field(default_factory=set)
     done_local: deque[float] = field(default_factory=deque)  # finish times of local lines
     pause_until: float = 0.0
+    jobs: set[str] = field(default_factory=set)  # hosted batch jobs polled by this process
+    cancelled_jobs: set[str] = field(default_factory=set)
 
 
 class BatchScheduler:
@@ -138,6 +150,10 @@ class BatchScheduler:
             if run is None:
                 run = self._runs[bid] = _Run(bid, caller, endpoint, created + window_s,
                                              self._clock())
+                # Hosted jobs a stopped router had submitted: polled again, not resubmitted.
+                for job_id, backend, submitted in await asyncio.to_thread(
+                        self.store.open_jobs, bid):
+                    self._follow(run, job_id, backend, submitted, resumed=True)
             if status == "validating":
                 await asyncio.to_thread(self.store.set_status, bid, "in_progress",
                                         only_from=("validating",))
@@ -148,6 +164,8 @@ class BatchScheduler:
         now = self._clock()
         counts = await asyncio.to_thread(self.store.counts, run.id)
         busy = len(run.local) + len(run.hosted)
+        if status == "cancelling":
+            await self._cancel_jobs(run)
         if status == "cancelling" or now >= run.deadline or counts["pending"] == 0:
             if busy == 0 and counts["running"] == 0:
                 end = ("cancelled" if status == "cancelling"
@@ -175,6 +193,12 @@ class BatchScheduler:
             # locally in time expires.
             return
         want = self._hosted_share(run, counts, now, b.deadline_margin)
+        job_backend = self._job_backend(parts, run)
+        if job_backend is not None:
+            # La Plateforme's own Batch API: the remainder goes as one job (one at a time).
+            if want > 0 and not run.jobs:
+                await self._submit_job(run, job_backend, want)
+            return
         while len(run.hosted) < min(want, b.hosted_concurrency):
             if not await self._spawn(run, principal, "hosted"):
                 break
@@ -210,6 +234,160 @@ class BatchScheduler:
         sends batch work hosted only at a batch price)."""
         return any(b.route == "hosted" and b.batch_price is not None
                    for alias in run.aliases for b in parts.catalog.backends(alias) or ())
+
+    def _job_backend(self, parts: Parts, run: _Run) -> Backend | None:
+        """The batch's batch-priced hosted offering on a provider with a batch API of its
+        own (La Plateforme), with its key; None: ordinary calls at the batch class."""
+        if parts.http is None or run.endpoint != "/v1/chat/completions":
+            return None
+        for alias in sorted(run.aliases):
+            for b in parts.catalog.backends(alias) or ():
+                if (b.route == "hosted" and b.batch_price is not None
+                        and b.flavour == "mistral" and b.api_key_env
+                        and parts.api_keys.get(b.api_key_env)):
+                    return b
+        return None
+
+    async def _submit_job(self, run: _Run, backend: Backend, n: int) -> None:
+        parts = self._parts()
+        lines = await asyncio.to_thread(self.store.claim, run.id, n, "hosted")
+        if not lines:
+            return
+        try:
+            file_id = await asyncio.to_thread(self.store.input_file, run.id)
+            out = bytearray()
+            translate = MistralTranslator()
+            for line in lines:
+                item = await asyncio.to_thread(self.store.read_line, file_id, line)
+                body = translate.request("chat", item["body"], backend.model_id, False).body
+                body.pop("model", None)  # the job's model
+                body.pop("stream", None)
+                out += orjson.dumps({"custom_id": str(line.line_no), "body": body}) + b"\n"
+            client = self._client(parts, backend)
+            mistral_file = await client.upload(f"{run.id}.jsonl", bytes(out))
+            hours = max(1, math.ceil((run.deadline - self._clock()) / 3600))
+            job = await client.create(mistral_file, backend.model_id, run.endpoint,
+                                      {"spillover_batch": run.id}, min(hours, 168))
+            job_id = str(job["id"])
+        except Exception as exc:
+            # Not submitted: the lines go back to pending and are tried again next turn.
+            log.warning("batch %s: hosted batch job not submitted: %s", run.id,
+                        exc if isinstance(exc, BatchJobError) else type(exc).__name__)
+            for line in lines:
+                await asyncio.to_thread(self.store.release, line)
+            run.pause_until = self._clock() + 1.0
+            return
+        await asyncio.to_thread(self.store.add_job, run.id, job_id, backend.name, lines)
+        log.info("batch %s: %d lines sent as La Plateforme batch job %s", run.id,
+                 len(lines), job_id)
+        self._follow(run, job_id, backend.name, self._clock(), resumed=False)
+
+    def _client(self, parts: Parts, backend: Backend) -> MistralBatches:
+        assert parts.http is not None and backend.api_key_env
+        key = parts.api_keys.get(backend.api_key_env)
+        assert key
+        return MistralBatches(parts.http, backend.base_url, key)
+
+    def _follow(self, run: _Run, job_id: str, backend: str, submitted: float, *,
+                resumed: bool) -> None:
+        run.jobs.add(job_id)
+        task = asyncio.create_task(self._poll_job(run, job_id, backend, submitted, resumed),
+                                   name=f"spillover-batch-job-{job_id}")
+        run.hosted.add(task)
+        task.add_done_callback(run.hosted.discard)
+
+    async def _cancel_jobs(self, run: _Run) -> None:
+        parts = self._parts()
+        for job_id in run.jobs - run.cancelled_jobs:
+            backend = next((b for b in parts.catalog.all() if b.flavour == "mistral"
+                            and b.api_key_env and parts.api_keys.get(b.api_key_env)), None)
+            if backend is None or parts.http is None:
+                continue
+            try:
+                await self._client(parts, backend).cancel(job_id)
+                run.cancelled_jobs.add(job_id)
+            except (BatchJobError, httpx.HTTPError) as exc:
+                log.warning("batch %s: cancel of job %s failed: %s", run.id, job_id, exc)
+
+    async def _poll_job(self, run: _Run, job_id: str, backend_name: str, submitted: float,
+                        resumed: bool) -> None:
+        """Poll the job until it ends (every poll_s at first, doubling up to 30 s), then
+        book its lines: each result is the line's outcome and one ledger row at the batch
+        price with the job's usage; lines it did not answer go back to pending."""
+        wait = self._parts().config.batches.poll_s
+        try:
+            while True:
+                parts = self._parts()
+                backend = parts.catalog.get(backend_name)
+                if backend is None or parts.http is None:
+                    log.warning("batch %s: job %s's offering is gone from the config",
+                                run.id, job_id)
+                    await asyncio.sleep(_JOB_POLL_MAX_S)
+                    continue
+                client = self._client(parts, backend)
+                try:
+                    job = await client.get(job_id)
+                    status = str(job.get("status"))
+                    if status in ENDED:
+                        await self._book_job(run, client, backend, job, submitted, resumed)
+                        await asyncio.to_thread(self.store.end_job, job_id, status)
+                        return
+                except (BatchJobError, httpx.HTTPError, ValueError, KeyError) as exc:
+                    log.warning("batch %s: job %s not read: %s", run.id, job_id, exc)
+                await asyncio.sleep(wait)
+                wait = min(_JOB_POLL_MAX_S, wait * 2)
+        finally:
+            run.jobs.discard(job_id)
+            self.wake()
+
+    async def _book_job(self, run: _Run, client: MistralBatches, backend: Backend,
+                        job: dict[str, Any], submitted: float, resumed: bool) -> None:
+        lines = {ln.line_no: ln for ln in await asyncio.to_thread(
+            self.store.job_lines, str(job["id"]))}
+        if resumed:
+            # Rows a stopped router wrote for lines whose results it did not commit.
+            await asyncio.to_thread(self.store.forget_rows, list(lines.values()))
+        results: list[dict[str, Any]] = []
+        for key in ("output_file", "error_file"):
+            if job.get(key):
+                results += await client.results(str(job[key]))
+        ledger = self._parts().gateway.recorder.ledger
+        now = self._clock()
+        for item in results:
+            try:
+                line = lines.pop(int(item["custom_id"]))
+            except (KeyError, ValueError, TypeError):
+                continue
+            response = item.get("response") or {}
+            code = int(response.get("status_code") or 500)
+            body = response.get("body")
+            if not isinstance(body, dict) or item.get("error"):
+                code = code if code >= 400 else 502
+                body = {"error": {"message": "La Plateforme's batch job failed this line",
+                                  "type": "api_error", "param": None,
+                                  "code": "hosted_batch_line_failed"}}
+            got = body.get("usage")
+            usage: dict[str, Any] = got if isinstance(got, dict) else {}
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+            price = backend.batch_price
+            rid = line_request_id(run.id, line.line_no)
+            if ledger is not None:
+                full = self._parts().catalog.hosted_price(backend.alias)
+                cost = price.cost(prompt, completion) if price is not None else 0.0
+                await ledger.record(LedgerRow(
+                    ts=submitted, request_id=rid, caller=run.caller, alias=backend.alias,
+                    route="hosted", backend=backend.label, model_id=backend.model_id,
+                    prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
+                    hosted_equiv_usd=full.cost(prompt, completion) if full else cost,
+                    latency_s=max(0.0, now - submitted), ttft_s=None, status=code,
+                    reason="forced", endpoint="chat", batch_id=run.id, priority="batch"))
+            await asyncio.to_thread(
+                self.store.finish_line, line, ok=code < 400, status_code=code,
+                request_id=rid, result=orjson.dumps(body), route="hosted")
+        if lines and str(job.get("status")) != "CANCELLED":
+            log.warning("batch %s: job %s ended %s without %d lines", run.id, job["id"],
+                        job.get("status"), len(lines))
 
     def _headroom(self, parts: Parts, run: _Run) -> bool:
         names: list[str] = []
@@ -253,7 +431,7 @@ class BatchScheduler:
             raise
         except Exception as exc:
             log.exception("batch %s line %d failed", run.id, line.line_no)
-            status, served, request_id = 500, "", f"{run.id}-{line.line_no}"
+            status, served, request_id = 500, "", line_request_id(run.id, line.line_no)
             payload = orjson.dumps({"error": {"message": f"the line could not be run: "
                                               f"{type(exc).__name__}", "type": "api_error",
                                               "param": None, "code": "batch_line_failed"}})
@@ -272,7 +450,7 @@ class BatchScheduler:
     async def _call(self, run: _Run, principal: Principal, line: Line, body: dict[str, Any],
                     route: str) -> tuple[int, bytes, str, str]:
         parts = self._parts()
-        rid = f"{run.id}-{line.line_no}"
+        rid = line_request_id(run.id, line.line_no)
         content = orjson.dumps(body)
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(content)).encode()),

@@ -117,6 +117,13 @@ class FakePlateforme:
         self._pending_faults: list[_Fault] = []
         self._rng = random.Random(seed)
         self._release_generation = 0
+        # The Batch API: uploaded files, batch jobs; how long a job takes to run, and
+        # whether jobs fail (FAILED with no output) instead.
+        self.job_s = 0.0
+        self.fail_jobs = False
+        self.files: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self._jobs_due: dict[str, tuple[float, list[dict[str, Any]]]] = {}
 
     # --- what tests drive -------------------------------------------------------------
 
@@ -807,6 +814,142 @@ _ROUTES: dict[tuple[str, str], Handler] = {
 }
 
 
+_FILE_PURPOSES = ("fine-tune", "batch", "ocr")
+_JOB_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/fim/completions",
+                  "/v1/moderations", "/v1/chat/moderations", "/v1/ocr", "/v1/classifications")
+_JOB_FIELDS = frozenset({"input_files", "requests", "endpoint", "model", "agent_id",
+                         "metadata", "timeout_hours"})
+
+
+async def _batch_api(fake: FakePlateforme, request: Request, raw: bytes) -> Response:
+    """Files (multipart upload with purpose, content) and batch jobs (create, get, cancel),
+    as La Plateforme documents them. A job runs `fake.job_s` after its creation, at the
+    first look after that: every line through the chat handler (SUCCESS), or FAILED."""
+    method, parts = request.method, request.url.path.strip("/").split("/")
+    if parts[:2] == ["v1", "files"]:
+        if method == "POST" and len(parts) == 2:
+            form = await request.form()
+            upload, purpose = form.get("file"), form.get("purpose")
+            details: list[Detail] = []
+            if upload is None or isinstance(upload, str):
+                details.append(_detail("missing", ["body", "file"], "Field required", None))
+            if purpose not in _FILE_PURPOSES:
+                details.append(_detail("enum", ["body", "purpose"],
+                                       "Input should be 'fine-tune', 'batch' or 'ocr'", purpose))
+            _raise_if(details)
+            assert upload is not None and not isinstance(upload, str)
+            content = await upload.read()
+            fid = _uuid(fake)
+            with fake._lock:
+                fake.files[fid] = {"id": fid, "object": "file", "bytes": len(content),
+                                   "created_at": int(time.time()),
+                                   "filename": upload.filename, "purpose": purpose,
+                                   "sample_type": "batch_request", "source": "upload",
+                                   "num_lines": content.count(b"\n"), "content": content}
+            return JSONResponse({k: v for k, v in fake.files[fid].items() if k != "content"})
+        if method == "GET" and len(parts) == 4 and parts[3] == "content":
+            f = fake.files.get(parts[2])
+            if f is None:
+                raise _error(404, "File not found", "invalid_request_error")
+            return Response(f["content"], media_type="application/octet-stream")
+        raise _error(404, "Not found", "invalid_request_error")
+    # /v1/batch/jobs[/{id}[/cancel]]
+    if method == "POST" and len(parts) == 3:
+        body = json.loads(raw) if raw else None
+        if not isinstance(body, dict):
+            raise _unprocessable([_detail("model_attributes_type", ["body"],
+                                          "Input should be a valid dictionary", body)])
+        details = [_detail("extra_forbidden", ["body", k], "Extra inputs are not permitted",
+                           body[k]) for k in body if k not in _JOB_FIELDS]
+        if body.get("endpoint") not in _JOB_ENDPOINTS:
+            details.append(_detail("enum", ["body", "endpoint"], "Input should be a known "
+                                   "endpoint", body.get("endpoint")))
+        files = body.get("input_files")
+        if not isinstance(files, list) or not files or not all(f in fake.files for f in files):
+            details.append(_detail("value_error", ["body", "input_files"],
+                                   "input_files must name uploaded files", files))
+        elif any(fake.files[f]["purpose"] != "batch" for f in files):
+            details.append(_detail("value_error", ["body", "input_files"],
+                                   "input files must have purpose batch", files))
+        hours = body.get("timeout_hours", 24)
+        if not isinstance(hours, int) or isinstance(hours, bool) or hours < 1:
+            details.append(_detail("int_type", ["body", "timeout_hours"],
+                                   "Input should be a valid integer", hours))
+        meta = body.get("metadata")
+        if meta is not None and not (isinstance(meta, dict)
+                                     and all(isinstance(v, str) for v in meta.values())):
+            details.append(_detail("dict_type", ["body", "metadata"],
+                                   "metadata values must be strings", meta))
+        _raise_if(details)
+        if not isinstance(body.get("model"), str) or body["model"] not in fake.models:
+            raise _invalid_model(body.get("model"))
+        jid = _uuid(fake)
+        assert isinstance(files, list)
+        lines = [json.loads(x) for f in files for x in fake.files[f]["content"].splitlines()
+                 if x.strip()]
+        for n, line in enumerate(lines, 1):
+            if not isinstance(line.get("custom_id"), str) or not isinstance(line.get("body"),
+                                                                           dict):
+                raise _error(400, f"line {n}: custom_id and body are required",
+                             "invalid_request_error")
+        job = {"id": jid, "object": "batch", "input_files": files, "metadata": meta,
+               "endpoint": body["endpoint"], "model": body["model"], "agent_id": None,
+               "output_file": None, "error_file": None, "errors": [], "status": "QUEUED",
+               "created_at": int(time.time()), "total_requests": len(lines),
+               "completed_requests": 0, "succeeded_requests": 0, "failed_requests": 0,
+               "started_at": None, "completed_at": None}
+        with fake._lock:
+            fake.jobs[jid] = job
+            fake._jobs_due[jid] = (time.monotonic() + fake.job_s, lines)
+        return JSONResponse(job)
+    found = fake.jobs.get(parts[3]) if len(parts) >= 4 else None
+    if found is None:
+        raise _error(404, "Batch job not found", "invalid_request_error")
+    job = found
+    if method == "POST" and len(parts) == 5 and parts[4] == "cancel":
+        if job["status"] in ("QUEUED", "RUNNING"):
+            job["status"] = "CANCELLED"  # nothing of it has run yet in the fake
+            job["completed_at"] = int(time.time())
+        return JSONResponse(job)
+    if method == "GET" and len(parts) == 4:
+        _advance(fake, job)
+        return JSONResponse(job)
+    raise _error(405, "Method not allowed", "invalid_request_error")
+
+
+def _advance(fake: FakePlateforme, job: dict[str, Any]) -> None:
+    due, lines = fake._jobs_due.get(job["id"], (0.0, []))
+    if job["status"] not in ("QUEUED", "RUNNING"):
+        return
+    if time.monotonic() < due:
+        job["status"], job["started_at"] = "RUNNING", job["started_at"] or int(time.time())
+        return
+    job["completed_at"] = int(time.time())
+    if fake.fail_jobs:
+        job["status"] = "FAILED"
+        job["errors"] = [{"message": "Injected job failure", "count": 1}]
+        return
+    out = bytearray()
+    for line in lines:
+        answer = _chat_completion(fake, {**line["body"], "model": job["model"]})
+        out += json.dumps({"id": _uuid(fake), "custom_id": line["custom_id"],
+                           "response": {"status_code": 200, "body": answer},
+                           "error": None}).encode() + b"\n"
+    fid = _uuid(fake)
+    fake.files[fid] = {"id": fid, "object": "file", "bytes": len(out), "filename":
+                       f"{job['id']}.jsonl", "purpose": "batch", "content": bytes(out),
+                       "created_at": int(time.time()), "sample_type": "batch_result",
+                       "source": "mistral", "num_lines": len(lines)}
+    job.update(status="SUCCESS", output_file=fid, completed_requests=len(lines),
+               succeeded_requests=len(lines))
+    fake._count("batch_jobs_served")
+
+
+def _uuid(fake: FakePlateforme) -> str:
+    h = fake._new_id(32)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def _fault_response(fault: _Fault) -> JSONResponse:
     if fault.status == 429:
         error = _error(429, "Requests rate limit exceeded", "rate_limited", "1300")
@@ -840,6 +983,14 @@ def create_app(fake: FakePlateforme) -> Starlette:
             )
         )
 
+        if request.url.path.startswith(("/v1/files", "/v1/batch/jobs")):
+            if not authorized:
+                return JSONResponse({"message": "Unauthorized"}, status_code=401)
+            try:
+                return await _batch_api(fake, request, raw)
+            except _ApiError as error:
+                fake._count("rejected")
+                return error.response()
         handler = _ROUTES.get((request.method, request.url.path))
         if handler is None:
             fake._count("not_found")

@@ -27,8 +27,13 @@ from tests.unit.helpers import BASE_YAML, World, completion, config
 ALICE, BOB, VAULT = "sk-alice", "sk-bob", "sk-vault"
 
 
-def _config(tmp_path: Path, batch_price: bool = True, **batches: Any) -> Any:
-    text = BASE_YAML if not batch_price else BASE_YAML.replace(
+def _config(tmp_path: Path, batch_price: bool = True, *, provider_kind: str = "mistral",
+            **batches: Any) -> Any:
+    """`provider_kind`: "mistral" has a batch API of its own (a deadline's remainder goes
+    as a La Plateforme batch job, tests/unit/test_batch_mistral_jobs.py); "openai" has
+    none (ordinary hosted calls at the batch class)."""
+    text = BASE_YAML.replace("kind: mistral", f"kind: {provider_kind}")
+    text = text if not batch_price else text.replace(
         "price: {input_per_mtok: 0.1, output_per_mtok: 0.3}",
         "price: {input_per_mtok: 0.1, output_per_mtok: 0.3}\n"
         "        batch_price: {input_per_mtok: 0.05, output_per_mtok: 0.15}")
@@ -43,11 +48,14 @@ def _config(tmp_path: Path, batch_price: bool = True, **batches: Any) -> Any:
 
 
 @asynccontextmanager
-async def _app(tmp_path: Path, world: World, batch_price: bool = True, **batches: Any,
+async def _app(tmp_path: Path, world: World, batch_price: bool = True, *,
+               provider_kind: str = "mistral",
+               transport: httpx.AsyncBaseTransport | None = None, **batches: Any,
                ) -> AsyncIterator[dict[str, openai.AsyncOpenAI]]:
     app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}),
-                     config=_config(tmp_path, batch_price, **batches),
-                     transport=world.transport())
+                     config=_config(tmp_path, batch_price, provider_kind=provider_kind,
+                                    **batches),
+                     transport=transport or world.transport())
     async with app.router.lifespan_context(app):
         clients = {}
         for name, key in (("alice", ALICE), ("bob", BOB), ("vault", VAULT)):
@@ -177,7 +185,8 @@ async def test_deadline_sends_the_remainder_hosted_at_the_batch_price(tmp_path: 
         return httpx.Response(200, json=completion("demo", "local answer"))
 
     world.local = slow_local  # type: ignore[assignment]
-    async with _app(tmp_path, world, local_concurrency=1) as c:
+    # A provider without a batch API of its own: ordinary hosted calls at the batch class.
+    async with _app(tmp_path, world, local_concurrency=1, provider_kind="openai") as c:
         f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(12))),
                                           purpose="batch")
         b = await c["alice"].batches.create(input_file_id=f.id,
@@ -301,7 +310,7 @@ async def test_restart_resumes_without_repeating_finished_lines(tmp_path: Path) 
 async def test_engine_down_goes_hosted_only_at_a_batch_price(tmp_path: Path,
                                                              batch_price: bool) -> None:
     world = World(local_up=False)
-    async with _app(tmp_path, world, batch_price=batch_price) as c:
+    async with _app(tmp_path, world, batch_price=batch_price, provider_kind="openai") as c:
         f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(4))),
                                           purpose="batch")
         b = await c["alice"].batches.create(input_file_id=f.id,

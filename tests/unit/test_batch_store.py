@@ -209,3 +209,40 @@ def test_result_files_are_written_a_page_at_a_time(tmp_path: Path,
            .read_bytes().splitlines()]
     assert out == ["id0", "id1", "id3", "id4", "id6"] and err == ["id2", "id5"]
     assert store.get_file("alice", done["output_file_id"])["purpose"] == "batch_output"  # type: ignore[index]
+
+
+async def test_a_line_rerun_after_a_kill_keeps_one_ledger_row(tmp_path: Path) -> None:
+    """A line whose ledger row was committed but whose result was not (killed between the
+    two) runs again after the restart: the earlier attempt's row goes with the reset, so
+    the line is counted once; rows of finished lines and of other calls stay."""
+    from router.accounting.batches import line_request_id
+    from router.accounting.ledger import Ledger, LedgerRow
+
+    store = _store(tmp_path)
+    f = _upload(store, "\n".join(_line(f"id{i}") for i in range(3)))
+    b = store.create_batch("alice", f["id"], "/v1/chat/completions", "24h", None, _allow)
+    lines = store.claim(b["id"], 2, "hosted")
+
+    def row(rid: str, batch: str) -> LedgerRow:
+        return LedgerRow(ts=100.0, request_id=rid, caller="alice", alias="m", route="hosted",
+                         backend="mistral", model_id="m", prompt_tokens=10,
+                         completion_tokens=5, cost_usd=1.0, hosted_equiv_usd=2.0,
+                         latency_s=0.1, ttft_s=None, status=200, reason="forced",
+                         endpoint="chat", batch_id=batch, priority="batch")
+
+    async with Ledger(tmp_path / "ledger.db") as ledger:
+        for line in lines:  # both lines' calls were booked...
+            await ledger.record(row(line_request_id(b["id"], line.line_no), b["id"]))
+        await ledger.record(row(line_request_id(b["id"], 3), ""))  # not a batch line's
+        # ...but only the first line's result was committed before the kill.
+        store.finish_line(lines[0], ok=True, status_code=200, route="hosted", result=b"{}",
+                          request_id=line_request_id(b["id"], lines[0].line_no))
+        store.close()
+        again = _store(tmp_path)
+        assert again.recover() == 1
+        rerun = again.claim(b["id"], 1, "hosted")
+        assert [x.line_no for x in rerun] == [lines[1].line_no]
+        await ledger.record(row(line_request_id(b["id"], rerun[0].line_no), b["id"]))
+        got = {g["batch"]: g["requests"]
+               for g in ledger.usage(since=0, until=200, group_by=["batch"])}
+    assert got == {b["id"]: 2, "": 1}

@@ -1,0 +1,161 @@
+"""The hosted remainder of a batch through La Plateforme's own Batch API: one batch job
+(file upload, job, polling, output file mapped back to custom_ids), ledger rows at the batch
+price with the job's usage; cancel cancels the job; a restart polls the job again instead
+of resubmitting. The fake La Plateforme is served in-process (no socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.plateforme import FakePlateforme, create_app
+from tests.unit.helpers import HOSTED, HOSTED_KEY, World, completion
+from tests.unit.test_batch_api import ALICE, _app, _jsonl, _lines, _until
+
+BATCH_PRICE = (0.05, 0.15)  # $/Mtok in, out: the batch_price _config sets
+
+
+class _Both(httpx.AsyncBaseTransport):
+    """The mock engine for local URLs, the fake La Plateforme for hosted ones."""
+
+    def __init__(self, world: World, fake: FakePlateforme) -> None:
+        self.world, self.fake = world.transport(), httpx.ASGITransport(app=create_app(fake))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if str(request.url).startswith(HOSTED):
+            return await self.fake.handle_async_request(request)
+        return await self.world.handle_async_request(request)
+
+
+def _fake(**kw: Any) -> FakePlateforme:
+    fake = FakePlateforme(api_key=HOSTED_KEY, models=["mistral-small-latest"])
+    for k, v in kw.items():
+        setattr(fake, k, v)
+    return fake
+
+
+async def _usage(c: Any) -> dict[str, dict[str, Any]]:
+    got = (await c["alice"]._client.get("http://gw/v1/usage?group_by=route",
+                                        headers={"authorization": f"Bearer {ALICE}"})).json()
+    return {g["route"]: g for g in got["data"]}
+
+
+async def test_deadline_remainder_goes_as_one_mistral_batch_job(tmp_path: Path) -> None:
+    world, fake = World(), _fake(job_s=0.3)
+
+    async def slow_local(req: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.4)
+        return httpx.Response(200, json=completion("demo", "local answer"))
+
+    world.local = slow_local  # type: ignore[assignment]
+    async with _app(tmp_path, world, transport=_Both(world, fake), local_concurrency=1) as c:
+        f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(12))),
+                                          purpose="batch")
+        b = await c["alice"].batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="4s")  # type: ignore[arg-type]
+        done = await _until(c["alice"], b.id, {"completed", "expired", "failed"})
+        assert done.status == "completed", done
+        out = await _lines(c["alice"], done.output_file_id)
+        usage = await _usage(c)
+    assert sorted(x["custom_id"] for x in out) == sorted(f"req-{i}" for i in range(12))
+    answers = {x["custom_id"]: x["response"]["body"]["choices"][0]["message"]["content"]
+               for x in out}
+    hosted = {cid for cid, a in answers.items() if a.startswith("hosted reply to:")}
+    assert hosted and len(hosted) < 12
+    # Each hosted line got the answer to its own request (custom_ids mapped back).
+    assert all(answers[cid] == f"hosted reply to: {cid}" for cid in hosted)
+    # The remainder as batch jobs (one at a time: a later look at the pace may send a
+    # second), as Mistral documents them; no ordinary hosted calls.
+    assert fake.requests_to("/v1/chat/completions") == []
+    jobs = fake.requests_to("/v1/batch/jobs")
+    assert jobs and fake.counters.get("rejected", 0) == 0
+    for job in (r.body for r in jobs):
+        assert job["model"] == "mistral-small-latest"
+        assert job["endpoint"] == "/v1/chat/completions"
+        assert job["metadata"] == {"spillover_batch": b.id}
+    assert all(j["status"] == "SUCCESS" for j in fake.jobs.values())
+    assert sum(j["total_requests"] for j in fake.jobs.values()) == len(hosted)
+    # One ledger row per hosted line, at the batch price with the job's own usage.
+    row = usage["hosted"]
+    assert row["requests"] == len(hosted)
+    assert row["cost_usd"] == pytest.approx(
+        (row["prompt_tokens"] * BATCH_PRICE[0] + row["completion_tokens"] * BATCH_PRICE[1])
+        / 1e6)
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+
+
+async def test_cancel_cancels_the_mistral_job(tmp_path: Path) -> None:
+    world, fake = World(local_up=False), _fake(job_s=60.0)
+    async with _app(tmp_path, world, transport=_Both(world, fake)) as c:
+        f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(4))),
+                                          purpose="batch")
+        b = await c["alice"].batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="10s")  # type: ignore[arg-type]
+        for _ in range(200):
+            if fake.jobs:
+                break
+            await asyncio.sleep(0.05)
+        assert fake.jobs, "no job was submitted"
+        await c["alice"].batches.cancel(b.id)
+        done = await _until(c["alice"], b.id, {"cancelled", "completed", "expired"})
+        errors = await _lines(c["alice"], done.error_file_id)
+    assert done.status == "cancelled"
+    (job,) = fake.jobs.values()
+    assert job["status"] == "CANCELLED"
+    assert len(fake.requests_to(f"/v1/batch/jobs/{job['id']}/cancel")) == 1
+    assert sorted(x["error"]["code"] for x in errors) == ["batch_cancelled"] * 4
+
+
+async def test_restart_polls_the_job_again_instead_of_resubmitting(tmp_path: Path) -> None:
+    world, fake = World(local_up=False), _fake(job_s=1.5)
+    transport = _Both(world, fake)
+    async with _app(tmp_path, world, transport=transport) as c:
+        f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(5))),
+                                          purpose="batch")
+        b = await c["alice"].batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="10s")  # type: ignore[arg-type]
+        for _ in range(200):
+            if fake.jobs:
+                break
+            await asyncio.sleep(0.05)
+    # Stopped with the job still running at La Plateforme.
+    assert len(fake.jobs) == 1
+    async with _app(tmp_path, world, transport=transport) as c:
+        done = await _until(c["alice"], b.id, {"completed", "expired", "failed"})
+        out = await _lines(c["alice"], done.output_file_id)
+        usage = await _usage(c)
+    assert done.status == "completed", done
+    assert len(fake.requests_to("/v1/batch/jobs")) == 1 and len(fake.jobs) == 1
+    assert sorted(x["custom_id"] for x in out) == [f"req-{i}" for i in range(5)]
+    assert usage["hosted"]["requests"] == 5
+
+
+async def test_a_failed_job_leaves_its_lines_to_run_again(tmp_path: Path) -> None:
+    world, fake = World(local_up=False), _fake(fail_jobs=True)
+    async with _app(tmp_path, world, transport=_Both(world, fake)) as c:
+        f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(3))),
+                                          purpose="batch")
+        b = await c["alice"].batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="3s")  # type: ignore[arg-type]
+        for _ in range(200):
+            if any(j["status"] == "FAILED" for j in fake.jobs.values()):
+                break
+            await asyncio.sleep(0.05)
+        fake.fail_jobs = False  # the next job succeeds
+        done = await _until(c["alice"], b.id, {"completed", "expired", "failed"})
+        out = await _lines(c["alice"], done.output_file_id)
+        usage = await _usage(c)
+    statuses = sorted(j["status"] for j in fake.jobs.values())
+    assert statuses[0] == "FAILED" and "SUCCESS" in statuses
+    assert done.status == "completed", done
+    assert sorted(x["custom_id"] for x in out) == [f"req-{i}" for i in range(3)]
+    assert usage["hosted"]["requests"] == 3  # the failed job booked nothing
