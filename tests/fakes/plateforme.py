@@ -161,6 +161,10 @@ class FakePlateforme:
             self._pending_faults.clear()
             self._rng = random.Random(self._seed)
             self._release_generation += 1
+            self.job_s, self.fail_jobs = 0.0, False
+            self.files.clear()
+            self.jobs.clear()
+            self._jobs_due.clear()
 
     @property
     def requests(self) -> list[RecordedRequest]:
