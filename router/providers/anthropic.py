@@ -35,11 +35,12 @@ _IGNORED = frozenset({"thinking", "service_tier", "container", "context_manageme
                       "anthropic_version", "betas"})
 # Tools that run on Anthropic's servers (web search, code execution, computer use...):
 # nothing here runs them, so asking for one is refused rather than silently dropped.
-_CLIENT_TOOL_TYPES = frozenset({None, "custom"})
+# Tuples, not sets: a caller's value may be a list or an object, which a set cannot hash.
+_CLIENT_TOOL_TYPES = (None, "custom")
 _STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "model_length": "max_tokens",
                 "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
-_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 # Anthropic's error types by status; 503 (no capacity anywhere) is its 529.
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 402: "billing_error", 403: "permission_error", 404: "not_found_error",

@@ -32,7 +32,8 @@ _FIM_FIELDS = frozenset({
 })
 # OpenAI's service tiers ("default", "flex", "priority", ...) are not Mistral's: only the
 # values La Plateforme knows go through.
-_SERVICE_TIERS = frozenset({"auto", "standard_only"})
+# A tuple: the caller's value may be an object, which a set cannot hash.
+_SERVICE_TIERS = ("auto", "standard_only")
 _EMBED_FIELDS = frozenset({"model", "input", "output_dimension", "output_dtype",
                            "encoding_format"})
 # Per role, the message fields La Plateforme accepts (it rejects e.g. `name` on a user).

@@ -173,7 +173,8 @@ def _item(item: Any, i: int, messages: list[dict[str, Any]]) -> None:
 
 
 def _message(item: dict[str, Any], at: str) -> dict[str, Any]:
-    role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+    raw_role = item.get("role")
+    role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
     if role is None:
         raise _bad(f"Invalid '{at}.role': expected user, assistant, system or developer.",
                    f"{at}.role")
