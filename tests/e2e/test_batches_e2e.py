@@ -135,3 +135,34 @@ def test_cancel_mid_way(make_router: Any, plateforme: Hosted, tmp_path: Path) ->
     assert {x["error"]["code"] for x in err} == {"batch_cancelled"}
     assert len(err) == 30 - completed
     assert len(_rows(r, b.id)) == completed
+
+
+def test_deadline_remainder_goes_as_a_mistral_batch_job(make_router: Any, plateforme: Hosted,
+                                                        engine: Any, tmp_path: Path) -> None:
+    """The real engine cannot finish 40 lines in 15 s one at a time: the remainder goes as
+    La Plateforme batch jobs (the fake's), booked at the batch price."""
+    from tests.e2e.conftest import e2e_config
+
+    demo = e2e_config(engine.base_url, plateforme.url, plateforme.url)["aliases"]["demo"]
+    batch_price = {"input_per_mtok": 0.05, "output_per_mtok": 0.15}
+    demo["hosted"] = [{**demo["hosted"][0], "batch_price": batch_price}]
+    plateforme.fake.job_s = 1.0
+    extra = {**_extra(tmp_path, local_concurrency=1), "aliases": {"demo": demo}}
+    r: Router = make_router(extra=extra)
+    c = r.client
+    f = c.files.create(file=("in.jsonl", _jsonl(40, max_tokens=64)), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                         completion_window="15s")  # type: ignore[arg-type]
+    done = _wait(c, b.id, {"completed", "failed", "expired", "cancelled"}, 120)
+    assert done.status == "completed", done
+    out = _lines(c, done.output_file_id)
+    assert sorted(x["custom_id"] for x in out) == sorted(f"line-{i}" for i in range(40))
+    rows = _rows(r, b.id)
+    hosted = [x for x in rows if x.route == "hosted"]
+    assert len(rows) == 40 and hosted and len(hosted) < 40
+    assert plateforme.fake.requests_to("/v1/chat/completions") == []
+    assert plateforme.fake.requests_to("/v1/batch/jobs")
+    for x in hosted:
+        assert x.cost_usd == pytest.approx(
+            (x.prompt_tokens * 0.05 + x.completion_tokens * 0.15) / 1e6)
+        assert x.prompt_tokens > 0
