@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import orjson
 
+from router.accounting.ledger import BATCH_RERUN
 from router.accounting.pg import PgTarget
 from router.accounting.pg import connect as pg_connect
 from router.config import Batches, Config, Endpoint
@@ -513,10 +514,11 @@ class BatchStore:
         Lines inside a hosted batch job are not in flight here: the job is polled again.
 
         A line's ledger row may have been committed before the kill while its result was
-        not: the row of that attempt is deleted with the reset, in one transaction, so the
-        rerun's row is the line's only one (its request id is the line's, see
-        `line_request_id`). The ledger must share this database for that (it does unless
-        server.ledger_path points elsewhere)."""
+        not: that attempt really ran (a hosted one was billed), so its row stays, with its
+        cost, marked `wasted = 'batch-rerun'` in the same transaction as the reset; usage
+        counts the line's request once (the rerun's row, its request id is the line's, see
+        `line_request_id`) and its spend in full. The ledger must share this database for
+        that (it does unless server.ledger_path points elsewhere)."""
         where = "state = 'running' AND job_id IS NULL"
         params: tuple[Any, ...] = ()
         if self.shared:
@@ -527,8 +529,9 @@ class BatchStore:
             try:
                 if self._ledger_here():
                     self._exec(
-                        "DELETE FROM calls WHERE batch_id <> '' AND request_id IN (SELECT "
-                        f"batch_id || '-' || line_no FROM batch_lines WHERE {where})", params)
+                        f"UPDATE calls SET wasted = '{BATCH_RERUN}' WHERE batch_id <> '' AND "
+                        "wasted = '' AND request_id IN (SELECT batch_id || '-' || line_no "
+                        f"FROM batch_lines WHERE {where})", params)
                 n = int(self._exec(f"UPDATE batch_lines SET state = 'pending' WHERE {where}",
                                    params).rowcount)
                 self._exec("COMMIT")
@@ -537,17 +540,19 @@ class BatchStore:
                 raise
         return n
 
-    def forget_rows(self, lines: list[Line]) -> None:
-        """Delete the ledger rows of lines about to be booked again (a hosted job's lines
-        whose results were being written when the router stopped)."""
+    def booked(self, lines: list[Line]) -> set[int]:
+        """Line numbers among `lines` that already have a ledger row (not a rerun's wasted
+        one): a hosted job's lines whose rows were written, but not their results, when the
+        router stopped. The job was billed once: booking it again would count it twice, and
+        deleting the row would erase spend that happened, so the row stays as it is."""
         if not lines:
-            return
+            return set()
         with self._lock:
             if not self._ledger_here():
-                return
-            self._db.cursor().executemany(self._sql(
-                "DELETE FROM calls WHERE batch_id = ? AND request_id = ?"),
-                [(ln.batch_id, line_request_id(ln.batch_id, ln.line_no)) for ln in lines])
+                return set()
+            return {ln.line_no for ln in lines if self._exec(
+                "SELECT 1 FROM calls WHERE batch_id = ? AND request_id = ? AND wasted = '' "
+                "LIMIT 1", (ln.batch_id, line_request_id(ln.batch_id, ln.line_no))).fetchone()}
 
     # -- hosted batch jobs -----------------------------------------------------------
 

@@ -63,6 +63,11 @@ class LedgerRow(NamedTuple):
     wasted: str = ""  # the cascade trigger that sent this answer to the next tier
 
 
+# `wasted` of a batch line attempt that a restart ran again (router.accounting.batches):
+# its cost stays in the totals, its request is not counted again (the rerun's row is).
+BATCH_RERUN = "batch-rerun"
+
+
 _COLUMNS = LedgerRow._fields
 _INSERT = (
     f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
@@ -574,7 +579,7 @@ def usage_sql(
     exprs = [dialect.day if k == "day" else "batch_id" if k == "batch" else k for k in keys]
     select = [f"{expr} AS {key}" for key, expr in zip(keys, exprs, strict=True)]
     select += [
-        "COUNT(*)",
+        f"COALESCE(SUM(CASE WHEN wasted = '{BATCH_RERUN}' THEN 0 ELSE 1 END), 0)",
         "COALESCE(SUM(prompt_tokens), 0)",
         "COALESCE(SUM(completion_tokens), 0)",
         "COALESCE(SUM(cost_usd), 0.0)",
@@ -598,8 +603,10 @@ def usage_totals(keys: list[str], records: Sequence[tuple[Any, ...]]) -> list[di
     for record in records:
         values = dict(zip(keys, record, strict=False))
         requests, prompt, completion, cost, equiv, saving, errors = record[len(keys):]
-        if requests == 0:
-            continue  # no GROUP BY: SQL answers one row of zeros for no calls
+        if requests == 0 and not any(record[len(keys):]):
+            # No GROUP BY: SQL answers one row of zeros for no calls. (A group of only
+            # reruns' wasted rows has no request but spent: it stays.)
+            continue
         values.update(
             requests=requests,
             prompt_tokens=prompt,

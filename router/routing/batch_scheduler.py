@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -32,9 +33,12 @@ import httpx
 import orjson
 
 from router.accounting.batches import BATCH_URLS, BatchStore, Line, line_request_id
-from router.accounting.ledger import LedgerRow
+from router.accounting.budgets import Budgets, Reservation
+from router.accounting.ledger import LedgerRow, StoreUnavailable
 from router.config import Caller
 from router.errors import SpilloverError
+from router.http.inbound import facts_for
+from router.providers.base import bound_output
 from router.providers.mistral import MistralTranslator
 from router.providers.mistral_batch import ENDED, BatchJobError, MistralBatches
 from router.routing.auth import ANONYMOUS, Principal
@@ -85,6 +89,9 @@ class _Run:
     done_local: deque[float] = field(default_factory=deque)  # finish times of local lines
     pause_until: float = 0.0
     jobs: set[str] = field(default_factory=set)  # hosted batch jobs polled by this process
+    # Budget holds of a job's lines (job id -> the book, line number -> hold): settled with
+    # each line's cost when the results arrive, released for lines the job did not answer.
+    holds: dict[str, tuple[Budgets, dict[int, Reservation]]] = field(default_factory=dict)
     cancelled_jobs: set[str] = field(default_factory=set)
 
 
@@ -249,20 +256,50 @@ class BatchScheduler:
         return None
 
     async def _submit_job(self, run: _Run, backend: Backend, n: int) -> None:
+        """Up to `n` lines as one La Plateforme batch job. Each line first holds its worst
+        case at the batch price against the caller's budgets, as a single hosted request
+        does; lines the budgets refuse stay pending (local capacity may still run them, or
+        they expire) and are not sent. A budget store that does not answer: nothing sent."""
         parts = self._parts()
         lines = await asyncio.to_thread(self.store.claim, run.id, n, "hosted")
         if not lines:
             return
+        principal = _principal(parts.config, run.caller)
+        caller = principal.name if principal is not None else run.caller
+        budgets = parts.gateway.budgets
+        assumed = parts.config.routing.default_max_tokens
+        held: dict[int, Reservation] = {}
+        carried: list[Line] = []
         try:
             file_id = await asyncio.to_thread(self.store.input_file, run.id)
             out = bytearray()
             translate = MistralTranslator()
             for line in lines:
                 item = await asyncio.to_thread(self.store.read_line, file_id, line)
-                body = translate.request("chat", item["body"], backend.model_id, False).body
+                try:
+                    facts = dataclasses.replace(facts_for("chat", item["body"], {}),
+                                                assumed_max_tokens=assumed, priority="batch")
+                except SpilloverError:
+                    continue  # not a request a hold can be sized for: left to run locally
+                hold = await budgets.reserve(caller, facts.worst_case_usd(backend))
+                if hold is None:
+                    continue  # over the budget: not sent
+                held[line.line_no] = hold
+                prep = translate.request("chat", item["body"], backend.model_id, False)
+                # The max_tokens the hold assumed, so no answer outgrows it.
+                bound_output(prep, "chat", assumed)
+                body = prep.body
                 body.pop("model", None)  # the job's model
                 body.pop("stream", None)
                 out += orjson.dumps({"custom_id": str(line.line_no), "body": body}) + b"\n"
+                carried.append(line)
+            for line in lines:
+                if line.line_no not in held:
+                    await asyncio.to_thread(self.store.release, line)
+            if not carried:
+                log.info("batch %s: hosted budget refused the remainder's lines", run.id)
+                run.pause_until = self._clock() + 1.0
+                return
             client = self._client(parts, backend)
             mistral_file = await client.upload(f"{run.id}.jsonl", bytes(out))
             hours = max(1, math.ceil((run.deadline - self._clock()) / 3600))
@@ -270,16 +307,20 @@ class BatchScheduler:
                                       {"spillover_batch": run.id}, min(hours, 168))
             job_id = str(job["id"])
         except Exception as exc:
-            # Not submitted: the lines go back to pending and are tried again next turn.
+            # Not submitted: holds go, the lines back to pending, tried again next turn.
             log.warning("batch %s: hosted batch job not submitted: %s", run.id,
-                        exc if isinstance(exc, BatchJobError) else type(exc).__name__)
+                        exc if isinstance(exc, (BatchJobError, StoreUnavailable))
+                        else type(exc).__name__)
+            for hold in held.values():
+                budgets.release(hold)
             for line in lines:
                 await asyncio.to_thread(self.store.release, line)
             run.pause_until = self._clock() + 1.0
             return
-        await asyncio.to_thread(self.store.add_job, run.id, job_id, backend.name, lines)
+        run.holds[job_id] = (budgets, held)
+        await asyncio.to_thread(self.store.add_job, run.id, job_id, backend.name, carried)
         log.info("batch %s: %d lines sent as La Plateforme batch job %s", run.id,
-                 len(lines), job_id)
+                 len(carried), job_id)
         self._follow(run, job_id, backend.name, self._clock(), resumed=False)
 
     def _client(self, parts: Parts, backend: Backend) -> MistralBatches:
@@ -338,15 +379,22 @@ class BatchScheduler:
                 wait = min(_JOB_POLL_MAX_S, wait * 2)
         finally:
             run.jobs.discard(job_id)
+            # Lines the job did not answer (or a stop before its end): their holds go.
+            budgets, held = run.holds.pop(job_id, (None, {}))
+            for hold in held.values():
+                if budgets is not None:
+                    budgets.release(hold)
             self.wake()
 
     async def _book_job(self, run: _Run, client: MistralBatches, backend: Backend,
                         job: dict[str, Any], submitted: float, resumed: bool) -> None:
         lines = {ln.line_no: ln for ln in await asyncio.to_thread(
             self.store.job_lines, str(job["id"]))}
-        if resumed:
-            # Rows a stopped router wrote for lines whose results it did not commit.
-            await asyncio.to_thread(self.store.forget_rows, list(lines.values()))
+        # Rows a stopped router wrote for lines whose results it did not commit: the job
+        # was billed once, those rows stand and are not written again.
+        booked = (await asyncio.to_thread(self.store.booked, list(lines.values()))
+                  if resumed else set())
+        budgets, held = run.holds.get(str(job["id"]), (self._parts().gateway.budgets, {}))
         results: list[dict[str, Any]] = []
         for key in ("output_file", "error_file"):
             if job.get(key):
@@ -372,9 +420,12 @@ class BatchScheduler:
             completion = int(usage.get("completion_tokens") or 0)
             price = backend.batch_price
             rid = line_request_id(run.id, line.line_no)
-            if ledger is not None:
+            cost = price.cost(prompt, completion) if price is not None else 0.0
+            if line.line_no not in booked:
+                await self._settle(run, budgets, held.pop(line.line_no, None), cost,
+                                   code, bool(usage))
+            if ledger is not None and line.line_no not in booked:
                 full = self._parts().catalog.hosted_price(backend.alias)
-                cost = price.cost(prompt, completion) if price is not None else 0.0
                 await ledger.record(LedgerRow(
                     ts=submitted, request_id=rid, caller=run.caller, alias=backend.alias,
                     route="hosted", backend=backend.label, model_id=backend.model_id,
@@ -388,6 +439,22 @@ class BatchScheduler:
         if lines and str(job.get("status")) != "CANCELLED":
             log.warning("batch %s: job %s ended %s without %d lines", run.id, job["id"],
                         job.get("status"), len(lines))
+
+    async def _settle(self, run: _Run, budgets: Budgets, hold: Reservation | None,
+                      cost: float, status: int, usage_seen: bool) -> None:
+        """A job line's spend against the budgets: its hold settled with the real cost (as
+        dispatch does: without usage, a served line costs its hold). A job a restarted
+        router polls again has no holds: the spend is booked on a zero hold."""
+        try:
+            if hold is None:
+                hold = await budgets.reserve(run.caller, 0.0)
+                if hold is None:
+                    return
+            spent = cost if usage_seen else hold.amount_usd if status < 400 else 0.0
+            budgets.settle(hold, spent)
+        except (StoreUnavailable, ValueError) as exc:
+            log.warning("batch %s: a job line's spend not booked in the budgets: %s",
+                        run.id, exc)
 
     def _headroom(self, parts: Parts, run: _Run) -> bool:
         names: list[str] = []

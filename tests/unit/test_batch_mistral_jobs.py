@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.fakes.plateforme import FakePlateforme, create_app
@@ -159,3 +160,56 @@ async def test_a_failed_job_leaves_its_lines_to_run_again(tmp_path: Path) -> Non
     assert done.status == "completed", done
     assert sorted(x["custom_id"] for x in out) == [f"req-{i}" for i in range(3)]
     assert usage["hosted"]["requests"] == 3  # the failed job booked nothing
+
+
+async def test_a_job_carries_only_the_lines_the_callers_budget_can_hold(
+        tmp_path: Path) -> None:
+    """Each line of a La Plateforme batch job holds its worst case (at the batch price) before
+    the job is sent, as a single hosted request does: with a budget for two and a half
+    lines' worst case, the job carries two, the others expire unsent, and what was spent
+    stays within the budget."""
+    from router.app import Settings, create_app
+    from router.config import Price
+    from router.http.inbound import facts_for
+    from router.routing.auth import key_digest
+    from tests.unit.helpers import BASE_YAML, config
+
+    body = {"model": "demo", "max_tokens": 8, "messages": [{"role": "user", "content": "req-0"}]}
+    bound = facts_for("chat", body, {}).prompt_tokens_max
+    worst = Price(input_per_mtok=BATCH_PRICE[0], output_per_mtok=BATCH_PRICE[1]).cost(bound, 8)
+    budget = 2.5 * worst
+    # La Plateforme bills each line its worst case: the prompt bound and all of max_tokens.
+    world, fake = World(local_up=False), _fake(job_s=0.2, answer_words=50,
+                                               prompt_tokens=lambda _body: bound)
+    cfg = config(BASE_YAML.replace(
+        "price: {input_per_mtok: 0.1, output_per_mtok: 0.3}",
+        "price: {input_per_mtok: 0.1, output_per_mtok: 0.3}\n"
+        "        batch_price: {input_per_mtok: 0.05, output_per_mtok: 0.15}"),
+        callers={"alice": {"key_sha256": [key_digest(ALICE)],
+                           "budget": {"daily_usd": budget}}},
+        server={"request_timeout_s": 5, "metrics_interval_s": 60,
+                "ledger_path": str(tmp_path / "ledger.db"),
+                "ledger_spool_dir": str(tmp_path / "spool")},
+        batches={"data_dir": str(tmp_path / "batches"), "poll_s": 0.05})
+    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=cfg,
+                     transport=_Both(world, fake))
+    async with app.router.lifespan_context(app):
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        alice = openai.AsyncOpenAI(api_key=ALICE, base_url="http://gw/v1", max_retries=0,
+                                   http_client=http)  # type: ignore[arg-type]
+        f = await alice.files.create(file=("in.jsonl", io.BytesIO(_jsonl(6))), purpose="batch")
+        b = await alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                       completion_window="3s")  # type: ignore[arg-type]
+        done = await _until(alice, b.id, {"completed", "expired", "failed"})
+        out = await _lines(alice, done.output_file_id)
+        errors = await _lines(alice, done.error_file_id)
+        got = (await http.get("/v1/usage?group_by=route",
+                              headers={"authorization": f"Bearer {ALICE}"})).json()
+    hosted = {g["route"]: g for g in got["data"]}["hosted"]
+    assert done.status == "expired", done
+    assert sum(j["total_requests"] for j in fake.jobs.values()) == 2
+    assert len(out) == 2 and len(errors) == 4
+    assert all(x["error"]["code"] == "batch_expired" for x in errors)
+    assert hosted["requests"] == 2
+    assert hosted["cost_usd"] == pytest.approx(2 * worst)
+    assert hosted["cost_usd"] <= budget

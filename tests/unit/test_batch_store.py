@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,52 @@ async def test_a_line_rerun_after_a_kill_keeps_one_ledger_row(tmp_path: Path) ->
         got = {g["batch"]: g["requests"]
                for g in ledger.usage(since=0, until=200, group_by=["batch"])}
     assert got == {b["id"]: 2, "": 1}
+
+
+async def test_a_rerun_line_keeps_its_first_attempts_cost_and_is_output_once(
+        tmp_path: Path) -> None:
+    """A hosted line billed before the kill and run again after it: the first attempt's row
+    stays in the ledger (marked wasted) with its cost, usage counts the line's request once
+    and both attempts' spend, and the output file has the line once."""
+    from router.accounting.batches import line_request_id
+    from router.accounting.ledger import BATCH_RERUN, Ledger, LedgerRow
+
+    store = _store(tmp_path)
+    f = _upload(store, "\n".join(_line(f"id{i}") for i in range(2)))
+    b = store.create_batch("alice", f["id"], "/v1/chat/completions", "24h", None, _allow)
+    first, second = store.claim(b["id"], 2, "hosted")
+
+    def row(line_no: int, cost: float) -> LedgerRow:
+        return LedgerRow(ts=100.0 + cost, request_id=line_request_id(b["id"], line_no),
+                         caller="alice", alias="m", route="hosted", backend="mistral",
+                         model_id="m", prompt_tokens=10, completion_tokens=5, cost_usd=cost,
+                         hosted_equiv_usd=2 * cost, latency_s=0.1, ttft_s=None, status=200,
+                         reason="forced", endpoint="chat", batch_id=b["id"], priority="batch")
+
+    async with Ledger(tmp_path / "ledger.db") as ledger:
+        await ledger.record(row(first.line_no, 1.0))
+        await ledger.record(row(second.line_no, 2.0))  # billed, then the kill
+        store.finish_line(first, ok=True, status_code=200, route="hosted", result=b"{}",
+                          request_id=line_request_id(b["id"], first.line_no))
+        store.close()
+        again = _store(tmp_path)
+        assert again.recover() == 1
+        (rerun,) = again.claim(b["id"], 1, "hosted")
+        await ledger.record(row(rerun.line_no, 4.0))
+        again.finish_line(rerun, ok=True, status_code=200, route="hosted", result=b"{}",
+                          request_id=line_request_id(b["id"], rerun.line_no))
+        (total,) = ledger.usage(since=0, until=200, group_by=["batch"])
+        with sqlite3.connect(tmp_path / "ledger.db") as db:
+            marks = [r[0] for r in db.execute(
+                "SELECT wasted FROM calls WHERE request_id = ? ORDER BY ts",
+                (line_request_id(b["id"], second.line_no),))]
+        again.finalize(b["id"], "completed")
+        done = again.get_batch("alice", b["id"])
+        assert done is not None
+        out = [json.loads(x) for x in again.path(done["output_file_id"]).read_text().split("\n")
+               if x]
+    assert total["requests"] == 2  # each line once
+    assert total["cost_usd"] == pytest.approx(7.0)  # the billed first attempt included
+    assert total["prompt_tokens"] == 30
+    assert marks == [BATCH_RERUN, ""]
+    assert sorted(x["custom_id"] for x in out) == ["id0", "id1"]
