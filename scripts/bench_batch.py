@@ -4,7 +4,7 @@ latency, and pay hosted only for what the deadline forces? The real vLLM CPU eng
 fake hosted API, interactive traffic and a batch, sent two ways in one run.
 
     .venv/bin/python scripts/bench_batch.py            # full run (about 11 minutes)
-    .venv/bin/python scripts/bench_batch.py --quick    # about 7 minutes, a smaller batch
+    .venv/bin/python scripts/bench_batch.py --quick    # about 6 minutes, a smaller batch
     .venv/bin/python scripts/bench_batch.py --publish  # docs/batch.json, docs/batch.png
 
 1. Starts the demo engine as spillover starts its engines (`--scheduling-policy
