@@ -466,7 +466,10 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
         cap = float((await capacity(engine_port, engine_url, args))["capacity_rps"])
     closed = await closed_capacity(engine_port, engine_url, args.max_inflight, args)
     timings["capacity_s"] = time.monotonic() - t
-    rate = args.load * cap
+    # The router holds the engine at max_inflight: the local path serves at most the
+    # closed-loop throughput, whatever the open-loop capacity says (noisy, and above it
+    # when the engine batches more than max_inflight).
+    rate = args.load * min(cap, float(closed["rps"]))
     trace = make_trace(rate, args.burst, args.window_s, args.seed)
     interactive_per_s = len(trace.arrivals) / args.window_s
     left_over = max(0.1, float(closed["rps"]) - interactive_per_s)
@@ -537,7 +540,8 @@ def main() -> int:
     p.add_argument("--step-s", type=float, help="seconds per capacity step (15; --quick 10)")
     p.add_argument("--refine-steps", type=int, help="bisection steps (1; --quick 0)")
     p.add_argument("--load", type=float, default=0.6,
-                   help="interactive rate as a share of the local capacity")
+                   help="interactive rate as a share of the local capacity (the lower of the "
+                   "open-loop capacity at the SLO and the max_inflight throughput)")
     p.add_argument("--burst", type=float, default=2.0,
                    help="the burst's rate as a multiple of the interactive rate")
     p.add_argument("--window-s", type=float,
