@@ -45,6 +45,10 @@ REASON_TAIL_LINES = 8
 GUARD = Path(__file__).with_name("guard.py")
 # How long the guard lets an orphaned engine shut down before it SIGKILLs the group.
 ORPHAN_GRACE_S = 3.0
+# How long a SIGKILLed engine may take to finish exiting (see EngineProcess._kill_group),
+# and after how long of it a warning says so.
+KILLED_EXIT_S = 60.0
+_KILL_NOTE_S = 5.0
 _START_MARK = "=== "
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Secrets an engine's command line or its logged arguments may carry (vLLM's --api-key,
@@ -282,8 +286,22 @@ def read_log_tail(path: Path, lines: int = DEFAULT_LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _group_members(pgid: int) -> list[tuple[int, str, str]]:
+    """(pid, name, state) of each process of group pgid that has not finished exiting.
+    Zombies (and tasks already being reaped) are left out: they hold nothing but a pid."""
+    out = []
+    for proc in psutil.process_iter(["name", "status"]):
+        try:
+            if (os.getpgid(proc.pid) == pgid
+                    and proc.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)):
+                out.append((proc.pid, proc.info["name"] or "?", str(proc.info["status"])))
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return out
+
+
 def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is still in process group pgid."""
+    """Whether any process of group pgid still runs or is still exiting."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -292,13 +310,12 @@ def _group_alive(pgid: int) -> bool:
         return True
     # killpg also succeeds while only zombies remain (an orphan whose reaper is slow),
     # and zombies hold nothing, so look at the members.
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
+    return bool(_group_members(pgid))
+
+
+def _describe_members(pgid: int) -> str:
+    members = _group_members(pgid)
+    return ", ".join(f"{name} (pid {pid}, {state})" for pid, name, state in members) or "none"
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -567,10 +584,25 @@ class EngineProcess:
             _signal_group(pgid, signal.SIGTERM)
             if await _wait_group_gone(pgid, grace):
                 return
-            _log.warning("engine %s ignored SIGTERM for %.0f s; killing", self.spec.name, grace)
+            # Not necessarily ignored: a worker that is exiting is still tearing down.
+            _log.warning("engine %s: process group %d not gone %.0f s after SIGTERM (%s); "
+                         "killing", self.spec.name, pgid, grace,
+                         await asyncio.to_thread(_describe_members, pgid))
         _signal_group(pgid, signal.SIGKILL)
-        if not await _wait_group_gone(pgid, 5.0):
-            _log.error("engine %s: process group %d survived SIGKILL", self.spec.name, pgid)
+        if await _wait_group_gone(pgid, _KILL_NOTE_S):
+            return
+        # Nothing survives SIGKILL, but a killed process is gone only once the kernel has
+        # unmapped its memory (exit_mmap): for an engine's workers, GiBs that a loaded
+        # machine frees slowly. Until then it holds that memory, and the API server its
+        # port, so a restart or the caller waits for it rather than hear "stopped" early.
+        _log.warning("engine %s: process group %d still exiting after SIGKILL (%s); waiting "
+                     "up to %.0f s", self.spec.name, pgid,
+                     await asyncio.to_thread(_describe_members, pgid), KILLED_EXIT_S)
+        if not await _wait_group_gone(pgid, KILLED_EXIT_S - _KILL_NOTE_S):
+            # Left: uninterruptible sleep (state disk-sleep), e.g. a hung device or mount.
+            _log.error("engine %s: process group %d not gone %.0f s after SIGKILL: %s",
+                       self.spec.name, pgid, KILLED_EXIT_S,
+                       await asyncio.to_thread(_describe_members, pgid))
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -22,7 +23,7 @@ from router.app import Settings, create_app
 from router.config import parse_config
 from router.routing.auth import key_digest
 from serving.demo_model import build_demo_model
-from serving.engine import EngineProcess, EngineSpec
+from serving.engine import KILLED_EXIT_S, EngineProcess, EngineSpec
 from tests.fakes import FakePlateforme, ServerThread, free_port
 from tests.fakes import create_app as create_fake_app
 
@@ -70,7 +71,20 @@ class Engine:
         return self.process.spec.base_url
 
     def stop(self) -> None:
-        self.loop.run(self.process.stop(grace=10), timeout=30)
+        group = self.process.pgid
+        # stop() waits for killed workers to finish exiting, which a loaded machine is slow at.
+        self.loop.run(self.process.stop(grace=10), timeout=10 + KILLED_EXIT_S + 20)
+        left = [p.pid for p in psutil.process_iter()
+                if group is not None and _in_group(p.pid, group)
+                and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"engine processes {left} of group {group} outlived stop()"
+
+
+def _in_group(pid: int, group: int) -> bool:
+    try:
+        return os.getpgid(pid) == group
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +103,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     try:
         loop.run(proc.wait_ready(timeout=900), timeout=910)
     except BaseException:
-        loop.run(proc.stop(grace=5), timeout=30)
+        loop.run(proc.stop(grace=5), timeout=5 + KILLED_EXIT_S + 20)
         loop.close()
         raise
     eng = Engine(proc, loop)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from serving.demo_model import build_demo_model
-from serving.engine import EngineProcess, EngineSpec
+from serving.engine import KILLED_EXIT_S, EngineProcess, EngineSpec
 from tests.e2e.conftest import ROOT, Engine, Hosted, LoopThread, Router, e2e_config
 from tests.fakes import free_port
 
@@ -41,7 +41,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     try:
         loop.run(proc.wait_ready(timeout=900), timeout=910)
     except BaseException:
-        loop.run(proc.stop(grace=5), timeout=30)
+        loop.run(proc.stop(grace=5), timeout=5 + KILLED_EXIT_S + 20)
         loop.close()
         raise
     eng = Engine(proc, loop)
@@ -86,14 +86,23 @@ def test_interactive_passes_queued_batch_work(make_router: Any, engine: Engine,
         t.start()
     # The batch is in: every request at the engine (the router's in-flight count; vLLM's
     # own gauges lag by seconds) and generating, two at a time, the rest queued there.
-    deadline = time.monotonic() + 120
+    begun = time.monotonic()
+    deadline = begun + 120
+    # What the wait saw, each time it changed: the failure message says where it stuck.
+    seen: list[tuple[float, Any, Any, Any, int, int]] = []
     while not errors and time.monotonic() < deadline:
         engine_state = router.get("/readyz").json()["engines"]["demo-local"]
+        now = (engine_state["inflight"], engine_state["running"], engine_state["waiting"],
+               len(ttft), len(finished))
+        if not seen or seen[-1][1:] != now:
+            seen.append((round(time.monotonic() - begun, 2), *now))
         if engine_state["inflight"] == BATCH and ttft:
             break
         time.sleep(0.05)
     assert not errors, errors
-    assert engine_state["inflight"] == BATCH and ttft, engine_state
+    assert engine_state["inflight"] == BATCH and ttft, (
+        engine_state, "(s, inflight, running, waiting, first tokens, finished):", seen[-40:],
+        engine.process.log_tail(40))
     queued_before = BATCH - len(finished)
     sent = time.monotonic()
     interactive = threading.Thread(target=send, args=("interactive", "interactive"))
