@@ -96,11 +96,14 @@ def test_interactive_passes_queued_batch_work(make_router: Any, engine: Engine,
                len(ttft), len(finished))
         if not seen or seen[-1][1:] != now:
             seen.append((round(time.monotonic() - begun, 2), *now))
-        if engine_state["inflight"] == BATCH and ttft:
+        # Every batch request admitted: at the engine now or already done (on a loaded
+        # machine the first ones may finish before the last arrive; how many are still
+        # queued is asserted below, not waited for).
+        if engine_state["inflight"] + len(finished) == BATCH and ttft:
             break
         time.sleep(0.05)
     assert not errors, errors
-    assert engine_state["inflight"] == BATCH and ttft, (
+    assert engine_state["inflight"] + len(finished) == BATCH and ttft, (
         engine_state, "(s, inflight, running, waiting, first tokens, finished):", seen[-40:],
         engine.process.log_tail(40))
     queued_before = BATCH - len(finished)
