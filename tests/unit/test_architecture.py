@@ -49,6 +49,9 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("router.routing.gateway", "router.http.streaming"):
         "the gateway returns the response; it checks for a stream (EventStream) to tie "
         "the caller's stream slot to its end",
+    ("router.routing.batch_scheduler", "router.http.inbound"):
+        "a La Plateforme batch job's lines hold their worst case before the job is sent, "
+        "sized from facts_for's prompt bound exactly as the gateway sizes a single request",
     ("router.routing.dispatch", "router.http.streaming"):
         "dispatch builds the streamed response (EventStream around a Relay) because what "
         "happens after the first byte (error events, cleanup, usage) is its decision",
