@@ -213,3 +213,31 @@ async def test_a_job_carries_only_the_lines_the_callers_budget_can_hold(
     assert hosted["requests"] == 2
     assert hosted["cost_usd"] == pytest.approx(2 * worst)
     assert hosted["cost_usd"] <= budget
+
+
+async def test_an_unreachable_budget_store_sends_no_job(tmp_path: Path) -> None:
+    """The budget store does not answer: no La Plateforme job is submitted (nothing held,
+    nothing spent); the lines stay unsent and expire at the deadline."""
+    from router.accounting.ledger import StoreUnavailable
+    from router.app import Settings, create_app
+    from tests.unit.test_batch_api import _config
+
+    world, fake = World(local_up=False), _fake(job_s=0.1)
+    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}),
+                     config=_config(tmp_path), transport=_Both(world, fake))
+    async with app.router.lifespan_context(app):
+        async def unreachable(caller: str, amount_usd: float) -> None:
+            raise StoreUnavailable("budget store unreachable")
+
+        app.state.runtime.gateway.budgets.reserve = unreachable
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        alice = openai.AsyncOpenAI(api_key=ALICE, base_url="http://gw/v1", max_retries=0,
+                                   http_client=http)  # type: ignore[arg-type]
+        f = await alice.files.create(file=("in.jsonl", io.BytesIO(_jsonl(3))), purpose="batch")
+        b = await alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                       completion_window="2s")  # type: ignore[arg-type]
+        done = await _until(alice, b.id, {"completed", "expired", "failed"})
+        errors = await _lines(alice, done.error_file_id)
+    assert done.status == "expired", done
+    assert fake.jobs == {} and fake.requests_to("/v1/batch/jobs") == []
+    assert sorted(x["error"]["code"] for x in errors) == ["batch_expired"] * 3
