@@ -166,3 +166,72 @@ def test_deadline_remainder_goes_as_a_mistral_batch_job(make_router: Any, platef
         assert x.cost_usd == pytest.approx(
             (x.prompt_tokens * 0.05 + x.completion_tokens * 0.15) / 1e6)
         assert x.prompt_tokens > 0
+
+
+def test_serve_killed_mid_batch_resumes_without_loss_or_repeat(
+        engine: Any, plateforme: Hosted, backup: Hosted, tmp_path: Path) -> None:
+    """kill -9 of a real `spillover serve` mid-batch (the real engine keeps running), then a
+    restart on the same data dir: the batch completes, every custom_id is in the output
+    once, no line finished before the kill ran again, and every line has exactly one ledger
+    row that is not a rerun's wasted one."""
+    import os
+    import signal
+    import sqlite3
+
+    from tests.e2e.conftest import e2e_config
+    from tests.e2e.test_faults_e2e import Served
+
+    data = e2e_config(engine.base_url, plateforme.url, backup.url)
+    data["batches"] = {"data_dir": str(tmp_path / "batches"), "poll_s": 0.1,
+                       "local_concurrency": 2}
+    env = {"MISTRAL_API_KEY": plateforme.fake.api_key, "BACKUP_API_KEY": backup.fake.api_key}
+    n = 16
+    first = Served(tmp_path, dict(data), env, no_engines=True)
+    second: Served | None = None
+    try:
+        first.wait(lambda st: st["engines"]["demo-local"]["healthy"], 60, "the engine")
+        f = first.client.files.create(file=("in.jsonl", _jsonl(n, max_tokens=48)),
+                                      purpose="batch")
+        b = first.client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="1h")  # type: ignore[arg-type]
+        end = time.monotonic() + 300
+        while True:
+            now = first.client.batches.retrieve(b.id)
+            assert now.status in ("validating", "in_progress"), now
+            assert now.request_counts is not None and now.request_counts.failed == 0, now
+            if now.request_counts.completed >= 3:
+                break
+            assert time.monotonic() < end, "no line finished"
+            time.sleep(0.1)
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        with sqlite3.connect(first.ledger_path) as db:
+            done_before = {r[0] for r in db.execute(
+                "SELECT line_no FROM batch_lines WHERE batch_id = ? AND state = 'done'",
+                (b.id,))}
+        assert 0 < len(done_before) < n, done_before
+
+        second = Served(tmp_path, dict(data), env, no_engines=True)
+        second.wait(lambda st: st["engines"]["demo-local"]["healthy"], 120,
+                    "the restarted router")
+        done = _wait(second.client, b.id, {"completed", "failed", "expired"}, 600)
+        assert done.status == "completed", done
+        out = _lines(second.client, done.output_file_id)
+        with sqlite3.connect(second.ledger_path) as db:
+            rows = list(db.execute("SELECT request_id, wasted FROM calls WHERE batch_id = ?",
+                                   (b.id,)))
+    finally:
+        for s in (first, second):
+            if s is not None:
+                s.stop()
+    assert sorted(x["custom_id"] for x in out) == sorted(f"line-{i}" for i in range(n))
+    assert all(x["response"]["status_code"] == 200 for x in out)
+    counted: dict[str, int] = {}
+    every: dict[str, int] = {}
+    for rid, wasted in rows:
+        every[rid] = every.get(rid, 0) + 1
+        if not wasted:
+            counted[rid] = counted.get(rid, 0) + 1
+    assert len(counted) == n and set(counted.values()) == {1}, counted
+    # A line finished before the kill never ran again: its only row is the first one.
+    assert all(every[f"{b.id}-{ln}"] == 1 for ln in done_before), every
