@@ -7,7 +7,6 @@ inside the engine, where only vLLM's scheduler can let the interactive one pass 
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from tests.fakes import free_port
 
 HELLO = [{"role": "user", "content": "Write a long story about a lighthouse."}]
 BATCH = 16
-TOKENS = 256
+TOKENS = 640  # long enough that a poll delayed by the busy engine still sees the queue
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +63,25 @@ def test_interactive_passes_queued_batch_work(make_router: Any, engine: Engine,
     errors: list[BaseException] = []
 
     def send(name: str, priority: str) -> None:
+        # The batch is sent whole, not streamed: the router runs in this process, and 16
+        # threads parsing token streams took the interpreter from it, so it admitted the
+        # batch a few requests at a time and the queue never formed at the engine.
+        streamed = priority == "interactive"
         try:
             t0 = time.monotonic()
-            stream = router.client.chat.completions.with_raw_response.create(
-                model="demo", messages=HELLO, max_tokens=TOKENS, stream=True,
+            raw = router.client.chat.completions.with_raw_response.create(
+                model="demo", messages=HELLO, max_tokens=TOKENS, stream=streamed,
                 extra_headers={"x-spillover-priority": priority},
                 # Random weights would stop at a random EOS: every answer is TOKENS long.
                 extra_body={"ignore_eos": True})
-            classes[name] = stream.headers["x-spillover-priority"]
-            assert stream.headers["x-spillover-route"] == "local"
-            for chunk in stream.parse():
-                if name not in ttft and chunk.choices and chunk.choices[0].delta.content:
-                    ttft[name] = time.monotonic() - t0
+            classes[name] = raw.headers["x-spillover-priority"]
+            assert raw.headers["x-spillover-route"] == "local"
+            if streamed:
+                for chunk in raw.parse():
+                    if name not in ttft and chunk.choices and chunk.choices[0].delta.content:
+                        ttft[name] = time.monotonic() - t0
+            else:
+                raw.parse()
             finished[name] = time.monotonic()
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
@@ -99,11 +105,11 @@ def test_interactive_passes_queued_batch_work(make_router: Any, engine: Engine,
         # Every batch request admitted: at the engine now or already done (on a loaded
         # machine the first ones may finish before the last arrive; how many are still
         # queued is asserted below, not waited for).
-        if engine_state["inflight"] + len(finished) == BATCH and ttft:
+        if engine_state["inflight"] + len(finished) == BATCH:
             break
         time.sleep(0.05)
     assert not errors, errors
-    assert engine_state["inflight"] + len(finished) == BATCH and ttft, (
+    assert engine_state["inflight"] + len(finished) == BATCH, (
         engine_state, "(s, inflight, running, waiting, first tokens, finished):", seen[-40:],
         engine.process.log_tail(40))
     queued_before = BATCH - len(finished)
@@ -118,10 +124,9 @@ def test_interactive_passes_queued_batch_work(make_router: Any, engine: Engine,
     assert {classes[f"batch-{i}"] for i in range(BATCH)} == {"batch"}
     done = finished["interactive"]
     batch_after = sum(1 for i in range(BATCH) if finished[f"batch-{i}"] > done)
-    batch_ttft = statistics.median(ttft[f"batch-{i}"] for i in range(BATCH))
     print(f"\ninteractive: sent with {queued_before} batch requests unfinished, "
           f"finished after {done - sent:.2f} s, TTFT {ttft['interactive']:.2f} s; "
-          f"batch TTFT median {batch_ttft:.2f} s; {batch_after} batch requests finished "
+          f"{batch_after} batch requests finished "
           "after it")
     # First come first served, it would finish after every one of them. With priority
     # scheduling it waits only for a running sequence to end: it passes all but the two
