@@ -26,10 +26,11 @@ def _extra(tmp_path: Path, **batches: Any) -> dict[str, Any]:
     return {"batches": {"data_dir": str(tmp_path / "batches"), "poll_s": 0.1, **batches}}
 
 
-def _jsonl(n: int, max_tokens: int = 8) -> io.BytesIO:
+def _jsonl(n: int, max_tokens: int = 8, ignore_eos: bool = False) -> io.BytesIO:
+    extra = {"ignore_eos": True} if ignore_eos else {}
     return io.BytesIO("\n".join(json.dumps({
         "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-        "body": {"model": "demo", "max_tokens": max_tokens,
+        "body": {"model": "demo", "max_tokens": max_tokens, **extra,
                  "messages": [{"role": "user", "content": f"Count to {i}"}]}})
         for i in range(n)).encode())
 
@@ -150,7 +151,10 @@ def test_deadline_remainder_goes_as_a_mistral_batch_job(make_router: Any, platef
     extra = {**_extra(tmp_path, local_concurrency=1), "aliases": {"demo": demo}}
     r: Router = make_router(extra=extra)
     c = r.client
-    f = c.files.create(file=("in.jsonl", _jsonl(40, max_tokens=64)), purpose="batch")
+    # Every answer its full length (random weights stop at a random EOS): one at a time,
+    # 40 of them take the engine far longer than the window on any machine.
+    f = c.files.create(file=("in.jsonl", _jsonl(40, max_tokens=256, ignore_eos=True)),
+                       purpose="batch")
     b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                          completion_window="15s")  # type: ignore[arg-type]
     done = _wait(c, b.id, {"completed", "failed", "expired", "cancelled"}, 120)
