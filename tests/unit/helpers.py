@@ -100,6 +100,23 @@ def chunk(model: str, content: str | None = None, usage: tuple[int, int] | None 
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
+def tool_calling_hosted(answered: list[str]) -> Handler:
+    """A La Plateforme that asks for get_weather: it answers the tool call it was sent back
+    (or a new one), and records the tool-call ids of the results it received, which must be
+    its own 9-character ids, whatever the caller used."""
+    def hosted(req: httpx.Request) -> httpx.Response:
+        body = json.loads(req.content)
+        ids = [m.get("tool_call_id") for m in body["messages"] if m.get("role") == "tool"]
+        answered.extend(i for i in ids if i)
+        call = [{"id": ids[0] if ids else "Abc123XyZ", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+        out = completion(body["model"], "", tool_calls=call, usage=(100, 20))
+        out["choices"][0]["finish_reason"] = "tool_calls"
+        return httpx.Response(200, json=out)
+
+    return hosted
+
+
 @dataclass
 class World:
     """Local engine + La Plateforme as one MockTransport; tests flip their behaviour."""

@@ -14,7 +14,7 @@ import yaml
 from router.app import Settings, create_app
 from router.routing.auth import key_digest
 from router.runtime import Runtime
-from tests.unit.helpers import BASE_YAML, World, chunk, completion, config, sse
+from tests.unit.helpers import BASE_YAML, World, chunk, config, sse, tool_calling_hosted
 
 KEY = "sk-caller-anthropic"
 MSG: dict[str, Any] = {"model": "demo", "max_tokens": 32,
@@ -141,18 +141,7 @@ async def test_forced_hosted_tool_round_trip_maps_ids_both_ways(app_client: Any,
                                                                 world: World) -> None:
     c, rt = app_client
     answered: list[str] = []
-
-    def hosted(req: httpx.Request) -> httpx.Response:
-        body = json.loads(req.content)
-        ids = [m.get("tool_call_id") for m in body["messages"] if m.get("role") == "tool"]
-        answered.extend(i for i in ids if i)
-        call = [{"id": ids[0] if ids else "Abc123XyZ", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
-        out = completion(body["model"], "", tool_calls=call, usage=(100, 20))
-        out["choices"][0]["finish_reason"] = "tool_calls"
-        return httpx.Response(200, json=out)
-
-    world.hosted = hosted
+    world.hosted = tool_calling_hosted(answered)
     tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
     first = await c.post("/v1/messages", json={**MSG, "tools": tools,
                                                "tool_choice": {"type": "any"}},

@@ -20,9 +20,9 @@ from tests.unit.helpers import (
     World,
     assert_openai_error,
     chunk,
-    completion,
     config,
     sse,
+    tool_calling_hosted,
 )
 
 KEY = "sk-caller-responses"
@@ -129,18 +129,7 @@ async def test_forced_hosted_function_call_round_trip(app_client: Any, world: Wo
     sees 9-character ids, the caller its own; the ledger prices the hosted usage."""
     c, rt = app_client
     answered: list[str] = []
-
-    def hosted(req: httpx.Request) -> httpx.Response:
-        body = json.loads(req.content)
-        ids = [m.get("tool_call_id") for m in body["messages"] if m.get("role") == "tool"]
-        answered.extend(i for i in ids if i)
-        call = [{"id": ids[0] if ids else "Abc123XyZ", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
-        out = completion(body["model"], "", tool_calls=call, usage=(100, 20))
-        out["choices"][0]["finish_reason"] = "tool_calls"
-        return httpx.Response(200, json=out)
-
-    world.hosted = hosted
+    world.hosted = tool_calling_hosted(answered)
     tools = [{"type": "function", "name": "get_weather",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
     history = [{"role": "user", "content": "weather in Oslo?"},
