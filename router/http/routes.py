@@ -26,6 +26,7 @@ from router.http.schemas import (
 )
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.routing.gateway import header_map
+from router.routing.tracing import traced_count
 
 # Spend, callers and usage: no browser or proxy cache keeps a copy.
 NO_STORE = {"cache-control": "no-store"}
@@ -70,7 +71,12 @@ def build_routes(rt: Runtime) -> APIRouter:
     @hot.post("/v1/messages/count_tokens", openapi_extra=ANTHROPIC_DOC,
               include_in_schema=False)
     async def anthropic_count_tokens(request: Request) -> Response:
-        return await count_tokens(rt.parts.gateway, request.scope, request.receive)
+        gateway = rt.parts.gateway
+        if gateway.tracing is not None:  # a span of its own, /tokenize its child
+            return await traced_count(gateway.tracing, header_map(request.scope["headers"]),
+                                      lambda: count_tokens(gateway, request.scope,
+                                                           request.receive))
+        return await count_tokens(gateway, request.scope, request.receive)
 
     # OpenAI's Responses API (stateless): OpenAI's error shape, the usual handlers. Kept
     # out of the OpenAPI schema until it publishes a request schema the fuzz test can

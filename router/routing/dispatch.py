@@ -51,7 +51,7 @@ from router.routing.policy import RoutePlan
 from router.routing.reasons import OutcomeReason, RouteReason
 from router.routing.replicas import conversation_key
 from router.routing.resilience import Breakers, RetryPolicy, parse_retry_after, request_too_large
-from router.routing.tracing import RequestTrace
+from router.routing.tracing import RequestTrace, counting
 from router.upstreams.sse import SSEFramer
 from router.upstreams.transport import TransportError, Upstream, UpstreamResponse
 
@@ -171,19 +171,18 @@ class Dispatcher:
             call.reason = _reason(plan.reason, failures)
             call.attempts.append(b.name)
             tries += 1
-            sent, span = headers, None
+            sent = headers
             if call.trace is not None:  # a child span; its traceparent goes upstream
                 sent = dict(headers)
-                span = call.trace.attempt(call, b, sent)
+                call.trace.attempt(call, b, sent)
             if call.facts.stream:
                 result = await self._open_stream(call, b, prep, content, sent)
             else:
                 result = await self._once(call, b, prep, content, sent)
-            if span is not None:
-                if isinstance(result, _Failure):
-                    RequestTrace.attempt_done(span, result.status, result.what, result.kind)
-                else:
-                    RequestTrace.attempt_done(span, result.status_code, None)
+            # An answer ends its attempt's span with the call (a stream's when the stream
+            # ends); a failure here, before the next target.
+            if call.trace is not None and isinstance(result, _Failure):
+                call.trace.attempt_failed(result.status, result.what, result.kind)
             if not isinstance(result, _Failure):
                 if breaker is not None:
                     breaker.success()
@@ -260,20 +259,28 @@ class Dispatcher:
                                                  include_usage=False)
         payload = {k: v for k, v in prep.body.items() if k in ("model", "messages", "tools")}
         url = b.base_url.removesuffix("/v1") + "/tokenize"
+        headers = {"content-type": "application/json"}
+        trace = counting()  # a traced count_tokens request: this call is its child span
+        span = None if trace is None else trace.tokenize(b, headers)
+        count: Any = None
+        status: int | None = None
         try:
-            resp = await self._upstream.post(url, orjson.dumps(payload),
-                                             {"content-type": "application/json"},
+            resp = await self._upstream.post(url, orjson.dumps(payload), headers,
                                              b.timeouts, remaining_s)
+            status = resp.status
             data = await resp.read()
-        except TransportError:
+            if resp.status == 200:
+                count = orjson.loads(data).get("count")
+        except TransportError as exc:
+            if span is not None:
+                RequestTrace.tokenized(span, status, None, exc.kind)
             return None
-        if resp.status != 200:
-            return None
-        try:
-            count = orjson.loads(data).get("count")
         except (orjson.JSONDecodeError, AttributeError):
-            return None
-        return count if isinstance(count, int) and not isinstance(count, bool) else None
+            count = None
+        got = count if isinstance(count, int) and not isinstance(count, bool) else None
+        if span is not None:
+            RequestTrace.tokenized(span, status, got)
+        return got
 
     async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
                     headers: dict[str, str]) -> Response | _Failure:

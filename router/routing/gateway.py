@@ -309,11 +309,15 @@ class Gateway:
         call = Call(request_id=first.request_id, facts=nxt.facts, started=first.started,
                     deadline=first.deadline, caller=first.caller,
                     wants_usage=first.wants_usage, session_key=first.session_key)
-        call.api = first.api
+        call.api, call.native = first.api, first.native  # Messages stay native to Claude
         call.tier, call.tier_score = d.tier, d.score
         call.escalation = f"cascade-{first.wasted}; score={d.score:.3f}; from={first.tier}"
+        if first.trace is not None:  # one more attempt under the request's span
+            first.trace.escalate(call)
         plan = await self._wait_for_local(call, nxt)
         if plan.refusal is not None:
+            if first.trace is not None:
+                first.trace.end(first)
             return answer
         self.tiers.remember(d)
         return await self.dispatcher.run(call, plan, body)

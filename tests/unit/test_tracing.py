@@ -4,10 +4,13 @@ exporter: the request span, one child per upstream attempt, traceparent both way
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -151,3 +154,189 @@ async def test_off_by_default_the_gateway_holds_no_tracer(world: World) -> None:
     assert rt.tracing is None and rt.parts.gateway.tracing is None
     # Off, nothing is propagated upstream either.
     assert "traceparent" not in str(world.seen)
+
+
+def _spans(exporter: InMemorySpanExporter) -> tuple[Any, list[Any]]:
+    spans = exporter.get_finished_spans()
+    (request,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    attempts = sorted((s for s in spans if s.kind == SpanKind.CLIENT),
+                      key=lambda s: s.start_time or 0)
+    return request, attempts
+
+
+async def _settled(exporter: InMemorySpanExporter, n: int) -> None:
+    for _ in range(100):  # a stream's spans end with its clean-up, just after the body
+        if len(exporter.get_finished_spans()) >= n:
+            return
+        await asyncio.sleep(0.02)
+
+
+class _SlowStream(httpx.AsyncByteStream):
+    """An engine stream whose events come 20 ms apart; records when the last one left."""
+
+    def __init__(self, last: list[int]) -> None:
+        self._last = last
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(5):
+            await asyncio.sleep(0.02)
+            yield b"data: " + orjson.dumps(chunk("demo", f"t{i}")) + b"\n\n"
+        await asyncio.sleep(0.02)
+        self._last.append(time.time_ns())
+        yield b"data: " + orjson.dumps(chunk("demo", finish="stop")) + b"\n\n"
+        yield b"data: " + orjson.dumps(chunk("demo", usage=(9, 5))) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+
+async def test_a_streamed_attempt_span_ends_when_the_stream_ends(
+        client: httpx.AsyncClient, world: World, exporter: InMemorySpanExporter) -> None:
+    last: list[int] = []
+    world.local = lambda req: httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, stream=_SlowStream(last))
+    r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 200 and "[DONE]" in r.text
+    await _settled(exporter, 2)
+    request, (attempt,) = _spans(exporter)
+    # Not when the stream opened (the first event): after the engine's last event.
+    assert attempt.end_time is not None and attempt.end_time >= last[0]
+    attrs = dict(attempt.attributes or {})
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (9, 5)
+    assert attrs["spillover.outcome"] == "completed" and attrs["spillover.stream"] is True
+    assert attrs["http.response.status_code"] == 200
+    assert attempt.status.status_code != StatusCode.ERROR
+    assert attempt.parent is not None and attempt.parent.span_id == request.context.span_id
+    assert request.end_time is not None and request.end_time >= attempt.end_time
+
+
+async def test_a_caller_gone_mid_stream_ends_the_attempt_span_with_that_outcome(
+        world: World, exporter: InMemorySpanExporter) -> None:
+    from tests.unit.test_stream_cleanup import EVENTS, TrackedStream
+
+    closed: list[bool] = []
+    world.local = lambda req: httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                             stream=TrackedStream(closed))
+    app = create_app(Settings(env=dict(ENV)), config=config(), transport=world.transport(),
+                     tracing=Tracing(SimpleSpanProcessor(exporter)))
+    body = orjson.dumps({**CHAT, "stream": True})
+    sent: list[dict[str, Any]] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if len(sent) >= 4:  # the start and a few events went out; then the caller is gone
+            raise OSError("the caller closed the connection")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    async with app.router.lifespan_context(app):
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(app(scope, receive, send), 5)
+        await _settled(exporter, 2)
+    assert closed == [True]
+    request, (attempt,) = _spans(exporter)
+    attrs = dict(attempt.attributes or {})
+    assert attrs["spillover.outcome"] == "client_disconnected"
+    assert attrs["error.type"] == "client_disconnected"
+    assert attempt.status.status_code == StatusCode.ERROR
+    # What was relayed before the caller left, estimated as the ledger books it.
+    assert 1 <= attrs["gen_ai.usage.output_tokens"] < EVENTS
+    assert attrs["spillover.usage_estimated"] is True
+    assert dict(request.attributes or {})["http.response.status_code"] == 499
+
+
+async def test_a_cascade_escalation_is_an_attempt_under_the_request_span(
+        world: World, exporter: InMemorySpanExporter) -> None:
+    from tests.unit.test_tiers_gateway import EASY, KEYS, PERSON, tiered_config
+
+    world.local = lambda req: httpx.Response(200, json=completion("demo", "no json here"))
+    world.hosted = lambda req: httpx.Response(
+        200, json=completion(orjson.loads(req.content)["model"], '{"name": "Ada"}',
+                             usage=(30, 6)))
+    app = create_app(Settings(env=dict(ENV)), config=tiered_config(),
+                     transport=world.transport(), tracing=Tracing(SimpleSpanProcessor(exporter)))
+    async with lifespan_client(app) as c:
+        r = await c.post("/v1/chat/completions", json={**EASY, "response_format": PERSON},
+                         headers={"authorization": f"Bearer {KEYS['app']}",
+                                  "traceparent": TRACEPARENT})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-spillover-tier"] == "flagship"
+    request, (first, second) = _spans(exporter)
+    assert len(exporter.get_finished_spans()) == 3
+    for child in (first, second):
+        assert child.parent is not None and child.parent.span_id == request.context.span_id
+        assert f"{child.context.trace_id:032x}" == CALLER_TRACE
+    fa, sa = dict(first.attributes or {}), dict(second.attributes or {})
+    # The lower tier's answer, thrown away: wasted, with why.
+    assert fa["spillover.tier"] == "demo" and fa["spillover.wasted"] == "json-schema"
+    assert "spillover.cascade" not in fa
+    # The call one tier up: the cascade's escalation.
+    assert sa["spillover.cascade"] == "escalation" and sa["spillover.tier"] == "flagship"
+    assert sa["spillover.escalation"] == r.headers["x-spillover-escalation"]
+    assert sa["gen_ai.request.model"] == "mistral-large-latest" and sa["spillover.attempt"] == 2
+    assert "spillover.wasted" not in sa
+    assert (sa["gen_ai.usage.input_tokens"], sa["gen_ai.usage.output_tokens"]) == (30, 6)
+    ra = dict(request.attributes or {})
+    assert ra["spillover.tier"] == "flagship" and ra["spillover.attempts"] == 2
+    assert ra["spillover.cascade.trigger"] == "json-schema"
+    assert ra["spillover.cascade.from_tier"] == "demo"
+    assert ra["gen_ai.response.model"] == "mistral-large-latest"
+    assert request.end_time is not None and second.end_time is not None
+    assert request.end_time >= second.end_time
+
+
+async def test_count_tokens_has_a_span_with_the_engine_tokenize_call_as_child(
+        client: httpx.AsyncClient, world: World, exporter: InMemorySpanExporter) -> None:
+    seen: list[httpx.Headers] = []
+
+    def local(req: httpx.Request) -> httpx.Response:
+        assert req.url.path == "/tokenize"
+        seen.append(req.headers)
+        return httpx.Response(200, json={"count": 17, "max_model_len": 2048, "tokens": []})
+
+    world.local = local
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    r = await client.post("/v1/messages/count_tokens", json=body,
+                          headers={"traceparent": TRACEPARENT})
+    assert r.status_code == 200 and r.json() == {"input_tokens": 17}
+    request, (tokenize,) = _spans(exporter)
+    ra = dict(request.attributes or {})
+    assert request.name == "count_tokens" and f"{request.context.trace_id:032x}" == CALLER_TRACE
+    assert ra["spillover.api"] == "messages" and ra["gen_ai.request.model"] == "demo"
+    assert ra["gen_ai.usage.input_tokens"] == 17 and ra["spillover.token_count"] == "engine"
+    assert ra["http.response.status_code"] == 200
+    ta = dict(tokenize.attributes or {})
+    assert tokenize.parent is not None and tokenize.parent.span_id == request.context.span_id
+    assert tokenize.name == "tokenize demo" and ta["gen_ai.usage.input_tokens"] == 17
+    assert ta["http.response.status_code"] == 200 and ta["server.port"] == 8101
+    # The engine got the tokenize call's own context.
+    (headers,) = seen
+    assert headers["traceparent"] == f"00-{CALLER_TRACE}-{tokenize.context.span_id:016x}-01"
+
+    # Engine down: the estimate answers; the failed call is still a child, in error.
+    exporter.clear()
+    world.local_up = False
+    r = await client.post("/v1/messages/count_tokens", json=body)
+    assert r.status_code == 200 and r.headers["x-spillover-token-count"] == "estimate"
+    request, (tokenize,) = _spans(exporter)
+    assert dict(request.attributes or {})["spillover.token_count"] == "estimate"
+    assert tokenize.status.status_code == StatusCode.ERROR
+    assert request.status.status_code != StatusCode.ERROR
+
+    # A refusal: the span ends with its status.
+    exporter.clear()
+    r = await client.post("/v1/messages/count_tokens", json={"model": "demo"})
+    assert r.status_code == 400
+    (only,) = exporter.get_finished_spans()
+    assert only.status.status_code == StatusCode.ERROR
+    assert dict(only.attributes or {})["http.response.status_code"] == 400
