@@ -355,10 +355,22 @@ def cascade_trigger(cfg: Cascade, request: Mapping[str, Any],
     """Why the answer shows its tier failed, or None. Triggers: "json-schema" (the answer
     does not validate against response_format's schema), "tool-args" (tool arguments that
     are not JSON) and "tool-unknown" (a tool not offered), "length" (cut off at
-    finish_reason length before the max_tokens the caller asked for)."""
-    choices = answer.get("choices")
-    if not cfg.enabled or not isinstance(choices, list):
+    finish_reason length before the max_tokens the caller asked for).
+
+    `request` is the chat completions body routed; `answer` is read in the API it came
+    back in: a chat completion, an Anthropic Message (a Messages request passed through
+    natively to Claude) or an OpenAI Response (an engine's own /v1/responses). An answer
+    in none of these shapes is not checked, and the log says so."""
+    if not cfg.enabled:
         return None
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        as_chat = _as_chat(answer)
+        if as_chat is None:
+            _unchecked(answer)
+            return None
+        answer = as_chat
+        choices = as_chat["choices"]
     for choice in choices:
         if not isinstance(choice, dict):
             continue
@@ -422,3 +434,65 @@ def _schema_fails(request: Mapping[str, Any], message: Mapping[str, Any]) -> boo
     except jsonschema.SchemaError:
         return False  # the caller's schema is broken: nothing a bigger model can fix
     return False
+
+
+def _as_chat(answer: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An Anthropic Message or an OpenAI Response as the chat completion the checks read
+    (one choice: its text, its tool calls with JSON arguments, its finish reason, the
+    output tokens); None for any other shape."""
+    if answer.get("type") == "message" and isinstance(answer.get("content"), list):
+        text, calls = [], []
+        for block in answer["content"]:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                text.append(block["text"])
+            elif block.get("type") == "tool_use":
+                args = block.get("input")
+                calls.append({"type": "function", "function": {
+                    "name": block.get("name"),
+                    # Claude sends the arguments parsed: an object, or nothing usable.
+                    "arguments": orjson.dumps(args).decode() if isinstance(args, dict)
+                    else None}})
+        finish = {"max_tokens": "length", "tool_use": "tool_calls"}.get(
+            str(answer.get("stop_reason")), "stop")
+        return _chat(text, calls, finish, _output_tokens(answer, "output_tokens"))
+    if answer.get("object") == "response" and isinstance(answer.get("output"), list):
+        text, calls = [], []
+        for item in answer["output"]:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message" and isinstance(item.get("content"), list):
+                text.extend(p["text"] for p in item["content"] if isinstance(p, dict)
+                            and p.get("type") == "output_text"
+                            and isinstance(p.get("text"), str))
+            elif item.get("type") == "function_call":
+                calls.append({"type": "function", "function": {
+                    "name": item.get("name"), "arguments": item.get("arguments")}})
+        details = answer.get("incomplete_details")
+        cut = (answer.get("status") == "incomplete" and isinstance(details, dict)
+               and details.get("reason") == "max_output_tokens")
+        return _chat(text, calls, "length" if cut else "stop",
+                     _output_tokens(answer, "output_tokens"))
+    return None
+
+
+def _chat(text: list[str], calls: list[dict[str, Any]], finish: str,
+          output_tokens: int | None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None}
+    if calls:
+        message["tool_calls"] = calls
+    return {"choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {"completion_tokens": output_tokens}}
+
+
+def _output_tokens(answer: Mapping[str, Any], key: str) -> int | None:
+    usage = answer.get("usage")
+    n = usage.get(key) if isinstance(usage, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _unchecked(answer: Mapping[str, Any]) -> None:
+    kind = answer.get("object", answer.get("type"))
+    log.info("tier cascade: an answer of a shape the checks do not read (%s) was not "
+             "checked", str(kind)[:40] if isinstance(kind, str) else type(kind).__name__)

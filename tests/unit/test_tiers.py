@@ -355,6 +355,76 @@ def test_each_trigger_can_be_turned_off() -> None:
                            answer("x")) is None
 
 
+def message(*blocks: dict[str, Any], stop: str = "end_turn",
+            output_tokens: int = 5) -> dict[str, Any]:
+    """An Anthropic Message, as Claude answers a Messages request passed through."""
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+            "content": list(blocks), "stop_reason": stop, "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": output_tokens}}
+
+
+def text(t: str) -> dict[str, Any]:
+    return {"type": "text", "text": t}
+
+
+def tool_use(name: str, args: Any) -> dict[str, Any]:
+    return {"type": "tool_use", "id": "toolu_1", "name": name, "input": args}
+
+
+def response(*items: dict[str, Any], cut: bool = False,
+             output_tokens: int = 5) -> dict[str, Any]:
+    """An OpenAI Response (an engine's own /v1/responses)."""
+    out: dict[str, Any] = {"id": "resp_1", "object": "response", "output": list(items),
+                           "status": "incomplete" if cut else "completed",
+                           "usage": {"input_tokens": 3, "output_tokens": output_tokens}}
+    if cut:
+        out["incomplete_details"] = {"reason": "max_output_tokens"}
+    return out
+
+
+def output_text(t: str) -> dict[str, Any]:
+    return {"type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": t, "annotations": []}]}
+
+
+def function_call(name: str, args: str) -> dict[str, Any]:
+    return {"type": "function_call", "call_id": "c1", "name": name, "arguments": args}
+
+
+@pytest.mark.parametrize(("request_body", "ans", "trigger"), [
+    # A Messages request passed through natively to Claude: its Message, read as such.
+    (chat(tools=[TOOL]), message(tool_use("f", {"a": 1}), stop="tool_use"), None),
+    (chat(tools=[TOOL]), message(tool_use("rm_rf", {}), stop="tool_use"), "tool-unknown"),
+    (chat(tools=[TOOL]), message(tool_use("f", "{not an object"), stop="tool_use"),
+     "tool-args"),
+    (chat(response_format=PERSON), message(text('{"name": '), text('"Ada"}')), None),
+    (chat(response_format=PERSON), message(text("prose")), "json-schema"),
+    (chat(max_tokens=100), message(text("..."), stop="max_tokens", output_tokens=40),
+     "length"),
+    (chat(max_tokens=100), message(text("..."), stop="max_tokens", output_tokens=100), None),
+    (chat(max_tokens=100), message(text("fine"), output_tokens=40), None),
+    # An OpenAI Response.
+    (chat(tools=[TOOL]), response(function_call("f", '{"a": 1}')), None),
+    (chat(tools=[TOOL]), response(function_call("f", '{"a": 1')), "tool-args"),
+    (chat(tools=[TOOL]), response(function_call("zz", "{}")), "tool-unknown"),
+    (chat(response_format=PERSON), response(output_text('{"name": "Ada"}')), None),
+    (chat(response_format=PERSON), response(output_text('{"age": 3}')), "json-schema"),
+    (chat(max_tokens=100), response(output_text("..."), cut=True, output_tokens=40),
+     "length"),
+])
+def test_cascade_reads_the_answer_in_the_api_it_came_back_in(
+        request_body: dict[str, Any], ans: dict[str, Any], trigger: str | None) -> None:
+    assert cascade_trigger(Cascade(), request_body, ans) == trigger
+
+
+def test_an_answer_the_checks_cannot_read_is_skipped_with_a_logged_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, "spillover.tiers"):
+        assert cascade_trigger(Cascade(), chat(response_format=PERSON),
+                               {"object": "something.else", "data": []}) is None
+    assert "not checked" in caplog.text and "something.else" in caplog.text
+
+
 def test_view_is_json_safe_for_plugins() -> None:
     view = view_of("chat", chat("hi", tools=[TOOL]))
     assert json.loads(json.dumps(dict(view.body)))["tools"][0]["function"]["name"] == "f"

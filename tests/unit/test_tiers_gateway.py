@@ -252,3 +252,65 @@ async def test_status_counts_calls_per_tier_and_what_escalation_cost(
     assert t["wasted_usd"] == pytest.approx(demo["wasted_usd"])
     ledger = runtime.ledger.rows(since=0, until=2e9)
     assert t["wasted_usd"] == pytest.approx(sum(r.cost_usd for r in ledger if r.wasted))
+
+
+async def test_a_messages_request_to_claude_is_cascaded_on_claudes_own_answer() -> None:
+    """A Messages request passed through natively to an `anthropic` provider in a tiered
+    alias: the cascade reads Claude's Message (not a chat completion), and the request
+    one tier up goes to Claude natively too, so the caller gets a Message."""
+    import yaml
+
+    from router.routing.auth import key_digest
+    from tests.fakes.anthropic import DEFAULT_API_KEY, FakeAnthropic
+
+    claude_url = "https://api.anthropic.test/v1"
+    data = yaml.safe_load(BASE_YAML)
+    data["providers"]["claude"] = {"kind": "anthropic", "base_url": claude_url,
+                                   "api_key_env": "ANTHROPIC_API_KEY"}
+    for name, model in (("haiku", "claude-haiku-4-5"), ("sonnet", "claude-sonnet-4-5")):
+        data["aliases"][name] = {"hosted": [{"provider": "claude", "model": model,
+                                             "price": {"input_per_mtok": 1,
+                                                       "output_per_mtok": 5}}]}
+    data["aliases"]["claude-auto"] = {"tiers": ["haiku", "sonnet"], "thresholds": [0.9]}
+    data["callers"] = {"app": {"key_sha256": [key_digest(KEYS["app"])]}}
+    claude = FakeAnthropic()
+    world = World()
+    plain = world.transport()
+
+    def route(req: httpx.Request) -> httpx.Response:
+        if not str(req.url).startswith(claude_url):
+            return plain.handler(req)  # type: ignore[return-value]
+        resp = claude.handle(req)
+        if json.loads(req.content)["model"] == "claude-haiku-4-5" and resp.status_code == 200:
+            # The small model calls a tool it was not offered.
+            message = resp.json()
+            message["content"][0]["name"] = "launch_rockets"
+            return httpx.Response(200, json=message)
+        return resp
+
+    app = create_app(Settings(env={"ANTHROPIC_API_KEY": DEFAULT_API_KEY}),
+                     config=config(yaml.safe_dump(data)), transport=httpx.MockTransport(route))
+    body = {"model": "claude-auto", "max_tokens": 64, "metadata": {"user_id": "u-7"},
+            "messages": [{"role": "user", "content": "weather in Paris?"}],
+            "tools": [{"name": "get_weather", "description": "weather of a city",
+                       "input_schema": {"type": "object",
+                                        "properties": {"city": {"type": "string"}}}}]}
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+        r = await c.post("/v1/messages", json=body, headers={"x-api-key": KEYS["app"],
+                                                             "anthropic-version": "2023-06-01"})
+        rows = app.state.runtime.ledger.rows(since=0, until=2e9)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-spillover-tier"] == "sonnet"
+    assert r.headers["x-spillover-escalation"].startswith("cascade-tool-unknown;")
+    out = r.json()
+    # Claude's own Message, as it came from the tier above.
+    assert out["type"] == "message" and out["id"].startswith("msg_fake")
+    assert out["content"][0]["name"] == "get_weather" and out["stop_reason"] == "tool_use"
+    sent = [b for _, b in claude.requests]
+    assert [b["model"] for b in sent] == ["claude-haiku-4-5", "claude-sonnet-4-5"]
+    # Both calls natively: the caller's body, model swapped (metadata kept as sent).
+    assert all(b["metadata"] == {"user_id": "u-7"} for b in sent)
+    assert all(b["tools"] == body["tools"] for b in sent)
+    assert [(row.tier, row.wasted) for row in rows] == [("haiku", "tool-unknown"),
+                                                       ("sonnet", "")]
