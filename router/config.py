@@ -389,12 +389,22 @@ class Batches(_Strict):
     max_lines: int = Field(default=50_000, ge=1)
     # A line's body above this is refused with its line number (as OpenAI does).
     max_line_bytes: int = Field(default=1024 * 1024, ge=256)
-    # Lines of one batch in flight at once on the local engines, and on hosted.
-    local_concurrency: int = Field(default=4, ge=1)
+    # Lines of one batch in flight at once on the local engines (a cap: below it each
+    # engine's adaptive batch concurrency decides, and routing's saturation.batch_below
+    # per request), and on hosted (ordinary calls to a provider without a batch API).
+    local_concurrency: int = Field(default=16, ge=1)
     hosted_concurrency: int = Field(default=8, ge=1)
-    # Share of the window kept in reserve: the remainder goes hosted when the local pace
-    # would finish later than (1 - margin) of the time left.
+    # Share of the time left kept in reserve: hosted gets what the local pace will not
+    # finish by the deadline less this share, from the latest tick at which hosted (at
+    # hosted_concurrency) can still finish it.
     deadline_margin: float = Field(default=0.2, ge=0, lt=1)
+    # The interactive time to first token the batch's local lines must not push past:
+    # each engine's batch concurrency is cut as a local interactive TTFT nears it
+    # (0.7 of it) and grows while they stay under half of it.
+    interactive_ttft_slo_ms: float = Field(default=1000.0, gt=0)
+    # A hosted line's duration assumed until the batch has measured its own: a high guess
+    # starts hosted earlier, never sends more lines.
+    hosted_latency_s: float = Field(default=10.0, gt=0)
     # How often the scheduler looks for new batches and re-plans running ones.
     poll_s: float = Field(default=0.5, gt=0)
 

@@ -158,7 +158,9 @@ def batch_routes(rt: Runtime, store: BatchStore, scheduler: BatchScheduler) -> A
         batch = await asyncio.to_thread(store.get_batch, who.name, batch_id)
         if batch is None:
             raise _no_batch(batch_id)
-        return batch
+        # The scheduler's view while it works on the batch: pace, plan, deadline at risk.
+        state = scheduler.schedule(batch_id)
+        return batch if state is None else {**batch, "spillover": state}
 
     @r.post("/v1/batches/{batch_id}/cancel")
     async def cancel(request: Request, batch_id: str) -> dict[str, Any]:

@@ -7,13 +7,22 @@ per line exactly as for a single request, and each finished line is one ledger r
 the batch's id.
 
 Local lines go out while a local engine of the alias has headroom below its batch line
-(routing decides that per request too), at most `batches.local_concurrency` at once. The
-local pace (lines finished a second, measured over the last minute) and the time left say
-how many lines local capacity can still finish; the lines beyond that, with
-`batches.deadline_margin` held in reserve, are sent hosted (forced hosted, at the batch
-class, so billed at the offering's batch price). A caller that may not leave the building
-never goes hosted: what local capacity cannot finish by the deadline is reported
-`expired`, with the lines that did finish in the output file, as OpenAI does.
+(routing decides that per request too: `saturation.batch_below` is the hard ceiling),
+at most as many at once as the engine's adaptive batch concurrency allows: AIMD on what
+the router sees of the engine's interactive traffic (its time to first token against
+`batches.interactive_ttft_slo_ms`, requests queueing at the engine), so batch work fills
+what interactive traffic leaves and backs off fast when interactive latency suffers.
+
+Every tick the smoothed local pace and the time left say how many lines local capacity can
+still finish; hosted gets only the rest, and only from the latest tick at which hosted (at
+`batches.hosted_concurrency` calls at once, of the hosted latency measured) can still
+finish it before the deadline less `batches.deadline_margin` of the time left
+(router/routing/batch_pacing.py). Hosted lines go forced hosted, at the batch class, so
+billed at the offering's batch price. When even local plus hosted at full concurrency
+cannot finish by the deadline, the batch says so (a warning in the log, `spillover` in the
+batch object). A caller that may not leave the building never goes hosted: what local
+capacity cannot finish by the deadline is reported `expired`, with the lines that did
+finish in the output file, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from router.accounting.batches import BATCH_URLS, BatchStore, Line, line_request_id
+from router.accounting.batches import (
+    BATCH_URLS,
+    BatchStore,
+    Line,
+    is_job_token,
+    line_request_id,
+    new_job_token,
+)
 from router.accounting.budgets import Budgets, Reservation
 from router.accounting.ledger import LedgerRow, StoreUnavailable
 from router.config import Caller
@@ -42,16 +57,29 @@ from router.providers.base import bound_output
 from router.providers.mistral import MistralTranslator
 from router.providers.mistral_batch import ENDED, BatchJobError, MistralBatches
 from router.routing.auth import ANONYMOUS, Principal
+from router.routing.batch_pacing import (
+    Aimd,
+    BatchConcurrency,
+    HostedPlan,
+    Interactive,
+    PaceMeter,
+    plan_hosted,
+)
 
 if TYPE_CHECKING:
     from router.config import Config
+    from router.routing.call import Call
     from router.routing.catalog import Backend, Catalog
     from router.routing.gateway import Gateway
     from router.routing.load import LoadMonitor
 
 log = logging.getLogger("spillover.batches")
 
-_PACE_WINDOW_S = 60.0
+_PACE_WINDOW_S = 30.0
+# The hosted latency measured so far weighs this much against each new line's.
+_LATENCY_EWMA = 0.2
+# A projected miss of the deadline is logged again at most this often per batch.
+_WARN_EVERY_S = 30.0
 _RECOVER_EVERY_S = 30.0
 # A status the line is tried again for later rather than failed: the engine or the caller's
 # limits were busy for a moment.
@@ -86,7 +114,11 @@ class _Run:
     local: set[asyncio.Task[None]] = field(default_factory=set)
     hosted: set[asyncio.Task[None]] = field(default_factory=set)
     aliases: set[str] = field(default_factory=set)
-    done_local: deque[float] = field(default_factory=deque)  # finish times of local lines
+    pace: PaceMeter = field(default_factory=lambda: PaceMeter(_PACE_WINDOW_S))
+    hosted_latency_s: float | None = None  # hosted lines' duration, smoothed (EWMA)
+    plan: HostedPlan | None = None  # the last tick's hosted decision
+    local_allowed: int = 0  # local lines the engines' batch concurrency allowed last tick
+    warned_at: float = -math.inf  # when a projected miss of the deadline was last logged
     pause_until: float = 0.0
     jobs: set[str] = field(default_factory=set)  # hosted batch jobs polled by this process
     # Budget holds of a job's lines (job id -> the book, line number -> hold): settled with
@@ -105,6 +137,10 @@ class BatchScheduler:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._recovered_at = 0.0
+        # Per local engine: its adaptive batch concurrency, and the TTFTs of its
+        # interactive requests that finished since the last tick (the recorder's observer).
+        self._limits: dict[str, BatchConcurrency] = {}
+        self._ttfts: dict[str, float] = {}
 
     async def start(self) -> None:
         resumed = await asyncio.to_thread(self.store.recover)
@@ -151,12 +187,14 @@ class BatchScheduler:
             # Replicas share the lines: those a dead replica held go back after its lease.
             self._recovered_at = self._clock()
             await asyncio.to_thread(self.store.recover)
-        for bid, caller, status, endpoint, created, window_s in await asyncio.to_thread(
-                self.store.active):
+        active = await asyncio.to_thread(self.store.active)
+        self._pace_engines(self._parts())
+        for bid, caller, status, endpoint, created, window_s in active:
             run = self._runs.get(bid)
             if run is None:
                 run = self._runs[bid] = _Run(bid, caller, endpoint, created + window_s,
                                              self._clock())
+                run.pace.started(run.started)  # an engine that takes no line: a pace of 0
                 # Hosted jobs a stopped router had submitted: polled again, not resubmitted.
                 for job_id, backend, submitted in await asyncio.to_thread(
                         self.store.open_jobs, bid):
@@ -190,40 +228,154 @@ class BatchScheduler:
             return
         if not run.aliases:
             await self._learn_alias(run)
-        b = parts.config.batches
-        # Local: one line at a time while an engine of the batch's aliases has headroom.
-        while len(run.local) < b.local_concurrency and self._headroom(parts, run):
+        # Local: one line at a time while an engine of the batch's aliases has headroom,
+        # up to what the engines' batch concurrency allows next to interactive traffic.
+        run.local_allowed = room = self._local_room(parts, run)
+        started = 0
+        while len(run.local) < room and self._headroom(parts, run):
             if not await self._spawn(run, principal, "local"):
                 break
-        if principal.policy.residency == "onprem" or not self._batch_priced(parts, run):
-            # Never leaves (or has no hosted batch price to leave at): what cannot finish
-            # locally in time expires.
+            started += 1
+        pending = max(0, counts["pending"] - started)
+        # Never leaves (or has no hosted batch price to leave at): what cannot finish
+        # locally in time expires; the plan still says how many lines will.
+        local_only = (principal.policy.residency == "onprem"
+                      or not self._batch_priced(parts, run))
+        job_backend = None if local_only else self._job_backend(parts, run)
+        run.plan = plan = self._plan(run, pending, now, hosted=not local_only,
+                                     jobs=job_backend is not None)
+        self._warn(run, plan, now, local_only)
+        if local_only:
             return
-        want = self._hosted_share(run, counts, now, b.deadline_margin)
-        job_backend = self._job_backend(parts, run)
         if job_backend is not None:
-            # La Plateforme's own Batch API: the remainder goes as one job (one at a time).
+            # La Plateforme's own Batch API: the remainder goes as one job (one at a time),
+            # which has no concurrency cap to wait for.
+            want = int(plan.need)
             if want > 0 and not run.jobs:
                 await self._submit_job(run, job_backend, want)
             return
-        while len(run.hosted) < min(want, b.hosted_concurrency):
+        for _ in range(plan.send):
             if not await self._spawn(run, principal, "hosted"):
                 break
 
-    def _hosted_share(self, run: _Run, counts: dict[str, int], now: float,
-                      margin: float) -> int:
-        """Lines to send hosted now: the pending lines local capacity cannot finish by the
-        deadline at the measured pace, keeping `margin` of the time left in reserve."""
-        left = run.deadline - now
-        pending = counts["pending"] + len(run.local)
-        while run.done_local and run.done_local[0] < now - _PACE_WINDOW_S:
-            run.done_local.popleft()
-        measured_for = min(_PACE_WINDOW_S, now - run.started)
-        if not run.done_local and measured_for < min(10.0, 0.1 * (run.deadline - run.started)):
-            return 0  # no pace measured yet: give the engines a moment first
-        pace = len(run.done_local) / max(measured_for, 1e-3)
-        local_can = pace * left * (1 - margin)
-        return max(0, int(pending - local_can))
+    def _plan(self, run: _Run, pending: int, now: float, *, hosted: bool,
+              jobs: bool) -> HostedPlan:
+        """This tick's hosted decision (router/routing/batch_pacing.plan_hosted) from the
+        smoothed local pace, the time left and hosted's concurrency and measured latency."""
+        b = self._parts().config.batches
+        # No pace measured yet: the engines get a moment first.
+        warmup = min(10.0, 0.1 * (run.deadline - run.started))
+        lines_in_flight = len(run.hosted) - len(run.jobs)
+        latency = run.hosted_latency_s or b.hosted_latency_s
+        return plan_hosted(
+            pending=pending, local_in_flight=len(run.local),
+            hosted_in_flight=max(0, lines_in_flight), left_s=run.deadline - now,
+            margin=b.deadline_margin, local_pace=run.pace.pace(now, warmup),
+            hosted_latency_s=latency,
+            # A batch job has no concurrency cap: what it cannot finish in time is not
+            # projected here (its turnaround is La Plateforme's).
+            hosted_slots=(b.max_lines if jobs else b.hosted_concurrency) if hosted else 0,
+            tick_s=b.poll_s,
+            # About one hosted line kept in reserve at the end (within the margin's share
+            # of the window, so a high guess of the latency does not eat a short window).
+            reserve_s=min(latency, b.deadline_margin * (run.deadline - run.started))
+            + b.poll_s)
+
+    def _warn(self, run: _Run, plan: HostedPlan, now: float, local_only: bool) -> None:
+        """A batch projected to miss its deadline even with hosted at full concurrency
+        says so in the log (and in its `spillover` state), at most every 30 s."""
+        if plan.shortfall <= 0 or now - run.warned_at < _WARN_EVERY_S:
+            return
+        run.warned_at = now
+        b = self._parts().config.batches
+        how = ("local capacity alone (the batch may not go hosted)" if local_only else
+               f"local capacity plus hosted at {b.hosted_concurrency} calls at once "
+               f"(batches.hosted_concurrency, {run.hosted_latency_s or b.hosted_latency_s:.1f}"
+               " s a line)")
+        log.warning("batch %s: projected to miss its deadline in %.0f s by %d lines: %s "
+                    "finishes %.0f of the rest at a local pace of %.2f lines/s", run.id,
+                    run.deadline - now, plan.shortfall, how,
+                    plan.local_can + plan.hosted_can,
+                    run.pace.pace(now, 0.0) or 0.0)
+
+    def schedule(self, batch_id: str) -> dict[str, Any] | None:
+        """The scheduler's view of a batch it works on (the `spillover` field of the batch
+        object): local pace, the batch concurrency allowed, the hosted plan, and
+        `deadline_at_risk` with the lines projected to miss it."""
+        run = self._runs.get(batch_id)
+        if run is None:
+            return None
+        now = self._clock()
+        plan = run.plan
+        pace = run.pace.pace(now, 0.0)
+        return {
+            "local_pace_per_s": None if pace is None else round(pace, 3),
+            "local_concurrency_allowed": run.local_allowed,
+            "local_in_flight": len(run.local),
+            "hosted_in_flight": max(0, len(run.hosted) - len(run.jobs)),
+            "hosted_latency_s": (None if run.hosted_latency_s is None
+                                 else round(run.hosted_latency_s, 3)),
+            "hosted_needed": None if plan is None else math.ceil(max(0.0, plan.need)),
+            "deadline_at_risk": plan is not None and plan.shortfall > 0,
+            "projected_shortfall": 0 if plan is None else plan.shortfall,
+        }
+
+    def _observe(self, call: Call) -> None:
+        """The recorder's observer: the TTFT of interactive requests served locally, the
+        signal the engines' batch concurrency follows."""
+        if (call.route == "local" and call.ttft_s is not None and call.backend
+                and call.facts.priority == "interactive"):
+            self._ttfts[call.backend] = max(call.ttft_s, self._ttfts.get(call.backend, 0.0))
+
+    def _local_backends(self, parts: Parts, run: _Run) -> list[Backend]:
+        return [b for alias in (run.aliases or parts.catalog.aliases)
+                for b in parts.catalog.backends(alias) or () if b.route == "local"]
+
+    def _controller(self, name: str, params: Aimd) -> BatchConcurrency:
+        ctl = self._limits.get(name)
+        if ctl is None or ctl.params != params:  # new, or a reload changed the SLO
+            ctl = self._limits[name] = BatchConcurrency(
+                params, start=1.0 if ctl is None else ctl.limit)
+        return ctl
+
+    def _pace_engines(self, parts: Parts) -> None:
+        """One AIMD step for every local engine a running batch may use, on the
+        interactive signal since the last tick: the worst local interactive TTFT the
+        router saw, and requests waiting at the engine with interactive ones in flight
+        (the router's in-flight count beyond the batch lines it sent)."""
+        recorder = parts.gateway.recorder
+        if self._observe not in recorder.observers:
+            recorder.observers.append(self._observe)
+        ttfts, self._ttfts = self._ttfts, {}
+        b = parts.config.batches
+        params = Aimd(slo_s=b.interactive_ttft_slo_ms / 1000)
+        names = {e.name for run in self._runs.values()
+                 for e in self._local_backends(parts, run)}
+        loads = parts.monitor.view(names)
+        now = self._clock()
+        for name in sorted(names):
+            ctl = self._controller(name, params)
+            batch = self._batch_in_flight(parts, name)
+            load = loads.get(name)
+            queued = (load is not None and bool(load.waiting)
+                      and (load.inflight or 0) > batch)
+            ctl.step(now, Interactive(ttfts.get(name), queued),
+                     in_use=batch >= ctl.allowed, ceiling=b.local_concurrency)
+
+    def _batch_in_flight(self, parts: Parts, engine: str) -> int:
+        return sum(len(r.local) for r in self._runs.values()
+                   if any(e.name == engine for e in self._local_backends(parts, r)))
+
+    def _local_room(self, parts: Parts, run: _Run) -> int:
+        """Local lines this batch may have in flight: the engines' adaptive batch
+        concurrency, less other batches' lines on them, at most local_concurrency."""
+        b = parts.config.batches
+        params = Aimd(slo_s=b.interactive_ttft_slo_ms / 1000)
+        engines = {e.name for e in self._local_backends(parts, run)}
+        allowed = sum(self._controller(n, params).allowed for n in engines)
+        others = sum(len(r.local) for r in self._runs.values() if r is not run
+                     and engines & {e.name for e in self._local_backends(parts, r)})
+        return max(0, min(b.local_concurrency, allowed - others))
 
     async def _learn_alias(self, run: _Run) -> None:
         """The alias of the batch's first line, for headroom and hosted checks before any
@@ -259,7 +411,12 @@ class BatchScheduler:
         """Up to `n` lines as one La Plateforme batch job. Each line first holds its worst
         case at the batch price against the caller's budgets, as a single hosted request
         does; lines the budgets refuse stay pending (local capacity may still run them, or
-        they expire) and are not sent. A budget store that does not answer: nothing sent."""
+        they expire) and are not sent. A budget store that does not answer: nothing sent.
+
+        A line whose worst case is over the caller's per-request limit (max_request_usd,
+        the caller's or the global one) is not sent either: it goes the way of a single
+        request at the batch class instead (hosted ruled out by the same check), so it
+        runs locally, or fails with the error a single request gets (400 cost_limit)."""
         parts = self._parts()
         lines = await asyncio.to_thread(self.store.claim, run.id, n, "hosted")
         if not lines:
@@ -268,8 +425,12 @@ class BatchScheduler:
         caller = principal.name if principal is not None else run.caller
         budgets = parts.gateway.budgets
         assumed = parts.config.routing.default_max_tokens
+        ceilings = [x for x in (principal.policy.max_request_usd if principal else None,
+                                parts.config.budget.max_request_usd) if x is not None]
+        limit = min(ceilings) if ceilings else None
         held: dict[int, Reservation] = {}
         carried: list[Line] = []
+        over: list[Line] = []  # over the per-request limit: run as single requests, never released
         try:
             file_id = await asyncio.to_thread(self.store.input_file, run.id)
             out = bytearray()
@@ -281,7 +442,11 @@ class BatchScheduler:
                                                 assumed_max_tokens=assumed, priority="batch")
                 except SpilloverError:
                     continue  # not a request a hold can be sized for: left to run locally
-                hold = await budgets.reserve(caller, facts.worst_case_usd(backend))
+                worst = facts.worst_case_usd(backend)
+                if limit is not None and worst > limit and principal is not None:
+                    over.append(line)
+                    continue
+                hold = await budgets.reserve(caller, worst)
                 if hold is None:
                     continue  # over the budget: not sent
                 held[line.line_no] = hold
@@ -294,8 +459,17 @@ class BatchScheduler:
                 out += orjson.dumps({"custom_id": str(line.line_no), "body": body}) + b"\n"
                 carried.append(line)
             for line in lines:
-                if line.line_no not in held:
+                if line.line_no not in held and line not in over:
                     await asyncio.to_thread(self.store.release, line)
+            if principal is not None:  # (over is empty otherwise)
+                for line in over:
+                    # "auto": the gateway decides as for a single request; its limit check
+                    # leaves only local (or the cost_limit refusal) to this line.
+                    task = asyncio.create_task(
+                        self._run_line(run, principal, line, "auto"),
+                        name=f"spillover-batch-{run.id}-{line.line_no}")
+                    run.local.add(task)
+                    task.add_done_callback(run.local.discard)
             if not carried:
                 log.info("batch %s: hosted budget refused the remainder's lines", run.id)
                 run.pause_until = self._clock() + 1.0
@@ -303,9 +477,12 @@ class BatchScheduler:
             client = self._client(parts, backend)
             mistral_file = await client.upload(f"{run.id}.jsonl", bytes(out))
             hours = max(1, math.ceil((run.deadline - self._clock()) / 3600))
-            job = await client.create(mistral_file, backend.model_id, run.endpoint,
-                                      {"spillover_batch": run.id}, min(hours, 168))
-            job_id = str(job["id"])
+            # The intent first, durably: a router killed after the create call but before
+            # the job's id is stored finds the job again by this token, in its metadata,
+            # and adopts it (_poll_job) instead of sending (and paying for) the lines twice.
+            token = new_job_token()
+            await asyncio.to_thread(self.store.intend_job, run.id, token, backend.name,
+                                    carried)
         except Exception as exc:
             # Not submitted: holds go, the lines back to pending, tried again next turn.
             log.warning("batch %s: hosted batch job not submitted: %s", run.id,
@@ -314,13 +491,27 @@ class BatchScheduler:
             for hold in held.values():
                 budgets.release(hold)
             for line in lines:
-                await asyncio.to_thread(self.store.release, line)
+                if line not in over:
+                    await asyncio.to_thread(self.store.release, line)
             run.pause_until = self._clock() + 1.0
             return
+        try:
+            job = await client.create(mistral_file, backend.model_id, run.endpoint,
+                                      {"spillover_batch": run.id, "spillover_job": token},
+                                      min(hours, 168))
+            job_id = str(job["id"])
+            await asyncio.to_thread(self.store.job_created, token, job_id)
+        except Exception as exc:
+            # Refused, or no answer: it may exist all the same. The token is followed: the
+            # job is adopted if La Plateforme has it, else its lines go back to pending.
+            log.warning("batch %s: hosted batch job %s: create not confirmed: %s", run.id,
+                        token, exc if isinstance(exc, (BatchJobError, StoreUnavailable))
+                        else type(exc).__name__)
+            job_id = token
+        else:
+            log.info("batch %s: %d lines sent as La Plateforme batch job %s", run.id,
+                     len(carried), job_id)
         run.holds[job_id] = (budgets, held)
-        await asyncio.to_thread(self.store.add_job, run.id, job_id, backend.name, carried)
-        log.info("batch %s: %d lines sent as La Plateforme batch job %s", run.id,
-                 len(carried), job_id)
         self._follow(run, job_id, backend.name, self._clock(), resumed=False)
 
     def _client(self, parts: Parts, backend: Backend) -> MistralBatches:
@@ -354,8 +545,13 @@ class BatchScheduler:
                         resumed: bool) -> None:
         """Poll the job until it ends (every poll_s at first, doubling up to 30 s), then
         book its lines: each result is the line's outcome and one ledger row at the batch
-        price with the job's usage; lines it did not answer go back to pending."""
+        price with the job's usage; lines it did not answer go back to pending.
+
+        A job known only by its token (its create call was never confirmed, or the router
+        died before storing the answer) is looked up at La Plateforme by the token in its
+        metadata first: adopted when found, else its lines go back to pending."""
         wait = self._parts().config.batches.poll_s
+        token = job_id if is_job_token(job_id) else None
         try:
             while True:
                 parts = self._parts()
@@ -367,6 +563,22 @@ class BatchScheduler:
                     continue
                 client = self._client(parts, backend)
                 try:
+                    if job_id == token:
+                        found = await client.find({"spillover_job": token})
+                        if found is None:
+                            log.info("batch %s: job %s was never created; its lines go "
+                                     "back to pending", run.id, token)
+                            await asyncio.to_thread(self.store.end_job, token,
+                                                    "not_created")
+                            return
+                        job_id = str(found["id"])
+                        await asyncio.to_thread(self.store.job_created, token, job_id)
+                        run.jobs.discard(token)
+                        run.jobs.add(job_id)
+                        if token in run.holds:
+                            run.holds[job_id] = run.holds.pop(token)
+                        log.info("batch %s: adopted La Plateforme batch job %s (submitted "
+                                 "as %s)", run.id, job_id, token)
                     job = await client.get(job_id)
                     status = str(job.get("status"))
                     if status in ENDED:
@@ -484,6 +696,7 @@ class BatchScheduler:
 
     async def _run_line(self, run: _Run, principal: Principal, line: Line,
                         route: str) -> None:
+        began = self._clock()
         try:
             file_id = await asyncio.to_thread(self.store.input_file, run.id)
             item = await asyncio.to_thread(self.store.read_line, file_id, line)
@@ -511,7 +724,12 @@ class BatchScheduler:
                                 status_code=status, request_id=request_id, result=payload,
                                 route=served)
         if served == "local" and status < 400:
-            run.done_local.append(self._clock())
+            run.pace.finished(self._clock())
+        elif served == "hosted" and status < 400:
+            took = self._clock() - began
+            run.hosted_latency_s = (took if run.hosted_latency_s is None else
+                                    _LATENCY_EWMA * took
+                                    + (1 - _LATENCY_EWMA) * run.hosted_latency_s)
         self.wake()
 
     async def _call(self, run: _Run, principal: Principal, line: Line, body: dict[str, Any],

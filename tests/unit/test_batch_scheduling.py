@@ -1,0 +1,112 @@
+"""The batch scheduler in the app (mock engine and hosted API, the openai SDK as the
+caller): a deadline that even hosted at its concurrency cannot meet is said (a warning, and
+`spillover.deadline_at_risk` in the batch object) rather than found out at expiry, and the
+engine's batch concurrency follows the interactive traffic the router serves locally."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.unit.helpers import World, completion
+from tests.unit.test_batch_api import ALICE, _app, _jsonl, _until
+
+
+async def _state(c: Any, batch_id: str) -> dict[str, Any]:
+    http = c["alice"]._client
+    r = await http.get(f"http://gw/v1/batches/{batch_id}",
+                       headers={"authorization": f"Bearer {ALICE}"})
+    assert r.status_code == 200
+    return dict(r.json())
+
+
+async def test_a_deadline_hosted_cannot_meet_at_its_concurrency_is_reported(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """30 lines in 5 s; local takes 0.5 s a line one at a time, hosted 1 s a line one at a
+    time (hosted_concurrency 1): about 10 + 5 lines can finish. The batch says so while it
+    runs, the log warns, hosted is used from the start, and it ends expired."""
+    world = World()
+
+    async def slow_local(req: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.5)
+        return httpx.Response(200, json=completion("demo", "local answer"))
+
+    async def slow_hosted(req: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(1.0)
+        return httpx.Response(200, json=completion("m", "hosted answer", usage=(10, 20)))
+
+    world.local = slow_local  # type: ignore[assignment]
+    world.hosted = slow_hosted  # type: ignore[assignment]
+    caplog.set_level(logging.WARNING, logger="spillover.batches")
+    async with _app(tmp_path, world, local_concurrency=1, hosted_concurrency=1,
+                    hosted_latency_s=1.0, provider_kind="openai") as c:
+        f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(30))),
+                                          purpose="batch")
+        b = await c["alice"].batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="5s")  # type: ignore[arg-type]
+        seen: dict[str, Any] = {}
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            state = (await _state(c, b.id)).get("spillover")
+            if state and state["deadline_at_risk"]:
+                seen = state
+                break
+            await asyncio.sleep(0.1)
+        assert seen, "the batch never said its deadline was at risk"
+        assert seen["projected_shortfall"] >= 5 and seen["hosted_needed"] > 0
+        assert any("projected to miss its deadline" in r.getMessage()
+                   and "hosted_concurrency" in r.getMessage() for r in caplog.records)
+        done = await _until(c["alice"], b.id, {"completed", "expired", "failed"})
+        assert done.status == "expired"
+    assert len(world.bodies("hosted")) >= 2  # hosted ran beside local, not after it
+
+
+async def test_batch_concurrency_backs_off_for_slow_interactive_requests(
+        tmp_path: Any) -> None:
+    """Batch lines alone: the engine's batch concurrency grows past one line. Interactive
+    requests served locally at 0.8 s (0.8 of interactive_ttft_slo_ms): it is cut to one."""
+    world = World()
+
+    async def local(req: httpx.Request) -> httpx.Response:
+        body = req.content.decode()
+        await asyncio.sleep(0.8 if "interactive" in body else 0.1)
+        return httpx.Response(200, json=completion("demo", "local answer"))
+
+    world.local = local  # type: ignore[assignment]
+    async with _app(tmp_path, world, provider_kind="openai",
+                    interactive_ttft_slo_ms=1000) as c:
+        f = await c["alice"].files.create(file=("in.jsonl", io.BytesIO(_jsonl(400))),
+                                          purpose="batch")
+        b = await c["alice"].batches.create(input_file_id=f.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        grown = 0
+        end = time.monotonic() + 8
+        while time.monotonic() < end and grown < 2:
+            state = (await _state(c, b.id)).get("spillover") or {}
+            grown = max(grown, int(state.get("local_concurrency_allowed") or 0))
+            await asyncio.sleep(0.1)
+        assert grown >= 2
+
+        async def interactive() -> None:
+            await c["alice"].chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "interactive"}])
+
+        sent = [asyncio.create_task(interactive())]
+        await asyncio.sleep(1.5)  # the first one finished: its TTFT seen, the limit cut
+        allowed = []
+        for _ in range(8):
+            sent.append(asyncio.create_task(interactive()))
+            await asyncio.sleep(0.25)
+            allowed.append((await _state(c, b.id))["spillover"]["local_concurrency_allowed"])
+        await asyncio.gather(*sent)
+        assert max(allowed[2:]) == 1, allowed
+        await c["alice"].batches.cancel(b.id)
+        await _until(c["alice"], b.id, {"cancelled"})
