@@ -30,6 +30,8 @@ from router.providers.anthropic import (
     anthropic_error,
     chat_to_message,
     error_from_openai,
+    event,
+    message_id,
     request_to_chat,
 )
 
@@ -75,9 +77,14 @@ async def messages(gateway: Gateway, scope: Scope, receive: Receive) -> Response
         return error_response(SpilloverError("internal error in the gateway", status=500))
     name = model[0] if model else ""
     native = _served_natively(gateway, response)
+    # A local engine that serves Messages itself answered it (router.providers.vllm_native).
+    engine = not native and response.headers.get("x-spillover-upstream-api") == "messages"
     if isinstance(response, EventStream):
-        reshape_stream(response, _native_events if native
-                       else lambda relay: _events(relay, MessageStream(name, tuple(stops))))
+        if engine:
+            reshape_stream(response, lambda relay: _engine_events(relay, name))
+        else:
+            reshape_stream(response, _native_events if native
+                           else lambda relay: _events(relay, MessageStream(name, tuple(stops))))
         _add_request_id(response.headers.get("x-request-id"), response)
         return response
     headers = {k: v for k, v in response.headers.items() if k not in BODY_HEADERS}
@@ -90,6 +97,10 @@ async def messages(gateway: Gateway, scope: Scope, receive: Receive) -> Response
     if native:  # Claude's own Message, as it came
         return Response(bytes(response.body), 200, headers, media_type="application/json")
     data = json_body(response)
+    if engine:  # the engine's own Message, named as the caller named the model
+        if isinstance(data, dict):
+            _as_ours(data, name)
+        return Response(orjson.dumps(data), 200, headers, media_type="application/json")
     return Response(orjson.dumps(chat_to_message(data, name, stops)), 200, headers,
                     media_type="application/json")
 
@@ -185,6 +196,46 @@ async def _native_events(relay: AsyncIterable[Piece],
             piece = b"".join(out)
         if piece:
             yield piece
+
+
+def _as_ours(message: dict[str, Any], model: str) -> None:
+    """An engine's Message as the translation would have named it: the caller's model
+    (the alias, not the engine's served name) and a `msg_` id."""
+    message["model"] = model
+    message["id"] = message_id(message.get("id"))
+
+
+async def _engine_events(relay: AsyncIterable[Piece], model: str,
+                         ) -> AsyncGenerator[bytes, None]:
+    """A local engine's own Messages events: relayed as they came (the gateway's own error
+    events reworded), message_start's message named as the caller named the model."""
+    started = False
+    async for piece in _native_events(relay):
+        if not started and b"event: message_start" in piece:
+            started = True
+            out = []
+            for raw in piece.split(b"\n\n"):
+                if raw.startswith(b"event: message_start"):
+                    data = _data_of(raw)
+                    msg = data.get("message") if data is not None else None
+                    if data is not None and isinstance(msg, dict):
+                        _as_ours(msg, model)
+                        out.append(event("message_start", data).removesuffix(b"\n\n"))
+                        continue
+                out.append(raw)
+            piece = b"\n\n".join(out)
+        yield piece
+
+
+def _data_of(raw: bytes) -> dict[str, Any] | None:
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                data = orjson.loads(line[5:].strip())
+            except orjson.JSONDecodeError:
+                return None
+            return data if isinstance(data, dict) else None
+    return None
 
 
 def _status_of(err: Mapping[str, Any]) -> int:

@@ -49,13 +49,20 @@ async def responses(gateway: Gateway, scope: Scope, receive: Receive) -> Respons
     # SpilloverError propagates: the app's handler renders it in OpenAI's shape.
     response = await gateway.handle("chat", scope, receive, api="responses", prepare=prepare)
     model, settings = seen[0] if seen else ("", echo({}))
+    # A local engine that serves Responses itself answered it (router.providers.vllm_native).
+    engine = response.headers.get("x-spillover-upstream-api") == "responses"
     if isinstance(response, EventStream):
-        reshape_stream(response, lambda relay: _events(relay, ResponseStream(model, settings)))
+        reshape_stream(response, (lambda relay: _engine_events(relay, model)) if engine
+                       else lambda relay: _events(relay, ResponseStream(model, settings)))
         return response
     if response.status_code >= 400:
         return response
     headers = {k: v for k, v in response.headers.items() if k not in BODY_HEADERS}
     data = json_body(response)
+    if engine:  # the engine's own Response, named as the caller named the model
+        if isinstance(data, dict):
+            data["model"] = model
+        return Response(orjson.dumps(data), 200, headers, media_type="application/json")
     return Response(orjson.dumps(chat_to_response(data, model, settings)), 200, headers,
                     media_type="application/json")
 
@@ -66,6 +73,55 @@ def _events(relay: AsyncIterable[Piece],
     error event becomes an error event and response.failed."""
     return chat_events(relay, stream.feed, stream.done,
                        lambda err: stream.error(_code_of(err), str(err.get("message", ""))))
+
+
+async def _engine_events(relay: AsyncIterable[Piece], model: str,
+                         ) -> AsyncGenerator[bytes, None]:
+    """A local engine's own Responses events, relayed as they came but for the response
+    object's model (the caller's); an error event of the gateway's own (bare data in
+    OpenAI's shape: the deadline passed, the upstream broke off) becomes the Responses
+    `error` event, which the SDKs raise."""
+    seq = 0
+    async for part in relay:
+        piece = part.encode() if isinstance(part, str) else bytes(part)
+        out: list[bytes] = []
+        for raw in piece.split(b"\n\n"):
+            if not raw:
+                continue
+            data = _data_of(raw)
+            if data is None:
+                out.append(raw + b"\n\n")
+                continue
+            n = data.get("sequence_number")
+            seq = n + 1 if isinstance(n, int) else seq
+            err = data.get("error")
+            if raw.startswith(b"data:") and isinstance(err, Mapping):
+                failed = {"type": "error", "code": _code_of(err),
+                          "message": str(err.get("message", "")), "param": None,
+                          "sequence_number": seq}
+                out.append(b"event: error\ndata: " + orjson.dumps(failed) + b"\n\n")
+                continue
+            resp = data.get("response")
+            if isinstance(resp, dict) and "model" in resp:
+                resp["model"] = model
+                name = raw.split(b"\n", 1)[0] if raw.startswith(b"event:") else None
+                out.append((name + b"\n" if name else b"") + b"data: " + orjson.dumps(data)
+                           + b"\n\n")
+                continue
+            out.append(raw + b"\n\n")
+        if out:
+            yield b"".join(out)
+
+
+def _data_of(raw: bytes) -> dict[str, Any] | None:
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                data = orjson.loads(line[5:].strip())
+            except orjson.JSONDecodeError:
+                return None
+            return data if isinstance(data, dict) else None
+    return None
 
 
 def _code_of(err: Mapping[str, Any]) -> str:

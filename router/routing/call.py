@@ -57,6 +57,9 @@ class Call:
     # The caller's body in its own API's shape, before it was made the endpoint's: an
     # upstream that speaks that API (Anthropic for "messages") is sent it natively.
     native: dict[str, Any] | None = None
+    # The API the upstream was sent for such a caller ("messages", "responses", "chat"):
+    # x-spillover-upstream-api.
+    upstream_api: str | None = None
     batch_id: str = ""  # a line of /v1/batches: hosted at the batch price, grouped in usage
     # A deployment with several replicas: the one that served it ("address:port") and why.
     replica: str | None = None

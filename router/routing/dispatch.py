@@ -37,6 +37,7 @@ from router.errors import (
 )
 from router.http.streaming import EventStream, Relay
 from router.providers import (
+    VLLM_PRIORITY,
     AnthropicTranslator,
     Prepared,
     Translator,
@@ -44,8 +45,19 @@ from router.providers import (
     engine_priority,
 )
 from router.providers.anthropic_upstream import ANTHROPIC_VERSION, NATIVE, native_usage, parse_event
+from router.providers.vllm_native import (
+    RESPONSES_NATIVE,
+    event_data,
+    is_terminal,
+    messages_request,
+    messages_unsuited,
+    responses_request,
+    responses_unsuited,
+    responses_usage,
+)
 from router.routing.call import Call
 from router.routing.catalog import Backend
+from router.routing.engine_apis import APIS, missing_route
 from router.routing.load import LoadMonitor
 from router.routing.policy import RoutePlan
 from router.routing.reasons import OutcomeReason, RouteReason
@@ -135,6 +147,10 @@ class Dispatcher:
                 bound_output(prep, call.facts.endpoint, call.facts.assumed_max_tokens)
             engine_priority(prep, call.facts.priority if backend.priority_scheduling else None)
             content = orjson.dumps(prep.body)
+            # Which API the upstream is sent (x-spillover-upstream-api) for a caller of
+            # another API than chat; a local engine may still take it natively (_send_engine).
+            call.upstream_api = (None if call.native is None
+                                 else call.api if prep.reshape == NATIVE else "chat")
             result = await self._target(call, plan, backend, prep, content, headers, failures)
             if result is not None:
                 return result
@@ -235,6 +251,52 @@ class Dispatcher:
         except TransportError as exc:
             return self._transport_failure(b, exc, call.replica)
 
+    async def _send_engine(self, call: Call, b: Backend, prep: Prepared, content: bytes,
+                           headers: dict[str, str], url: str | None,
+                           ) -> tuple[UpstreamResponse | _Failure, Prepared]:
+        """Send `prep` (chat), or, to a local engine that serves the caller's own API
+        (Messages, Responses), the caller's request natively. A native request the engine
+        refuses before answering (no such route, or a 4xx of its own) is sent again
+        translated, so the native way never fails where the translated one would not;
+        a missing route is remembered for the engine. Returns what was sent and answered."""
+        native = self._native(call, b)
+        if native is None:
+            return await self._send(call, b, prep, content, headers, url), prep
+        resp = await self._send(call, b, native, orjson.dumps(native.body), headers, url)
+        if isinstance(resp, _Failure) or resp.status < 400 or resp.status in RETRYABLE:
+            call.upstream_api = call.api
+            return resp, native
+        try:
+            body = await resp.read()
+        except TransportError:
+            body = b""
+        api = call.api or ""
+        if missing_route(resp.status, body):
+            self._monitor.apis.learn(_engine_key(b, call.replica), api, False,
+                                     f"POST /v1{native.path} answered {resp.status}")
+        log.info("request %s: %s answered %s on its own %s API; sent as chat instead",
+                 call.request_id, b.name, resp.status, api)
+        return await self._send(call, b, prep, content, headers, url), prep
+
+    def _native(self, call: Call, b: Backend) -> Prepared | None:
+        """The engine's own Messages/Responses request for this call, when the engine (the
+        replica picked) serves that API and the request suits it (router.providers.
+        vllm_native says what stays translated, and why)."""
+        api = call.api
+        if b.route != "local" or call.native is None or api not in APIS \
+                or not self._monitor.apis.has(_engine_key(b, call.replica), api):
+            return None
+        priority = VLLM_PRIORITY[call.facts.priority] if b.priority_scheduling else None
+        if api == "messages":
+            # vLLM's Messages request has no priority field: its default (0, the
+            # interactive class's) is the only class it can carry.
+            if priority or messages_unsuited(call.native) is not None:
+                return None
+            return messages_request(call.native, b.model_id)
+        if responses_unsuited(call.native) is not None:
+            return None
+        return responses_request(call.native, b.model_id, priority)
+
     def _replica(self, call: Call, b: Backend, prep: Prepared) -> str | None:
         """A deployment with replicas: the one for this request (its conversation's, while
         it has room), recorded on the call; its base URL, or None for a single engine."""
@@ -288,7 +350,7 @@ class Dispatcher:
         replica = call.replica
         self._monitor.acquire(b.name, replica)
         try:
-            resp = await self._send(call, b, prep, content, headers, url)
+            resp, prep = await self._send_engine(call, b, prep, content, headers, url)
             if isinstance(resp, _Failure):
                 return resp
             try:
@@ -313,8 +375,7 @@ class Dispatcher:
         if isinstance(data, dict):
             if self._translators[b.name].response(prep, data):
                 payload = orjson.dumps(data)
-            self._usage(call, b, native_usage(data) if prep.reshape == NATIVE
-                        else data.get("usage"))
+            self._usage(call, b, _answer_usage(prep, data))
             if call.inspect is not None:  # a tiered call the cascade may re-send
                 call.wasted = call.inspect(data)
         call.ttft_s = time.monotonic() - call.started
@@ -337,7 +398,7 @@ class Dispatcher:
                 released = True
                 self._monitor.release(b.name, replica)
 
-        resp = await self._send(call, b, prep, content, headers, url)
+        resp, prep = await self._send_engine(call, b, prep, content, headers, url)
         if isinstance(resp, _Failure):
             release()
             return resp
@@ -393,9 +454,8 @@ class Dispatcher:
                     for event in batch:
                         out = self._translate_event(call, b, prep, translator, event,
                                                     wants_usage)
-                        if out == _DONE or (prep.reshape == NATIVE and not end.finished
-                                            and out is not None
-                                            and out.startswith(b"event: message_stop")):
+                        if out == _DONE or (not end.finished and out is not None
+                                            and _native_end(prep, out)):
                             # Booked (and durable) before the caller sees the stream end.
                             end.finished = True
                             end.release()
@@ -429,6 +489,8 @@ class Dispatcher:
                          event: bytes, wants_usage: bool) -> bytes | None:
         if prep.reshape == NATIVE:
             return self._native_event(call, b, event)
+        if prep.reshape == RESPONSES_NATIVE:
+            return self._responses_event(call, b, event)
         if prep.events is not None:
             converted = prep.events(event)
             if converted is None:
@@ -483,6 +545,25 @@ class Dispatcher:
                         and not usage["prompt_tokens"]:
                     # message_delta counts the output; the input came with message_start.
                     usage["prompt_tokens"] = call.prompt_tokens
+                self._usage(call, b, usage)
+                if b.route == "local" and data is not None \
+                        and data.get("type") == "message_start":
+                    # A local engine's message_start counts no output yet: a stream cut
+                    # before message_delta is booked as the chat path books one.
+                    call.usage_seen = False
+        return event + b"\n\n"
+
+    def _responses_event(self, call: Call, b: Backend, event: bytes) -> bytes:
+        """An event of an engine's own Responses stream: passed on as it came, its usage
+        (on the terminal event) read for the ledger."""
+        if b"error" in event:
+            event = self._scrub(event.decode("utf-8", "replace")).encode()
+        if b".delta" in event[:64]:
+            call.chunks += 1
+        elif is_terminal(event):
+            data = event_data(event)
+            usage = responses_usage(data) if data is not None else None
+            if usage is not None:
                 self._usage(call, b, usage)
         return event + b"\n\n"
 
@@ -564,6 +645,8 @@ class Dispatcher:
             h["x-spillover-route"] = call.route
         if call.backend:
             h["x-spillover-backend"] = call.backend
+        if call.upstream_api:
+            h["x-spillover-upstream-api"] = call.upstream_api
         if call.tier is not None:
             h["x-spillover-tier"] = call.tier
             h["x-spillover-escalation"] = call.escalation or ""
@@ -624,6 +707,27 @@ class Dispatcher:
 
 
 _DONE = b"data: [DONE]\n\n"
+
+
+def _engine_key(b: Backend, replica: str | None) -> str:
+    """The engine's key in the monitor's status (and its API knowledge)."""
+    return b.name if replica is None else f"{b.name}@{replica}"
+
+
+def _answer_usage(prep: Prepared, data: dict[str, Any]) -> Any:
+    """A whole answer's usage, chat-shaped."""
+    if prep.reshape == NATIVE:
+        return native_usage(data)
+    if prep.reshape == RESPONSES_NATIVE:
+        return responses_usage(data)
+    return data.get("usage")
+
+
+def _native_end(prep: Prepared, out: bytes) -> bool:
+    """The last event of a stream relayed in the caller's own API."""
+    if prep.reshape == NATIVE:
+        return out.startswith(b"event: message_stop")
+    return prep.reshape == RESPONSES_NATIVE and is_terminal(out)
 _BATCH_BYTES = 64 * 1024
 
 

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import Saturation
 from router.routing.catalog import Backend
+from router.routing.engine_apis import EngineApis
 from router.routing.policy import EngineLoad
 from router.routing.replicas import Choice, Resolver, choose, dns_resolver, replica_url
 
@@ -73,6 +74,7 @@ class _Engine:
         "down_reason",
         "healthy",
         "inflight",
+        "key",
         "metrics",
         "metrics_at",
         "sat",
@@ -82,9 +84,11 @@ class _Engine:
         "up_at",
     )
 
-    def __init__(self, backend: Backend, base_url: str | None = None) -> None:
+    def __init__(self, backend: Backend, base_url: str | None = None,
+                 key: str | None = None) -> None:
         assert backend.saturation is not None
         self.backend = backend
+        self.key = backend.name if key is None else key  # as in status(): name[@replica]
         self.base_url = backend.base_url if base_url is None else base_url
         self.sat: Saturation = backend.saturation
         self.healthy = False
@@ -113,8 +117,11 @@ class LoadMonitor:
         ready_after: dict[str, float] | None = None,
         resolver: Resolver | None = None,
         resolve_interval_s: float = 5.0,
+        apis: EngineApis | None = None,
     ) -> None:
         self._client = client
+        # Which API surfaces (Messages, Responses) each engine serves itself, probed here.
+        self.apis = apis if apis is not None else EngineApis()
         # When this process started the engine's current process (monotonic), if it runs:
         # down since then means starting, which waiting fixes. `ready_after` keeps how long
         # each engine's last start took (shared across reloads), its expected readiness.
@@ -206,9 +213,10 @@ class LoadMonitor:
         for gone in set(reps) - set(wanted):
             log.info("deployment %s: replica %s gone", b.name, gone)
             del reps[gone]
+            self.apis.forget([f"{b.name}@{gone}"])
         for new in sorted(set(wanted) - set(reps)):
             log.info("deployment %s: replica %s found", b.name, new)
-            reps[new] = _Engine(b, replica_url(wanted[new], b.port))
+            reps[new] = _Engine(b, replica_url(wanted[new], b.port), f"{b.name}@{new}")
 
     async def _probe(self, e: _Engine) -> None:
         note = self._engine_note(e.backend.name) if self._engine_note is not None else None
@@ -244,8 +252,11 @@ class LoadMonitor:
             if start is not None and (e.up_at is None or e.up_at < start):
                 self._ready_after[e.backend.name] = now - start
             e.up_at = now
+            self.apis.recheck(e.key)  # maybe another build, or other flags, than before
         e.healthy = True
         e.down_reason = ""
+        if self.apis.due(e.key):
+            await self.apis.probe(self._client, e.key, e.base_url, self._timeout)
         if metrics.status_code == 200:
             m = parse_vllm_metrics(metrics.text)
             now = time.monotonic()
@@ -399,5 +410,6 @@ class LoadMonitor:
                 "kv_cache": load.kv_cache,
                 "metrics_age_s": None if load.age_s is None else round(load.age_s, 3),
                 "tokens_per_s": None if e.tokens_per_s is None else round(e.tokens_per_s, 1),
+                "apis": self.apis.status(e.key),
             }
         return out
