@@ -163,11 +163,16 @@ class Runtime:
         """Build every config-derived part and swap them in with one assignment."""
         catalog = Catalog(config)
         server = config.server
+        r = config.routing
+        if breakers is None or (breakers.failures_to_open, breakers.cooldown_s) != (
+                r.breaker_failures, r.breaker_cooldown_s):
+            breakers = Breakers.from_routing(r)
         monitor = LoadMonitor(self.client, catalog.all(), interval_s=server.metrics_interval_s,
                               stale_s=server.metrics_stale_s, engine_note=self._engine_note,
                               started_at=self._engine_started_at,
                               ready_after=self._ready_after, resolver=self.resolver,
-                              resolve_interval_s=server.discover_interval_s)
+                              resolve_interval_s=server.discover_interval_s,
+                              breakers=breakers)
         key_envs = {p.api_key_env for p in config.providers.values() if p.api_key_env}
         api_keys = {name: self.env.get(name) for name in key_envs}
         translators = {b.name: translator_for(b.flavour) for b in catalog.all()}
@@ -177,10 +182,6 @@ class Runtime:
         if budgets is None:
             budgets = budget_book(config, self.ledger)
         limiter = RateLimiter({name: c.rate_limit for name, c in config.callers.items()})
-        r = config.routing
-        if breakers is None or (breakers.failures_to_open, breakers.cooldown_s) != (
-                r.breaker_failures, r.breaker_cooldown_s):
-            breakers = Breakers.from_routing(r)
         dispatcher = Dispatcher(
             self.upstream, monitor, translators, api_keys,
             breakers=breakers, retry=RetryPolicy.from_routing(r),

@@ -62,7 +62,13 @@ from router.routing.load import LoadMonitor
 from router.routing.policy import RoutePlan
 from router.routing.reasons import OutcomeReason, RouteReason
 from router.routing.replicas import conversation_key
-from router.routing.resilience import Breakers, RetryPolicy, parse_retry_after, request_too_large
+from router.routing.resilience import (
+    Breakers,
+    RetryPolicy,
+    parse_retry_after,
+    replica_name,
+    request_too_large,
+)
 from router.routing.tracing import RequestTrace, counting
 from router.upstreams.sse import SSEFramer
 from router.upstreams.transport import TransportError, Upstream, UpstreamResponse
@@ -199,6 +205,8 @@ class Dispatcher:
             # ends); a failure here, before the next target.
             if call.trace is not None and isinstance(result, _Failure):
                 call.trace.attempt_failed(result.status, result.what, result.kind)
+            if call.replica is not None:
+                self._replica_verdict(b, call.replica, result)
             if not isinstance(result, _Failure):
                 if breaker is not None:
                     breaker.success()
@@ -228,6 +236,22 @@ class Dispatcher:
                 return None
             await asyncio.sleep(delay)
         return None
+
+    def _replica_verdict(self, b: Backend, replica: str, result: Response | _Failure) -> None:
+        """A replica's own breaker: a 5xx, a reset or a timeout before the first byte counts
+        against it (its /health may still answer); any other answer closes it."""
+        breaker = self._breakers.find(replica_name(b.name, replica))
+        if breaker is None:  # DNS dropped the replica meanwhile
+            return
+        if isinstance(result, _Failure):
+            if result.kind == "request":
+                breaker.release()
+            else:
+                breaker.failure()
+        elif result.status_code >= 500:
+            breaker.failure()
+        else:
+            breaker.success()
 
     def _headers(self, call: Call, b: Backend) -> dict[str, str] | None:
         headers = {"content-type": "application/json", "x-request-id": call.request_id}

@@ -383,7 +383,7 @@ class Gateway:
             "load": {name: e for name, e in self.monitor.status().items()
                      if name.partition("@")[0] in mine},
             "breakers": {name: b for name, b in self.breakers.snapshot().items()
-                         if name in mine},
+                         if name in mine or name.partition("@")[0] in mine},
             "plan": {
                 "route": plan.route,
                 "reason": plan.reason,

@@ -24,6 +24,7 @@ from router.routing.catalog import Backend
 from router.routing.engine_apis import EngineApis
 from router.routing.policy import EngineLoad
 from router.routing.replicas import Choice, Resolver, choose, dns_resolver, replica_url
+from router.routing.resilience import Breakers, replica_name
 
 log = logging.getLogger("spillover.signals")
 
@@ -117,6 +118,7 @@ class LoadMonitor:
         ready_after: dict[str, float] | None = None,
         resolver: Resolver | None = None,
         resolve_interval_s: float = 5.0,
+        breakers: Breakers | None = None,
         apis: EngineApis | None = None,
     ) -> None:
         self._client = client
@@ -140,6 +142,12 @@ class LoadMonitor:
         self._resolver: Resolver = dns_resolver if resolver is None else resolver
         self._resolve_interval = resolve_interval_s
         self._resolved_at = float("-inf")
+        # Each replica's own circuit breaker lives with the router's breakers (so /status,
+        # metrics and explain show it beside the hosted ones'); the breakers outlive a
+        # reload, so those of deployments no longer discovered go here.
+        self._breakers = breakers if breakers is not None else Breakers(3, 10.0)
+        for gone in self._breakers.replica_deployments() - set(self._discovered):
+            self._breakers.drop_replicas(gone)
         self._interval = interval_s
         self._stale = stale_s
         self._timeout = httpx.Timeout(probe_timeout_s)
@@ -210,6 +218,9 @@ class LoadMonitor:
         reps = self._replicas[b.name]
         wanted = {f"{a}:{b.port}" if ":" not in a else f"[{a}]:{b.port}": a
                   for a in addresses}
+        self._breakers.drop_replicas(b.name, wanted)  # a replica's breaker goes with it
+        for replica in wanted:
+            self._breakers.replica(b.name, replica)
         for gone in set(reps) - set(wanted):
             log.info("deployment %s: replica %s gone", b.name, gone)
             del reps[gone]
@@ -293,10 +304,14 @@ class LoadMonitor:
              else self._replicas.get(name, {}).get(replica))
         if e is not None:
             e.inflight += 1
+        if replica is not None and (rb := self._breakers.find(replica_name(name, replica))):
+            rb.allow()  # a half-open replica's one probe is this request
 
     def release(self, name: str, replica: str | None = None) -> None:
         e = (self._engines.get(name) if replica is None
              else self._replicas.get(name, {}).get(replica))
+        if replica is not None and (rb := self._breakers.find(replica_name(name, replica))):
+            rb.release()  # the verdict is the dispatcher's, if any (a caller may leave)
         if e is not None and e.inflight > 0:
             e.inflight -= 1
             self._notify()
@@ -308,7 +323,8 @@ class LoadMonitor:
         if not reps:
             return None
         now = time.monotonic()
-        choice = choose([(r, self._load(e, now)) for r, e in reps.items()], key)
+        choice = choose([(r, self._load(e, now)) for r, e in reps.items()], key,
+                        blocked=self._breakers.replicas_unavailable(name))
         if choice is None:
             return None
         return choice.replica, reps[choice.replica].base_url, choice
@@ -331,7 +347,11 @@ class LoadMonitor:
     def _deployment_load(self, name: str, now: float) -> EngineLoad:
         """A discovered deployment as routing sees it: as good as its best replica (it
         spills only when every replica is full or down), with every replica's requests."""
-        loads = [self._load(e, now) for e in self._replicas[name].values()]
+        # A replica whose circuit is open is as good as down to routing.
+        blocked = self._breakers.replicas_unavailable(name)
+        loads = [self._load(e, now) if r not in blocked
+                 else dataclasses.replace(self._load(e, now), healthy=False)
+                 for r, e in self._replicas[name].items()]
         if not loads:
             return EngineLoad(healthy=False, saturated=False, score=0.0)
         best = min(loads, key=lambda x: (not x.healthy, x.saturated, x.score))
@@ -412,4 +432,10 @@ class LoadMonitor:
                 "tokens_per_s": None if e.tokens_per_s is None else round(e.tokens_per_s, 1),
                 "apis": self.apis.status(e.key),
             }
+        for name, reps in self._replicas.items():
+            for r in reps:
+                if (rb := self._breakers.find(replica_name(name, r))) is not None:
+                    out[replica_name(name, r)]["breaker"] = rb.snapshot()
+            if reps and not out[name]["healthy"] and out[name]["down_reason"] is None:
+                out[name]["down_reason"] = "every replica is down or its circuit is open"
         return out

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import math
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,14 @@ from router.routing.policy import EngineLoad
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 # A replica may hold this factor above an even share of the in-flight requests (plus one)
-# before a conversation homed on it moves to its next choice (bounded-load hashing).
+# before a conversation homed on it moves to its next choice (bounded-load hashing)...
 LOAD_BOUND = 1.25
+# ...but never fewer than this many: an engine batches the requests it runs, so a second or
+# third one in flight costs its conversation little, while moving the conversation costs
+# a prefill of its whole context on a replica that has none of it cached. (Without the
+# floor, at low load a request moved whenever its home replica already ran one request:
+# with 4 replicas and 1 in flight, an even share rounds up to 1.)
+LOAD_FLOOR = 4
 
 _GONE = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n)}
 
@@ -64,32 +70,39 @@ class Choice:
     why: str  # affinity | affinity-moved (<home>: <reason>) | least-loaded | only-choice
 
 
-def _usable(load: EngineLoad) -> bool:
-    return load.healthy and not load.saturated
-
-
 def choose(replicas: Sequence[tuple[str, EngineLoad]], key: str | None,
-           bound: float = LOAD_BOUND) -> Choice | None:
-    """The replica for a request with conversation `key` (None: no affinity)."""
+           bound: float = LOAD_BOUND, floor: int = LOAD_FLOOR,
+           blocked: Mapping[str, str] | None = None) -> Choice | None:
+    """The replica for a request with conversation `key` (None: no affinity). `blocked`:
+    the replicas whose circuit breaker forbids a request now, and why."""
     if not replicas:
         return None
+    blocked = blocked or {}
+
+    def usable(name: str, load: EngineLoad) -> bool:
+        return load.healthy and not load.saturated and name not in blocked
+
     if key is None:
-        pool = [r for r in replicas if _usable(r[1])] or [
+        pool = [r for r in replicas if usable(*r)] or [
+            r for r in replicas if r[1].healthy and r[0] not in blocked] or [
             r for r in replicas if r[1].healthy] or list(replicas)
         name, _ = min(pool, key=lambda r: (r[1].score, r[1].inflight, r[0]))
         return Choice(name, "least-loaded")
     ranked = sorted(replicas, key=lambda r: _weight(key, r[0]), reverse=True)
     total = sum(load.inflight for _, load in replicas)
-    cap = math.ceil(bound * (total + 1) / len(replicas))
+    cap = max(floor, math.ceil(bound * (total + 1) / len(replicas)))
     home = ranked[0]
     for name, load in ranked:
-        if _usable(load) and load.inflight < cap:
+        if usable(name, load) and load.inflight < cap:
             if name == home[0]:
                 return Choice(name, "affinity")
-            return Choice(name, f"affinity-moved ({home[0]}: {_why_not(home[1], cap)})")
-    # Every replica full or down: the home one if it answers at all (the policy decided
-    # to serve locally; the engine queues it), else any that does.
-    alive = [r for r in ranked if r[1].healthy]
+            why = blocked.get(home[0]) or _why_not(home[1], cap)
+            return Choice(name, f"affinity-moved ({home[0]}: {why})")
+    # Every replica full, down or open: the home one if it answers at all (the policy
+    # decided to serve locally; the engine queues it), else any that does, a replica
+    # whose breaker allows a request first.
+    alive = [r for r in ranked if r[1].healthy and r[0] not in blocked] or [
+        r for r in ranked if r[1].healthy]
     if alive:
         return Choice(alive[0][0], "affinity" if alive[0] is home else "only-choice")
     return Choice(home[0], "only-choice")

@@ -13,7 +13,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -215,10 +215,20 @@ class CircuitBreaker:
                 "retry_in_s": round(self.retry_in(), 3)}
 
 
-class Breakers:
-    """One breaker per upstream name, created on first use, all sharing one configuration."""
+def replica_name(deployment: str, replica: str) -> str:
+    """How /status, /readyz, metrics and the breakers name one replica of a deployment."""
+    return f"{deployment}@{replica}"
 
-    __slots__ = ("_breakers", "_clock", "cooldown_s", "failures_to_open")
+
+class Breakers:
+    """One breaker per upstream name, created on first use, all sharing one configuration.
+
+    The engine replicas of a discovered deployment have one each too, named
+    `deployment@address:port` (replica_name): a replica that answers its health probe but
+    fails requests (5xx, resets, timeouts) is left for its siblings until a probe request
+    succeeds, like a hosted upstream. They come and go with the replicas DNS answers."""
+
+    __slots__ = ("_breakers", "_clock", "_replicas", "cooldown_s", "failures_to_open")
 
     def __init__(self, failures_to_open: int, cooldown_s: float,
                  clock: Clock = time.monotonic) -> None:
@@ -228,6 +238,8 @@ class Breakers:
         self.cooldown_s = cooldown_s
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
+        # deployment -> the replica names among _breakers (a hosted name may hold an "@").
+        self._replicas: dict[str, set[str]] = {}
 
     @classmethod
     def from_routing(cls, routing: Routing, clock: Clock = time.monotonic) -> Breakers:
@@ -240,17 +252,41 @@ class Breakers:
             self._breakers[name] = breaker
         return breaker
 
+    def find(self, name: str) -> CircuitBreaker | None:
+        """The breaker of `name` if it has one (get() creates it)."""
+        return self._breakers.get(name)
+
+    def replica(self, deployment: str, replica: str) -> CircuitBreaker:
+        """The breaker of one replica ("address:port") of a discovered deployment."""
+        name = replica_name(deployment, replica)
+        self._replicas.setdefault(deployment, set()).add(name)
+        return self.get(name)
+
+    def replica_deployments(self) -> set[str]:
+        return set(self._replicas)
+
+    def drop_replicas(self, deployment: str, keep: Collection[str] = ()) -> None:
+        """Forget the breakers of a deployment's replicas other than `keep` (the replicas
+        DNS still answers): a replica that comes back later starts closed."""
+        names = self._replicas.get(deployment, set())
+        kept = {replica_name(deployment, r) for r in keep}
+        for name in names - kept:
+            self._breakers.pop(name, None)
+        names &= kept
+        if not names:
+            self._replicas.pop(deployment, None)
+
+    def replicas_unavailable(self, deployment: str) -> dict[str, str]:
+        """Why each replica ("address:port") of `deployment` may not be sent to now."""
+        prefix = replica_name(deployment, "")
+        return {name.removeprefix(prefix): why
+                for name in self._replicas.get(deployment, ())
+                if (why := _why_unavailable(self._breakers[name])) is not None}
+
     def unavailable(self) -> dict[str, str]:
         """Why each upstream that may not be tried now is out, for the routing policy."""
-        out: dict[str, str] = {}
-        for name, breaker in self._breakers.items():
-            if breaker.available():
-                continue
-            if breaker.state == "open":
-                out[name] = f"circuit open, retry in {breaker.retry_after_s()} s"
-            else:
-                out[name] = "circuit half-open, probe in flight"
-        return out
+        return {name: why for name, breaker in self._breakers.items()
+                if (why := _why_unavailable(breaker)) is not None}
 
     def waits(self) -> dict[str, float]:
         """Seconds until each upstream that may not be tried now may be tried again (a
@@ -259,3 +295,11 @@ class Breakers:
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         return {name: b.snapshot() for name, b in sorted(self._breakers.items())}
+
+
+def _why_unavailable(breaker: CircuitBreaker) -> str | None:
+    if breaker.available():
+        return None
+    if breaker.state == "open":
+        return f"circuit open, retry in {breaker.retry_after_s()} s"
+    return "circuit half-open, probe in flight"

@@ -17,7 +17,8 @@ from router.routing.catalog import Catalog
 from router.routing.load import LoadMonitor
 from router.routing.policy import EngineLoad
 from router.routing.replicas import choose, conversation_key, session_key
-from tests.unit.helpers import HOSTED, METRICS_IDLE, completion, config
+from router.routing.resilience import Breakers
+from tests.unit.helpers import HOSTED, METRICS_IDLE, Clock, completion, config
 
 PORT = 8102
 DNS = "vllm-small.spillover.svc.cluster.local"
@@ -49,6 +50,8 @@ class Fleet:
 
     answer: list[str] | OSError = field(default_factory=lambda: ["10.0.0.1", "10.0.0.2"])
     down: set[str] = field(default_factory=set)
+    # Replicas whose /health answers but whose requests fail: "500", "reset" or "400".
+    failing: dict[str, str] = field(default_factory=dict)
     served: list[tuple[str, str]] = field(default_factory=list)  # (address, first message)
     lookups: int = 0
 
@@ -73,15 +76,21 @@ class Fleet:
             return httpx.Response(200)
         if req.url.path == "/metrics":
             return httpx.Response(200, text=METRICS_IDLE % {"waiting": 0, "kv": 0.1})
+        if self.failing.get(host) == "500":
+            return httpx.Response(500, json={"error": {"message": "engine error"}})
+        if self.failing.get(host) == "400":
+            return httpx.Response(400, json={"error": {"message": "bad request"}})
+        if self.failing.get(host) == "reset":
+            raise httpx.ReadError("connection reset by peer", request=req)
         body = json.loads(req.content)
         self.served.append((host, body["messages"][0]["content"]))
         return httpx.Response(200, json=completion("small", f"from {host}"))
 
 
-def monitor(fleet: Fleet) -> LoadMonitor:
+def monitor(fleet: Fleet, breakers: Breakers | None = None) -> LoadMonitor:
     client = httpx.AsyncClient(transport=fleet.transport())
     return LoadMonitor(client, Catalog(config(YAML)).all(), stale_s=60,
-                       resolver=fleet.resolve, resolve_interval_s=60)
+                       resolver=fleet.resolve, resolve_interval_s=60, breakers=breakers)
 
 
 async def test_replicas_appear_and_disappear_with_the_dns_answer() -> None:
@@ -176,6 +185,19 @@ def test_a_conversation_keeps_its_replica_and_moves_when_it_must() -> None:
     # No key: least loaded.
     least = choose([("a:1", load(3)), ("b:1", load(1)), ("c:1", load(2))], None)
     assert least is not None and (least.replica, least.why) == ("b:1", "least-loaded")
+
+
+def test_a_conversation_stays_home_behind_a_few_requests_at_low_load() -> None:
+    names = ["a:1", "b:1", "c:1", "d:1"]
+    home = choose([(n, load()) for n in names], "k").replica  # type: ignore[union-attr]
+    # An even share of 1-3 requests over 4 replicas rounds up to 1: without the floor the
+    # conversation left its warm replica as soon as that one ran a single request.
+    for busy in (1, 2, 3):
+        stay = choose([(n, load(busy) if n == home else load()) for n in names], "k")
+        assert stay is not None and (stay.replica, stay.why) == (home, "affinity")
+    moved = choose([(n, load(4) if n == home else load()) for n in names], "k")
+    assert moved is not None and moved.replica != home
+    assert moved.why == f"affinity-moved ({home}: over its share (4 in flight, bound 4))"
 
 
 def test_a_new_replica_takes_conversations_only_for_itself() -> None:
@@ -366,3 +388,191 @@ async def test_a_malformed_session_header_is_refused_in_the_api_shape(
         assert err["type"] == "invalid_request_error"
         assert value not in r.text
     assert fleet.served == []
+
+
+# -- each replica's own circuit breaker ---------------------------------------------------
+
+
+def homed_on(mon: LoadMonitor, replica: str) -> str:
+    """A conversation key whose home is `replica` while every replica is usable."""
+    key = next(f"conv-{i}" for i in range(1000)
+               if (mon.pick("small", f"conv-{i}") or ("",))[0] == replica)
+    return key
+
+
+async def test_a_replica_breaker_opens_skips_probes_and_closes() -> None:
+    clock = Clock()
+    breakers = Breakers(2, 30.0, clock)
+    fleet = Fleet()
+    mon = monitor(fleet, breakers)
+    await mon.refresh()
+    one, two = "10.0.0.1:8102", "10.0.0.2:8102"
+    # Every replica found has its own breaker, closed, in the router's breakers.
+    assert {n: b["state"] for n, b in breakers.snapshot().items()} == {
+        f"small@{one}": "closed", f"small@{two}": "closed"}
+    assert mon.status()[f"small@{one}"]["breaker"]["state"] == "closed"
+    key = homed_on(mon, one)
+    breakers.replica("small", one).failure()
+    assert mon.pick("small", key)[0] == one  # type: ignore[index]  # one failure: not yet
+    breakers.replica("small", one).failure()
+    # Open: skipped by affinity (the conversation moves, saying why) and by least-loaded,
+    # while its health probe still answers.
+    moved = mon.pick("small", key)
+    assert moved is not None and moved[0] == two
+    assert moved[2].why == f"affinity-moved ({one}: circuit open, retry in 30 s)"
+    assert all(mon.pick("small", None)[0] == two for _ in range(5))  # type: ignore[index]
+    await mon.refresh()
+    status = mon.status()
+    assert status[f"small@{one}"]["healthy"] is True
+    assert status[f"small@{one}"]["breaker"]["state"] == "open"
+    assert mon.view()["small"].healthy  # the deployment: as good as its best replica
+    # Half-open after the cool-down: the conversation goes home, as the one probe; while
+    # it is out, nothing else is sent there.
+    clock.advance(30)
+    assert mon.pick("small", key)[0] == one  # type: ignore[index]
+    mon.acquire("small", one)
+    other = mon.pick("small", key)
+    assert other is not None and other[0] == two
+    assert other[2].why == f"affinity-moved ({one}: circuit half-open, probe in flight)"
+    # The probe fails: open again for a fresh cool-down.
+    mon.release("small", one)
+    breakers.replica("small", one).failure()
+    assert mon.pick("small", key)[0] == two  # type: ignore[index]
+    clock.advance(29)
+    assert mon.pick("small", key)[0] == two  # type: ignore[index]
+    clock.advance(1)
+    mon.acquire("small", one)
+    mon.release("small", one)
+    breakers.replica("small", one).success()  # the probe answered: closed
+    assert mon.status()[f"small@{one}"]["breaker"]["state"] == "closed"
+    assert mon.pick("small", key)[0] == one  # type: ignore[index]
+    # A probe that ends without a verdict (the caller left) lets the next one go.
+    for _ in range(2):
+        breakers.replica("small", one).failure()
+    clock.advance(30)
+    mon.acquire("small", one)
+    mon.release("small", one)
+    assert mon.pick("small", key)[0] == one  # type: ignore[index]
+    # Every replica open: the deployment is down to routing, and says why.
+    for replica in (one, two):
+        for _ in range(2):
+            breakers.replica("small", replica).failure()
+    assert not mon.view()["small"].healthy
+    assert mon.status()["small"]["down_reason"] == (
+        "every replica is down or its circuit is open")
+    # DNS drops a replica: its breaker goes with it; back, it starts closed.
+    fleet.answer = ["10.0.0.2"]
+    await mon.resolve_now()
+    assert f"small@{one}" not in breakers.snapshot()
+    fleet.answer = ["10.0.0.1", "10.0.0.2"]
+    await mon.resolve_now()
+    assert breakers.snapshot()[f"small@{one}"]["state"] == "closed"
+    assert breakers.snapshot()[f"small@{two}"]["state"] == "open"
+    # Every replica gone: no breaker left for the deployment.
+    fleet.answer = []
+    await mon.resolve_now()
+    assert breakers.snapshot() == {}
+
+
+def test_a_hosted_name_with_an_at_sign_is_not_taken_for_a_replica() -> None:
+    breakers = Breakers(2, 30.0, Clock())
+    breakers.get("vertex:claude@2024")
+    breakers.replica("claude", "10.0.0.1:8102")
+    breakers.drop_replicas("claude")
+    breakers.drop_replicas("vertex:claude")
+    assert list(breakers.snapshot()) == ["vertex:claude@2024"]
+
+
+@pytest.fixture
+async def breaking(monkeypatch: pytest.MonkeyPatch,
+                   ) -> AsyncIterator[tuple[httpx.AsyncClient, Fleet, Clock]]:
+    """The served router, its breakers on a clock the test moves (2 failures open one for
+    30 s)."""
+    clock = Clock()
+    real = Breakers.from_routing.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Breakers, "from_routing", classmethod(
+        lambda cls, routing, clock_=clock: real(cls, routing, clock_)))
+    fleet = Fleet(answer=["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    cfg = config(YAML + "routing: {breaker_failures: 2, breaker_cooldown_s: 30}\n")
+    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=cfg,
+                     transport=fleet.transport(), resolver=fleet.resolve)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+        yield c, fleet, clock
+
+
+async def test_a_replica_failing_while_healthy_is_opened_and_traffic_moves(
+        breaking: tuple[httpx.AsyncClient, Fleet, Clock]) -> None:
+    client, fleet, clock = breaking
+    chat = {"model": "small", "messages": [{"role": "user", "content": "conversation b"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    home = fleet.served[-1][0]
+    name = f"small@{home}:8102"
+    # Its /health answers; its requests fail: a 500, then a reset. Each spills (a local
+    # failure is not retried locally) and counts against that replica only.
+    for kind in ("500", "reset"):
+        fleet.failing[home] = kind
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "hosted"
+    status = (await client.get("/status")).json()
+    assert status["breakers"][name]["state"] == "open"
+    assert status["engines"][name]["healthy"] is True  # the probes see nothing wrong
+    assert status["engines"][name]["breaker"]["state"] == "open"
+    assert all(b["state"] == "closed" for n, b in status["breakers"].items() if n != name)
+    ready = (await client.get("/readyz")).json()
+    assert ready["engines"][name]["breaker"]["state"] == "open"
+    metrics = (await client.get("/metrics")).text
+    assert f'spillover_breaker_state{{upstream="{name}"}} 2.0' in metrics
+    explain = (await client.post("/v1/route/explain", json=chat)).json()
+    assert explain["breakers"][name]["state"] == "open"
+    assert explain["plan"]["replicas"]["small"]["why"] == (
+        f"affinity-moved ({home}:8102: circuit open, retry in 30 s)")
+    # Skipped: this conversation and every other one go to the other replicas, locally.
+    fleet.served.clear()
+    for conv in ["b", *range(12)]:
+        chat_n = {"model": "small",
+                  "messages": [{"role": "user", "content": f"conversation {conv}"}]}
+        r = await client.post("/v1/chat/completions", json=chat_n)
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "local"
+    assert len(fleet.served) == 13 and home not in {h for h, _ in fleet.served}
+    # Mended, and the open period over: the next request home is the probe, it answers,
+    # the breaker closes and the conversation is back on its warm replica.
+    del fleet.failing[home]
+    clock.advance(29)
+    r = await client.post("/v1/chat/completions", json=chat)
+    assert fleet.served[-1][0] != home
+    clock.advance(1)
+    r = await client.post("/v1/chat/completions", json=chat)
+    assert r.headers["x-spillover-route"] == "local" and fleet.served[-1][0] == home
+    status = (await client.get("/status")).json()
+    assert status["breakers"][name]["state"] == "closed"
+    explain = (await client.post("/v1/route/explain", json=chat)).json()
+    assert explain["plan"]["replicas"]["small"]["why"] == "affinity"
+
+
+async def test_a_failed_probe_opens_the_replica_again_and_4xx_do_not_count(
+        breaking: tuple[httpx.AsyncClient, Fleet, Clock]) -> None:
+    client, fleet, clock = breaking
+    chat = {"model": "small", "messages": [{"role": "user", "content": "conversation p"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    home = fleet.served[-1][0]
+    name = f"small@{home}:8102"
+    fleet.failing[home] = "500"
+    for _ in range(2):
+        await client.post("/v1/chat/completions", json=chat)
+    clock.advance(30)
+    r = await client.post("/v1/chat/completions", json=chat)  # the probe: 500 again
+    assert r.headers["x-spillover-route"] == "hosted"
+    breaker = (await client.get("/status")).json()["breakers"][name]
+    assert breaker["state"] == "open" and breaker["retry_in_s"] == 30.0
+    del fleet.failing[home]
+    clock.advance(30)
+    r = await client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200 and fleet.served[-1][0] == home
+    assert (await client.get("/status")).json()["breakers"][name]["state"] == "closed"
+    # A caller's bad request answered by the replica says nothing against it.
+    fleet.failing[home] = "400"
+    for _ in range(3):
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 400
+    assert (await client.get("/status")).json()["breakers"][name]["state"] == "closed"
