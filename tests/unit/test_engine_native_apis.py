@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +217,8 @@ async def test_probes_recheck_and_forget() -> None:
         await known.probe(client, "e", "http://e/v1", httpx.Timeout(1))
         assert not known.has("e", "messages")
     known.forget(["e"])
-    assert known.status("e")["messages"]["how"] == "not learnt yet"
+    assert known.status("e")["messages"] == {"native": False, "how": "not learnt yet",
+                                             "age_s": None}
 
 
 def test_what_stays_translated() -> None:
@@ -334,9 +335,9 @@ async def test_tool_ids_stay_consistent_from_the_native_engine_to_la_plateforme(
     engine = Engine(World())
     answered: list[str] = []
     engine.world.hosted = tool_calling_hosted(answered)
-    use = {"type": "tool_use", "id": "N40EjNMuS", "name": "get_weather",
+    use: dict[str, Any] = {"type": "tool_use", "id": "N40EjNMuS", "name": "get_weather",
            "input": {"city": "Paris"}}  # what vLLM's native endpoint gave (measured)
-    claude = {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9",
+    claude: dict[str, Any] = {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9",
               "name": "get_weather", "input": {"city": "Lyon"}}
     turns = [{"role": "user", "content": "weather?"},
              {"role": "assistant", "content": [use, claude]},
@@ -364,7 +365,7 @@ async def test_caller_gone_mid_native_stream_is_booked_like_a_chat_stream() -> N
                      transport=httpx.MockTransport(engine.handle))
     runtime: Runtime = app.state.runtime
     body = json.dumps({**MSG, "stream": True, "max_tokens": 64}).encode()
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
     received = False
 
     async def receive() -> dict[str, Any]:
@@ -375,7 +376,7 @@ async def test_caller_gone_mid_native_stream_is_booked_like_a_chat_stream() -> N
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    async def send(msg: dict[str, Any]) -> None:
+    async def send(msg: MutableMapping[str, Any]) -> None:
         sent.append(msg)
         if len(sent) >= 6:  # the start and a few events went out; then the caller is gone
             raise OSError("the caller closed the connection")
