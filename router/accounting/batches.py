@@ -63,6 +63,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state, line_no)",
     # A hosted provider's own batch job holding some lines of a batch (La Plateforme's
     # Batch API): kept so a restarted router polls it again instead of resubmitting.
+    # Status 'submitting': the intent, written before the create call, keyed by the
+    # client-side token the job carries in its metadata (job_id holds the token until the
+    # provider's id replaces it); a restart looks the job up by it and adopts it.
     """CREATE TABLE IF NOT EXISTS batch_jobs (
         job_id TEXT PRIMARY KEY, batch_id TEXT NOT NULL, backend TEXT NOT NULL,
         submitted_at REAL NOT NULL, status TEXT NOT NULL DEFAULT 'open'
@@ -134,6 +137,19 @@ def window_seconds(window: str) -> float | None:
         return None
     seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
     return float(seconds) if 1 <= seconds <= 7 * 86400 else None
+
+
+JOB_TOKEN_PREFIX = "spillover-job-"
+
+
+def new_job_token() -> str:
+    return f"{JOB_TOKEN_PREFIX}{os.urandom(12).hex()}"
+
+
+def is_job_token(job_id: str) -> bool:
+    """Whether a stored job id is still the client-side token of a submission whose
+    provider id was never stored (provider ids are UUIDs)."""
+    return job_id.startswith(JOB_TOKEN_PREFIX)
 
 
 def line_request_id(batch_id: str, line_no: int) -> str:
@@ -556,13 +572,15 @@ class BatchStore:
 
     # -- hosted batch jobs -----------------------------------------------------------
 
-    def add_job(self, batch_id: str, job_id: str, backend: str, lines: list[Line]) -> None:
+    def add_job(self, batch_id: str, job_id: str, backend: str, lines: list[Line], *,
+                status: str = "open") -> None:
         """The job and the lines it holds, in one transaction."""
         with self._lock:
             self._exec("BEGIN" if self.shared else "BEGIN IMMEDIATE")
             try:
-                self._exec("INSERT INTO batch_jobs (job_id, batch_id, backend, submitted_at) "
-                           "VALUES (?, ?, ?, ?)", (job_id, batch_id, backend, self._clock()))
+                self._exec("INSERT INTO batch_jobs (job_id, batch_id, backend, submitted_at, "
+                           "status) VALUES (?, ?, ?, ?, ?)",
+                           (job_id, batch_id, backend, self._clock(), status))
                 self._db.cursor().executemany(self._sql(
                     "UPDATE batch_lines SET job_id = ? WHERE batch_id = ? AND line_no = ?"),
                     [(job_id, batch_id, ln.line_no) for ln in lines])
@@ -571,11 +589,33 @@ class BatchStore:
                 self._exec("ROLLBACK")
                 raise
 
+    def intend_job(self, batch_id: str, token: str, backend: str, lines: list[Line]) -> None:
+        """Before a job is created: its token and the lines it will hold, in one
+        transaction. The lines are the token's from now on (recover() leaves them alone),
+        so a router killed after the create call finds the job by its token and adopts it
+        instead of sending the lines again."""
+        self.add_job(batch_id, token, backend, lines, status="submitting")
+
+    def job_created(self, token: str, job_id: str) -> None:
+        """The provider's id for the job submitted with `token` (created, or found again)."""
+        with self._lock:
+            self._exec("BEGIN" if self.shared else "BEGIN IMMEDIATE")
+            try:
+                self._exec("UPDATE batch_jobs SET job_id = ?, status = 'open' WHERE "
+                           "job_id = ? AND status = 'submitting'", (job_id, token))
+                self._exec("UPDATE batch_lines SET job_id = ? WHERE job_id = ?",
+                           (job_id, token))
+                self._exec("COMMIT")
+            except BaseException:
+                self._exec("ROLLBACK")
+                raise
+
     def open_jobs(self, batch_id: str) -> list[tuple[str, str, float]]:
-        """(job id, backend, submitted_at) of the batch's jobs not yet ended."""
+        """(job id, backend, submitted_at) of the batch's jobs not yet ended; the id of a
+        job whose create call was never answered is still its token (is_job_token)."""
         return [(str(a), str(b), float(c)) for a, b, c in self._rows(
             "SELECT job_id, backend, submitted_at FROM batch_jobs WHERE batch_id = ? AND "
-            "status = 'open' ORDER BY submitted_at", (batch_id,))]
+            "status IN ('open', 'submitting') ORDER BY submitted_at", (batch_id,))]
 
     def job_lines(self, job_id: str) -> list[Line]:
         """The job's lines still without a result."""

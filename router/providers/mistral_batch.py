@@ -18,6 +18,7 @@ RUNNING = frozenset({"QUEUED", "RUNNING", "CANCELLATION_REQUESTED"})
 ENDED = frozenset({"SUCCESS", "FAILED", "TIMEOUT_EXCEEDED", "CANCELLED"})
 # One job operation; the upload of a large file gets the write timeout's share.
 _TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=120.0, pool=10.0)
+_PAGE = 100  # jobs per list page (the SDK's default page_size)
 
 
 class BatchJobError(RuntimeError):
@@ -50,6 +51,28 @@ class MistralBatches:
             "metadata": metadata, "timeout_hours": timeout_hours})
         job: dict[str, Any] = r.json()
         return job
+
+    async def find(self, metadata: dict[str, str], *, pages: int = 5) -> dict[str, Any] | None:
+        """The most recent job whose metadata holds every pair of `metadata`, or None.
+
+        GET /v1/batch/jobs, with the query Mistral's SDK (its generated
+        JobsAPIRoutesBatchGetBatchJobsRequest) sends: `metadata` is a form-exploded
+        object, so each pair is a query parameter of its own. The pairs are checked here
+        again: a job is adopted only when it really carries them."""
+        for page in range(pages):
+            params: list[tuple[str, str | int]] = [("page", page), ("page_size", _PAGE)]
+            params += sorted(metadata.items())
+            params += [("created_by_me", "false"), ("order_by", "-created")]
+            listed = (await self._call("GET", "/batch/jobs", params=params)).json()
+            jobs = listed.get("data") or []
+            for job in jobs:
+                got = job.get("metadata") or {}
+                if isinstance(got, dict) and all(got.get(k) == v for k, v in metadata.items()):
+                    found: dict[str, Any] = job
+                    return found
+            if len(jobs) < _PAGE:
+                return None
+        return None
 
     async def get(self, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = (await self._call("GET", f"/batch/jobs/{job_id}")).json()

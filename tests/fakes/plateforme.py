@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, cast, get_args
 
 from starlette.applications import Starlette
@@ -906,6 +907,8 @@ async def _batch_api(fake: FakePlateforme, request: Request, raw: bytes) -> Resp
             fake.jobs[jid] = job
             fake._jobs_due[jid] = (time.monotonic() + fake.job_s, lines)
         return JSONResponse(job)
+    if method == "GET" and len(parts) == 3:
+        return _list_jobs(fake, request)
     found = fake.jobs.get(parts[3]) if len(parts) >= 4 else None
     if found is None:
         raise _error(404, "Batch job not found", "invalid_request_error")
@@ -919,6 +922,73 @@ async def _batch_api(fake: FakePlateforme, request: Request, raw: bytes) -> Resp
         _advance(fake, job)
         return JSONResponse(job)
     raise _error(405, "Method not allowed", "invalid_request_error")
+
+
+_JOB_STATUSES = ("QUEUED", "RUNNING", "SUCCESS", "FAILED", "TIMEOUT_EXCEEDED",
+                 "CANCELLATION_REQUESTED", "CANCELLED")
+# GET /v1/batch/jobs's own query parameters (Mistral's JobsAPIRoutesBatchGetBatchJobsRequest).
+# Its `metadata` filter is an object sent form-exploded: every other parameter is one of
+# its pairs, and a job is listed only when its metadata holds them all.
+_LIST_PARAMS = frozenset({"page", "page_size", "model", "agent_id", "created_after",
+                          "created_by_me", "status", "order_by"})
+
+
+def _list_jobs(fake: FakePlateforme, request: Request) -> Response:
+    """GET /v1/batch/jobs: the jobs matching the filters, a page at a time, newest first
+    unless order_by=created; every parameter validated as the SDK's request model types it."""
+    q = request.query_params
+    details: list[Detail] = []
+
+    def integer(name: str, default: int, least: int) -> int:
+        raw = q.get(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) < least:
+            details.append(_detail("int_parsing", ["query", name],
+                                   f"Input should be an integer >= {least}", raw))
+            return default
+        return int(raw)
+
+    page, size = integer("page", 0, 0), integer("page_size", 100, 1)
+    for name in ("page", "page_size", "model", "agent_id", "created_after", "created_by_me",
+                 "order_by"):
+        if len(q.getlist(name)) > 1:
+            details.append(_detail("string_type", ["query", name],
+                                   "Input should be a single value", q.getlist(name)))
+    mine = q.get("created_by_me", "false")
+    if mine not in ("true", "false"):
+        details.append(_detail("bool_parsing", ["query", "created_by_me"],
+                               "Input should be a valid boolean", mine))
+    order = q.get("order_by", "-created")
+    if order not in ("created", "-created"):
+        details.append(_detail("enum", ["query", "order_by"],
+                               "Input should be 'created' or '-created'", order))
+    statuses = q.getlist("status")
+    for st in statuses:
+        if st not in _JOB_STATUSES:
+            details.append(_detail("enum", ["query", "status"], "Input should be a batch job "
+                                   "status", st))
+    after = None
+    if "created_after" in q:
+        try:
+            after = datetime.fromisoformat(q["created_after"]).timestamp()
+        except ValueError:
+            details.append(_detail("datetime_parsing", ["query", "created_after"],
+                                   "Input should be a valid datetime", q["created_after"]))
+    _raise_if(details)
+    wanted = {k: v for k, v in q.multi_items() if k not in _LIST_PARAMS}
+    with fake._lock:
+        jobs = list(fake.jobs.values())
+    picked = [j for j in jobs
+              if all((j.get("metadata") or {}).get(k) == v for k, v in wanted.items())
+              and ("model" not in q or j["model"] == q["model"])
+              and (not statuses or j["status"] in statuses)
+              and (after is None or j["created_at"] >= after)]
+    # Jobs created within one second keep their creation order (dicts keep insertion order).
+    if order == "-created":
+        picked.reverse()
+    return JSONResponse({"object": "list", "total": len(picked),
+                         "data": picked[page * size:(page + 1) * size]})
 
 
 def _advance(fake: FakePlateforme, job: dict[str, Any]) -> None:
