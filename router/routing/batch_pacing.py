@@ -122,15 +122,17 @@ class Aimd:
     increase_per_s: float = 1.0  # the additive growth, lines a second
     floor: float = 1.0
     cooldown_s: float = 1.0  # after a cut, the next is not before this (signals lag)
+    hold_s: float = 2.0  # nor any growth: a quiet tick right after a cut is no all-clear
 
 
 class BatchConcurrency:
     """Batch lines an engine may run at once next to interactive traffic: AIMD on the
     interactive signal. It grows by `increase_per_s` while interactive requests see a TTFT
     well inside the SLO (or there are none) and the limit is in use, halves as soon as one
-    nears the SLO or the engine queues with interactive requests in flight, and holds in
-    between. `ceiling` (the scheduler's cap; routing's `saturation.batch_below` stays the
-    hard line per request) bounds it."""
+    nears the SLO or the engine queues with interactive requests in flight (at most once
+    a `cooldown_s`, and no growth for `hold_s` after a cut), and holds in between.
+    `ceiling` (the scheduler's cap; routing's `saturation.batch_below` stays the hard
+    line per request) bounds it."""
 
     def __init__(self, params: Aimd, start: float = 1.0) -> None:
         self.params = params
@@ -152,7 +154,8 @@ class BatchConcurrency:
                 self._cut_at = now
                 self.cuts += 1
         elif (ttft is None or ttft < p.grow_below * p.slo_s) and in_use:
-            self.limit += p.increase_per_s * dt
+            since = max(now - dt, self._cut_at + p.hold_s)
+            self.limit += p.increase_per_s * max(0.0, now - since)
         self.limit = min(max(self.limit, p.floor), max(p.floor, ceiling))
         return self.limit
 

@@ -242,8 +242,12 @@ class BatchScheduler:
         local_only = (principal.policy.residency == "onprem"
                       or not self._batch_priced(parts, run))
         job_backend = None if local_only else self._job_backend(parts, run)
-        run.plan = plan = self._plan(run, pending, now, hosted=not local_only,
-                                     jobs=job_backend is not None)
+        plan = self._plan(run, pending, now, hosted=not local_only,
+                          jobs=job_backend is not None)
+        if job_backend is not None:
+            # A batch job's turnaround is La Plateforme's, not projected here.
+            plan = dataclasses.replace(plan, shortfall=0)
+        run.plan = plan
         self._warn(run, plan, now, local_only)
         if local_only:
             return

@@ -125,7 +125,8 @@ def test_pace_meter_smooths_over_its_window() -> None:
 
 def _ctl() -> BatchConcurrency:
     return BatchConcurrency(Aimd(slo_s=1.0, cut_at=0.7, grow_below=0.5, decrease=0.5,
-                                 increase_per_s=1.0, floor=1.0, cooldown_s=1.0))
+                                 increase_per_s=1.0, floor=1.0, cooldown_s=1.0,
+                                 hold_s=2.0))
 
 
 # time, worst interactive TTFT (None: none finished), engine queueing, limit in use,
@@ -139,10 +140,10 @@ AIMD_STEPS = [
     (5.0, 0.75, False, True, 16, 1.5),     # nearing the SLO: halved at once
     (5.5, 0.9, False, True, 16, 1.5),      # within the cooldown (signals lag): kept
     (6.5, 0.9, False, True, 16, 1.0),      # still hot: halved again, held at the floor
-    (7.5, 0.1, False, True, 16, 2.0),
-    (8.5, 0.1, False, True, 16, 3.0),
-    (9.5, None, True, True, 16, 1.5),      # requests queue at the engine: cut
-    (15.5, None, False, True, 16, 7.5),
+    (7.5, 0.1, False, True, 16, 1.0),      # fine again, but within 2 s of the cut: held
+    (9.5, 0.1, False, True, 16, 2.0),      # grows from 8.5 on
+    (10.5, None, True, True, 16, 1.0),     # requests queue at the engine: cut
+    (16.5, None, False, True, 16, 5.0),    # from 12.5 on
     (20.5, None, False, True, 4, 4.0),     # the ceiling bounds it
 ]
 

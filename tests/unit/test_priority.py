@@ -161,8 +161,8 @@ async def test_no_priority_for_an_engine_without_priority_scheduling() -> None:
 
 
 async def test_batch_keeps_headroom_and_interactive_still_runs_locally() -> None:
-    # kv 0.6 of max 0.9: a load of 0.67, over the batch line (0.5), under saturation.
-    world = World(kv=0.6)
+    # kv 0.75 of max 0.9: a load of 0.83, over the batch line (0.75), under saturation.
+    world = World(kv=0.75)
     async with router(world, cfg()) as (c, rt):
         r = await chat(c, headers=[("x-spillover-priority", "batch")])
         err = error(r, 503)
