@@ -135,10 +135,14 @@ class Metrics:
         self.requests = Counter("spillover_requests", "Requests by outcome",
                                 ["alias", "route", "backend", "reason", "status", "priority"],
                                 registry=r)
-        # By API surface (chat, completions, fim, embeddings, messages): which clients
-        # the gateway serves, and how each fares.
+        # By API surface (chat, completions, fim, embeddings, messages, responses,
+        # batches): which clients the gateway serves, how each fares, what each costs.
         self.api_requests = Counter("spillover_api_requests", "Requests by API and outcome",
                                     ["api", "route", "status"], registry=r)
+        self.api_tokens = Counter("spillover_api_tokens", "Tokens by API and kind",
+                                  ["api", "kind"], registry=r)
+        self.api_cost = Counter("spillover_api_cost_usd", "What calls cost, by API",
+                                ["api"], registry=r)
         self.latency = Histogram("spillover_request_latency_seconds",
                                  "Time from request to the end of the response",
                                  ["route", "priority"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -191,8 +195,8 @@ class Metrics:
         priority = call.facts.priority
         child(self.requests, alias, route, call.backend or "", call.reason,
               str(call.status), priority).inc()
-        child(self.api_requests, call.api or call.facts.endpoint, route,
-              str(call.status)).inc()
+        api = call.inbound_api()
+        child(self.api_requests, api, route, str(call.status)).inc()
         if call.tier is not None and call.tier in self._aliases:
             reason = (call.escalation or "").partition(";")[0]
             child(self.tier_requests, call.tier, reason).inc()
@@ -207,10 +211,13 @@ class Metrics:
             child(self.ttft, route, priority).observe(call.ttft_s)
         if call.prompt_tokens:
             child(self.tokens, alias, route, "prompt").inc(call.prompt_tokens)
+            child(self.api_tokens, api, "prompt").inc(call.prompt_tokens)
         if call.completion_tokens:
             child(self.tokens, alias, route, "completion").inc(call.completion_tokens)
+            child(self.api_tokens, api, "completion").inc(call.completion_tokens)
         if call.cost_usd:
             child(self.cost, call.caller, route).inc(call.cost_usd)
+            child(self.api_cost, api).inc(call.cost_usd)
         if call.hosted_equiv_usd is not None:
             saving = call.hosted_equiv_usd - (call.cost_usd or 0.0)
             if saving > 0:

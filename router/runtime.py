@@ -345,6 +345,7 @@ class Runtime:
                 "open": self.auth.open, "budgets": self.budgets.snapshot(),
                 "breakers": self.breakers.snapshot(), "recent": list(self.recorder.recent),
                 "series": self.recorder.series(), "today": self.recorder.today(),
+                "apis": self.recorder.apis(),
                 "tiers": {**self.recorder.tiers(), "aliases": {
                     n: list(a.tiers) for n, a in self.config.aliases.items()
                     if a.tiers is not None}}}

@@ -43,6 +43,9 @@ class Recorder:
         # wasted calls, their cost]; the reasons behind the calls (a closed set).
         self._tiers: dict[str, list[float]] = {}
         self._tier_reasons: dict[str, int] = {}
+        # Today per inbound API (Call.inbound_api): [calls, errors, prompt tokens,
+        # completion tokens, cost].
+        self._apis: dict[str, list[float]] = {}
 
     async def finish(self, call: Call) -> None:
         row = self._close(call)
@@ -124,9 +127,17 @@ class Recorder:
         day = int(now // 86400)
         if day != self._day:
             self._day, self._today = day, dict.fromkeys(_TODAY, 0.0)
-            self._tiers, self._tier_reasons = {}, {}
+            self._tiers, self._tier_reasons, self._apis = {}, {}, {}
         if call.tier is not None:
             self._count_tier(call)
+        api = self._apis.get(call.inbound_api())
+        if api is None:
+            api = self._apis[call.inbound_api()] = [0.0] * 5
+        api[0] += 1
+        api[1] += call.status >= 400
+        api[2] += call.prompt_tokens
+        api[3] += call.completion_tokens
+        api[4] += call.cost_usd or 0.0
         t = self._today
         t["requests"] += 1
         if call.status >= 400:
@@ -176,6 +187,12 @@ class Recorder:
                 "escalated_cost_usd": sum(t[3] for t in self._tiers.values()),
                 "wasted": sum(t[4] for t in self._tiers.values()),
                 "wasted_usd": sum(t[5] for t in self._tiers.values())}
+
+    def apis(self) -> dict[str, dict[str, float]]:
+        """Today's calls per inbound API (UTC day): calls, errors, tokens, cost."""
+        return {name: {"requests": a[0], "errors": a[1], "prompt_tokens": a[2],
+                       "completion_tokens": a[3], "cost_usd": a[4]}
+                for name, a in sorted(self._apis.items())}
 
     def series(self) -> list[dict[str, float]]:
         return [{"t": b[0], "local": b[1], "hosted": b[2], "errors": b[3]}

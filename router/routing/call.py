@@ -72,5 +72,10 @@ class Call:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def inbound_api(self) -> str:
+        """The API the request came in by, for the by-API views (metrics, dashboard): a
+        line of a batch counts as the Batch API's."""
+        return "batches" if self.batch_id else self.api or self.facts.endpoint
+
     def remaining(self) -> float:
         return self.deadline - time.monotonic()

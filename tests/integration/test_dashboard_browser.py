@@ -21,14 +21,16 @@ from tests.unit.helpers import World, config
 ADMIN_KEY = "sk-browser-admin-key"
 KEY_STORE = "spillover.adminKey"
 WAIT_MS = 10_000
+APP_KEY = "sk-browser-app"
+WORLD = World()  # the router's fake upstreams, shared by the module's tests
 
 
 @pytest.fixture(scope="module")
 def router_url() -> Iterator[str]:
-    cfg = config(callers={"app": {"key_sha256": [key_digest("sk-browser-app")]}},
+    cfg = config(callers={"app": {"key_sha256": [key_digest(APP_KEY)]}},
                  admin_key_sha256=[key_digest(ADMIN_KEY)])
     app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=cfg,
-                     transport=World().transport())
+                     transport=WORLD.transport())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on",
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
@@ -127,5 +129,49 @@ def test_no_other_page_can_frame_the_dashboard(browser: Browser, router_url: str
         own = context.new_page()
         own.goto(router_url + "/dashboard")
         expect(own.get_by_test_id("key-form")).to_be_visible()
+    finally:
+        context.close()
+
+
+def test_the_by_api_panel_shows_each_inbound_api(browser: Browser, router_url: str) -> None:
+    """Requests by chat completions, Messages and Responses (one of them refused by the
+    engine) show in the By API panel: requests, errors, tokens and cost per API."""
+    import httpx
+
+    auth = {"authorization": f"Bearer {APP_KEY}"}
+    with httpx.Client(base_url=router_url, timeout=10) as c:
+        chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/chat/completions", json=chat, headers=auth).status_code == 200
+        assert c.post("/v1/chat/completions", json=chat, headers=auth).status_code == 200
+        msg = {"model": "demo", "max_tokens": 16,
+               "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/messages", json=msg, headers={"x-api-key": APP_KEY}
+                      ).status_code == 200
+        WORLD.local = lambda req: httpx.Response(400, json={
+            "object": "error", "message": "bad", "type": "BadRequestError", "code": 400})
+        try:
+            r = c.post("/v1/responses", json={"model": "demo", "input": "hi"}, headers=auth)
+        finally:
+            WORLD.local = None
+        assert r.status_code == 400
+    context = browser.new_context()
+    context.set_default_timeout(WAIT_MS)
+    try:
+        page = context.new_page()
+        connect(page, router_url)
+        panel = page.get_by_test_id("apis")
+        row = panel.locator('[data-testid="api-row"][data-api="chat"]')
+        expect(row.get_by_test_id("api-requests")).to_have_text("2")
+        expect(row.get_by_test_id("api-errors")).to_have_text("0 · 0%")
+        # The fake engine's answer: 10 prompt and 5 completion tokens each.
+        expect(row.get_by_test_id("api-tokens")).to_have_text("20 / 10")
+        messages = panel.locator('[data-testid="api-row"][data-api="messages"]')
+        expect(messages.get_by_test_id("api-requests")).to_have_text("1")
+        expect(messages.get_by_test_id("api-tokens")).to_have_text("10 / 5")
+        responses = panel.locator('[data-testid="api-row"][data-api="responses"]')
+        expect(responses.get_by_test_id("api-errors")).to_have_text("1 · 100%")
+        # Chat first, then Messages, then Responses.
+        assert panel.locator('[data-testid="api-row"]').evaluate_all(
+            "rows => rows.map(r => r.dataset.api)")[:3] == ["chat", "messages", "responses"]
     finally:
         context.close()

@@ -347,3 +347,35 @@ def test_instances_do_not_share_state() -> None:
     assert len(series(sb, "spillover_engine_inflight")) == 2
     default = {s.name for family in REGISTRY.collect() for s in family.samples}
     assert not [n for n in default if n.startswith("spillover_")]
+
+
+def test_requests_tokens_and_cost_by_inbound_api() -> None:
+    from router.accounting.recorder import Recorder
+
+    m = Metrics(["demo"])
+    rec = Recorder()
+    calls = []
+    for api, status, batch in (("messages", 200, ""), ("messages", 529, ""),
+                               ("responses", 200, ""), (None, 200, ""), (None, 200, "b1")):
+        c = call(prompt=10, completion=4, cost=0.5, status=status)
+        c.api, c.batch_id = api, batch
+        calls.append(c)
+        m.observe(c)
+        rec.finish_nowait(c)  # tallied for the dashboard (no ledger here)
+    s = samples(m)
+    assert value(s, "spillover_api_requests_total", api="messages", route="local",
+                 status="529") == 1
+    # A line of a batch counts as the Batch API's, not as the chat completion it ran as.
+    assert value(s, "spillover_api_requests_total", api="batches", route="local",
+                 status="200") == 1
+    assert value(s, "spillover_api_requests_total", api="chat", route="local",
+                 status="200") == 1
+    assert value(s, "spillover_api_tokens_total", api="messages", kind="prompt") == 20
+    assert value(s, "spillover_api_tokens_total", api="responses", kind="completion") == 4
+    assert value(s, "spillover_api_cost_usd_total", api="batches") == 0.5
+    # The dashboard's feed (/status "apis"): the same split, today.
+    apis = rec.apis()
+    assert list(apis) == ["batches", "chat", "messages", "responses"]
+    assert apis["messages"] == {"requests": 2, "errors": 1, "prompt_tokens": 20,
+                                "completion_tokens": 8, "cost_usd": 1.0}
+    assert apis["batches"]["requests"] == 1 and apis["chat"]["errors"] == 0

@@ -335,6 +335,38 @@
   // Tiered aliases: each tier's share of today's answers, the escalated ones among them
   // (score, sticky conversation, cascade) and the cascade's wasted lower-tier calls.
   const TIER_FILLS = ["ok", "gpu-util", "warn", "gpu-mem", "bad"];
+  // The inbound APIs, in this order, then any other the gateway reports.
+  const API_ORDER = ["chat", "messages", "responses", "completions", "fim", "embeddings",
+    "batches"];
+
+  function renderApis(apis) {
+    const per = apis || {};
+    const names = [...API_ORDER.filter((n) => n in per),
+      ...Object.keys(per).filter((n) => !API_ORDER.includes(n)).sort()];
+    if (!names.length) {
+      $("apis").replaceChildren(empty("No requests today."));
+      return;
+    }
+    const row = (name) => {
+      const a = per[name];
+      return h("tr", { "data-testid": "api-row", "data-api": name },
+        h("td", {}, name),
+        h("td", { class: "num", "data-testid": "api-requests" }, int(a.requests || 0)),
+        h("td", { class: "num", "data-testid": "api-errors" },
+          `${int(a.errors || 0)} · ${pct(a.requests ? (a.errors || 0) / a.requests : 0)}`),
+        h("td", { class: "num", "data-testid": "api-tokens" },
+          `${int(a.prompt_tokens || 0)} / ${int(a.completion_tokens || 0)}`),
+        h("td", { class: "num", "data-testid": "api-cost" }, usd(a.cost_usd || 0)));
+    };
+    $("apis").replaceChildren(
+      h("table", { class: "mini" },
+        h("thead", {}, h("tr", {}, h("th", {}, "API"), h("th", { class: "num" }, "requests"),
+          h("th", { class: "num", title: "answered with a 4xx or 5xx status" }, "errors"),
+          h("th", { class: "num", title: "prompt / completion tokens" }, "tokens in / out"),
+          h("th", { class: "num" }, "cost"))),
+        h("tbody", {}, names.map(row))));
+  }
+
   function renderTiers(t) {
     const aliases = Object.entries((t && t.aliases) || {});
     if (!aliases.length) {
@@ -504,6 +536,7 @@
     renderSpend(d.budgets, d.today);
     renderEngines(d.engines, d.gpu);
     renderAliases(d.aliases);
+    renderApis(d.apis);
     renderTiers(d.tiers);
     renderBreakers(d.breakers);
     renderHost(d.host, d.gpu);
