@@ -370,7 +370,12 @@ class LoadMonitor:
             if fresh.kv_cache is not None:
                 ratios.append(fresh.kv_cache / sat.max_kv_cache)
             if sat.max_running is not None:
-                ratios.append(fresh.running / sat.max_running)
+                # vLLM's running gauge counts only the requests in the engine's batch, not
+                # those its API server is still preparing or answering, a large share of a
+                # short request's life on a small model (README: "Measuring busy"):
+                # the router's own requests there that are not queued count as running.
+                running = max(fresh.running, e.inflight - fresh.waiting)
+                ratios.append(running / sat.max_running)
         if e.slow_since is not None:
             ratios.append(1.0)
         score = max(ratios)

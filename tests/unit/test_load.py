@@ -5,7 +5,7 @@ import pytest
 
 from router.routing.catalog import Catalog
 from router.routing.load import LoadMonitor, parse_vllm_metrics
-from tests.unit.helpers import METRICS_IDLE, World, config
+from tests.unit.helpers import BASE_YAML, METRICS_IDLE, World, config
 
 OLD_VLLM = """# TYPE vllm:gpu_cache_usage_perc gauge
 vllm:gpu_cache_usage_perc{model_name="a"} 0.25
@@ -93,3 +93,39 @@ async def test_slow_probe_is_load_until_it_lasts() -> None:
     mon._stale = 0.0  # the slowness has now lasted longer than the staleness bound
     await mon.refresh()
     assert not mon.view()["demo-local"].healthy
+
+
+# What vLLM 0.32 serves (scraped from the demo engine with 4 requests in flight, two
+# sequences at a time): the waiting gauge has a by-reason sibling that shares its prefix.
+VLLM_032 = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="demo"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="demo"} 2.0
+# HELP vllm:num_requests_waiting_by_reason Number of waiting requests by reason.
+# TYPE vllm:num_requests_waiting_by_reason gauge
+vllm:num_requests_waiting_by_reason{engine="0",model_name="demo",reason="capacity"} 2.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="demo",reason="deferred"} 0.0
+"""
+
+
+def test_parse_vllm_032_page_counts_each_gauge_once() -> None:
+    m = parse_vllm_metrics(VLLM_032)
+    assert (m.running, m.waiting) == (2, 2)
+
+
+async def test_max_running_counts_the_routers_requests_the_gauge_does_not_see() -> None:
+    """vLLM's running gauge misses requests its API server is preparing or answering: with
+    the gauge at 0 and nothing queued, the router's own in-flight requests count against
+    max_running (2 of 2: saturated)."""
+    world = World()
+    client = httpx.AsyncClient(transport=world.transport())
+    cfg = config(BASE_YAML.replace("max_inflight: 4,", "max_inflight: 4, max_running: 2,"))
+    mon = LoadMonitor(client, Catalog(cfg).all(), stale_s=60)
+    await mon.refresh()
+    assert not mon.view()["demo-local"].saturated
+    mon.acquire("demo-local")
+    mon.acquire("demo-local")  # 2 of max_inflight 4: only max_running can saturate it
+    load = mon.view()["demo-local"]
+    assert load.running == 0 and load.saturated
