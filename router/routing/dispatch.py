@@ -307,7 +307,9 @@ class Dispatcher:
         replica picked) serves that API and the request suits it (router.providers.
         vllm_native says what stays translated, and why)."""
         api = call.api
+        # A tier's answer the cascade inspects (call.inspect) must be a chat completion.
         if b.route != "local" or call.native is None or api not in APIS \
+                or call.inspect is not None \
                 or not self._monitor.apis.has(_engine_key(b, call.replica), api):
             return None
         priority = VLLM_PRIORITY[call.facts.priority] if b.priority_scheduling else None

@@ -11,7 +11,8 @@ import anthropic
 import pytest
 
 from router.accounting.ledger import Ledger, LedgerRow
-from tests.e2e.conftest import Hosted, Router
+from router.providers.tool_ids import mistral_tool_id
+from tests.e2e.conftest import Engine, Hosted, Router
 
 pytestmark = pytest.mark.e2e
 
@@ -121,3 +122,71 @@ def test_errors_raise_the_sdks_own_exceptions(router: Router) -> None:
         c.messages.create(model="demo", max_tokens=4, messages=[{"role": "system",
                                                                 "content": "x"}])
     assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+# -- issue 15: the engine's own /v1/messages ------------------------------------------
+
+def engine_posts(engine: Engine, path: str) -> int:
+    """Requests the engine itself logged on `path` and answered 200 (its access log)."""
+    text = engine.process.log_path.read_text(errors="replace")
+    return text.count(f'"POST {path} HTTP/1.1" 200')
+
+
+def native_ready(router: Router, api: str) -> None:
+    router.wait_for(lambda s: s["engines"]["demo-local"]["apis"][api]["native"], 10,
+                    f"the engine's {api} API probed")
+
+
+def test_served_by_the_engines_own_messages_endpoint(router: Router, engine: Engine) -> None:
+    native_ready(router, "messages")
+    c = client(router)
+    before = engine_posts(engine, "/v1/messages")
+    raw = c.messages.with_raw_response.create(model="demo", max_tokens=8, messages=HELLO,
+                                              system="Be brief.")
+    msg = raw.parse()
+    assert raw.headers["x-spillover-route"] == "local"
+    assert raw.headers["x-spillover-upstream-api"] == "messages"
+    assert msg.model == "demo" and msg.id.startswith("msg_")
+    r = row(router, raw.headers["request-id"])
+    assert (r.endpoint, r.status) == ("messages", 200)
+    assert (r.prompt_tokens, r.completion_tokens) == (msg.usage.input_tokens,
+                                                      msg.usage.output_tokens)
+    with c.messages.stream(model="demo", max_tokens=10, messages=HELLO) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        rid = stream.response.headers["request-id"]
+        assert stream.response.headers["x-spillover-upstream-api"] == "messages"
+    assert final.content[0].type == "text" and final.content[0].text == text
+    r = row(router, rid)
+    assert (r.status, r.prompt_tokens, r.completion_tokens) == (
+        200, final.usage.input_tokens, final.usage.output_tokens)
+    assert final.usage.output_tokens >= 1
+    # The engine's own log: both went to its /v1/messages, not to chat completions.
+    assert engine_posts(engine, "/v1/messages") == before + 2
+
+
+def test_tool_use_from_the_engines_messages_endpoint_then_la_plateforme(
+        router: Router, plateforme: Hosted) -> None:
+    native_ready(router, "messages")
+    c = client(router)
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    raw = c.messages.with_raw_response.create(
+        model="demo", max_tokens=96, messages=messages, tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    assert raw.headers["x-spillover-upstream-api"] == "messages"
+    first = raw.parse()
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    assert first.stop_reason == "tool_use" and use.input in ({"city": "Paris"},
+                                                            {"city": "Lyon"})
+    messages += [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                               "content": "18 degrees, sunny"}]}]
+    second = c.messages.create(model="demo", max_tokens=16, messages=messages,
+                               tools=[WEATHER], extra_headers=HOSTED)
+    assert second.content
+    sent = plateforme.fake.requests_to("/v1/chat/completions")[-1].body
+    sent_id = sent["messages"][1]["tool_calls"][0]["id"]
+    # vLLM's own id is already Mistral's shape: La Plateforme gets it as the caller saw it.
+    assert sent_id == mistral_tool_id(use.id) and len(sent_id) == 9 and sent_id.isalnum()
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": sent_id,
+                                   "content": "18 degrees, sunny"}

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from router.accounting.ledger import Ledger, LedgerRow
-from tests.e2e.conftest import Hosted, Router
+from tests.e2e.conftest import Engine, Hosted, Router
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +123,48 @@ def test_refusals_raise_the_sdks_own_exceptions(router: Router) -> None:
     assert "built-in tools" in str(tool.value)
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model="no-such-model", input="hi")
+
+
+# -- issue 15: the engine's own /v1/responses -----------------------------------------
+
+def test_served_by_the_engines_own_responses_endpoint(router: Router, engine: Engine) -> None:
+    router.wait_for(lambda s: s["engines"]["demo-local"]["apis"]["responses"]["native"], 10,
+                    "the engine's responses API probed")
+    c = client(router)
+    log = engine.process.log_path
+    before = log.read_text(errors="replace").count('"POST /v1/responses HTTP/1.1" 200')
+    raw = c.responses.with_raw_response.create(model="demo", input="Say hello",
+                                               instructions="Be brief.",
+                                               max_output_tokens=8)
+    resp = raw.parse()
+    assert raw.headers["x-spillover-route"] == "local"
+    assert raw.headers["x-spillover-upstream-api"] == "responses"
+    assert resp.object == "response" and resp.model == "demo" and resp.output_text
+    assert resp.usage is not None
+    r = row(router, raw.headers["x-request-id"])
+    assert (r.endpoint, r.status) == ("responses", 200)
+    assert (r.prompt_tokens, r.completion_tokens) == (resp.usage.input_tokens,
+                                                      resp.usage.output_tokens)
+    rid = f"e2e-responses-native-{time.monotonic_ns()}"
+    with c.responses.stream(model="demo", input="Say hello", max_output_tokens=10,
+                            extra_headers={"x-request-id": rid}) as stream:
+        events = list(stream)
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    final = events[-1].response
+    assert final.model == "demo" and final.usage is not None
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert final.output_text == text
+    r = row(router, rid)
+    assert (r.status, r.prompt_tokens, r.completion_tokens) == (
+        200, final.usage.input_tokens, final.usage.output_tokens)
+    # The engine's own log: both went to its /v1/responses.
+    after = log.read_text(errors="replace").count('"POST /v1/responses HTTP/1.1" 200')
+    assert after == before + 2
+    # Function tools stay translated (vLLM 0.32's /v1/responses did not follow a named
+    # tool_choice on this model): the call still comes back as a function_call.
+    raw = c.responses.with_raw_response.create(
+        model="demo", input="What is the weather in Paris?", tools=[WEATHER],
+        max_output_tokens=96, temperature=0,
+        tool_choice={"type": "function", "name": "get_weather"})
+    assert raw.headers["x-spillover-upstream-api"] == "chat"
+    assert any(o.type == "function_call" for o in raw.parse().output)
