@@ -475,7 +475,8 @@ class BatchScheduler:
                     run.local.add(task)
                     task.add_done_callback(run.local.discard)
             if not carried:
-                log.info("batch %s: hosted budget refused the remainder's lines", run.id)
+                log.info("batch %s: no line of the remainder may go in a job (budget, "
+                         "per-request limit)", run.id)
                 run.pause_until = self._clock() + 1.0
                 return
             client = self._client(parts, backend)

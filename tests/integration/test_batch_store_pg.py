@@ -95,3 +95,31 @@ def test_a_dead_replicas_lines_come_back_after_its_lease(open_store: Any) -> Non
     assert b.recover() == 2
     again = b.claim(batch["id"], 10, "local")
     assert sorted(x.custom_id for x in again) == ["id1", "id2", "id3"]
+
+
+def test_a_job_intent_keeps_its_lines_until_its_job_is_found_or_not(open_store: Any) -> None:
+    """A La Plateforme job's intent (its token, written before the create call) holds its
+    lines: a restart does not run them again (recover() leaves them), it finds the job by the
+    token (job_created: the provider's id replaces it) or, when there is none, gives the
+    lines back (end_job)."""
+    from router.accounting.batches import is_job_token, new_job_token
+
+    a = open_store()
+    f = a.save_file("alice", "in.jsonl", "batch",
+                    io.BytesIO("\n".join(_line(f"id{i}") for i in range(5)).encode()))
+    batch = a.create_batch("alice", f["id"], "/v1/chat/completions", "24h", None, _allow)
+    found, lost = new_job_token(), new_job_token()
+    a.intend_job(batch["id"], found, "mistral", a.claim(batch["id"], 3, "hosted"))
+    a.intend_job(batch["id"], lost, "mistral", a.claim(batch["id"], 2, "hosted"))
+    b = open_store()  # the restarted router
+    assert b.recover() == 0
+    assert sorted(j for j, _, _ in b.open_jobs(batch["id"])) == sorted([found, lost])
+    assert all(is_job_token(j) for j, _, _ in b.open_jobs(batch["id"]))
+    b.job_created(found, "0f0e6b3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b")
+    assert not is_job_token("0f0e6b3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b")
+    assert [x.custom_id for x in b.job_lines("0f0e6b3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b")] == [
+        "id0", "id1", "id2"]
+    b.end_job(lost, "not_created")
+    assert [j for j, _, _ in b.open_jobs(batch["id"])] == [
+        "0f0e6b3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"]
+    assert sorted(x.custom_id for x in b.claim(batch["id"], 10, "local")) == ["id3", "id4"]
