@@ -469,3 +469,65 @@ async def test_status_and_explain_show_what_each_engine_serves(path: str) -> Non
             "model": "demo", "messages": [{"role": "user", "content": "x"}]})).json()
         load = explained["load"]["demo-local"]["apis"]
         assert load["messages"]["native"] is True and load["responses"]["native"] is False
+
+
+# -- replicas: each is asked on its own ------------------------------------------------
+
+async def test_each_replica_is_asked_and_served_by_what_it_answered() -> None:
+    from tests.unit.test_replicas import YAML, Fleet
+
+    fleet = Fleet()
+    served: list[tuple[str, str]] = []
+    plain = fleet.transport()
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        host, path = req.url.host, req.url.path
+        if path in ("/v1/messages", "/v1/responses") and host.startswith("10.0.0."):
+            has = host == "10.0.0.1" and path == "/v1/messages"  # one replica has it
+            if req.method == "GET":
+                return httpx.Response(405 if has else 404)
+            served.append((host, "messages"))
+            return (httpx.Response(200, json=message()) if has
+                    else httpx.Response(404, json=NOT_FOUND))
+        if path == "/v1/chat/completions" and host.startswith("10.0.0."):
+            served.append((host, "chat"))
+        return plain.handler(req)  # type: ignore[return-value]
+
+    app = create_app(Settings(env=dict(ENV)), config=config(YAML),
+                     transport=httpx.MockTransport(handle), resolver=fleet.resolve)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+        status = app.state.runtime.monitor.status()
+        assert status["small@10.0.0.1:8102"]["apis"]["messages"]["native"] is True
+        assert status["small@10.0.0.2:8102"]["apis"]["messages"]["native"] is False
+        for i in range(8):  # conversations spread over both replicas
+            r = await c.post("/v1/messages", headers=ANTHROPIC, json={
+                **MSG, "model": "small",
+                "messages": [{"role": "user", "content": f"conversation {i}"}]})
+            assert r.status_code == 200, r.text
+            host = served[-1][0]
+            assert r.headers["x-spillover-upstream-api"] == (
+                "messages" if host == "10.0.0.1" else "chat")
+    assert {h for h, _ in served} == {"10.0.0.1", "10.0.0.2"}
+    # Only the replica that has it was ever sent a native request.
+    assert {h for h, api in served if api == "messages"} == {"10.0.0.1"}
+
+
+async def test_a_tier_the_cascade_may_resend_is_asked_in_chat() -> None:
+    """The cascade reads a tier's answer as a chat completion: a local tier's Messages call
+    it may re-send one tier up is not sent natively."""
+    from tests.unit.test_tiers_gateway import KEYS, tiered_config
+
+    engine = Engine(World())
+    app = create_app(Settings(env=dict(ENV)), config=tiered_config(),
+                     transport=httpx.MockTransport(engine.handle))
+    async with lifespan_client(app) as c:
+        r = await c.post("/v1/messages", json={**MSG, "model": "auto"},
+                         headers={**ANTHROPIC, "x-api-key": KEYS["app"]})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-spillover-tier"] == "demo"
+        assert r.headers["x-spillover-upstream-api"] == "chat"
+        assert engine.posts("/v1/messages") == []
+        r = await c.post("/v1/messages", json={**MSG, "model": "demo"},
+                         headers={**ANTHROPIC, "x-api-key": KEYS["app"]})
+        assert r.headers["x-spillover-upstream-api"] == "messages"  # the plain alias
