@@ -94,13 +94,14 @@ class PaceMeter:
         self._done.append(now)
 
     def pace(self, now: float, warmup_s: float) -> float | None:
-        """Lines a second; None before `warmup_s` of measuring with no line finished."""
+        """Lines a second; None before `warmup_s` of measuring (the first line or two
+        finished say little about the rate)."""
         while self._done and self._done[0] < now - self.window_s:
             self._done.popleft()
         if self._since is None:
             return None
         measured = min(self.window_s, now - self._since)
-        if not self._done and measured < warmup_s:
+        if measured < warmup_s:
             return None
         return len(self._done) / max(measured, 1e-3)
 

@@ -115,6 +115,10 @@ def test_pace_meter_smooths_over_its_window() -> None:
     assert m.pace(0.0, warmup_s=2.0) is None  # nothing started
     m.started(0.0)
     assert m.pace(1.0, warmup_s=2.0) is None  # warming up, nothing finished
+    early = PaceMeter(window_s=10.0)
+    early.started(0.0)
+    early.finished(0.3)
+    assert early.pace(0.5, warmup_s=2.0) is None  # one line in 0.5 s is no pace yet
     assert m.pace(3.0, warmup_s=2.0) == 0.0  # warmed up: nothing finished is a pace of 0
     for i in range(20):
         m.finished(1.0 + i * 0.5)  # 2 a second from t=1 to t=10.5
