@@ -3,8 +3,9 @@
 latency, and pay hosted only for what the deadline forces? The real vLLM CPU engine, a
 fake hosted API, interactive traffic and a batch, sent two ways in one run.
 
-    .venv/bin/python scripts/bench_batch.py            # full run (about 11 minutes)
+    .venv/bin/python scripts/bench_batch.py            # full run (about 10 minutes)
     .venv/bin/python scripts/bench_batch.py --quick    # about 6 minutes, a smaller batch
+    .venv/bin/python scripts/bench_batch.py --baseline --window-s 150   # + the trace alone
     .venv/bin/python scripts/bench_batch.py --publish  # docs/batch.json, docs/batch.png
 
 1. Starts the demo engine as spillover starts its engines (`--scheduling-policy
@@ -27,8 +28,18 @@ fake hosted API, interactive traffic and a batch, sent two ways in one run.
    served locally and hosted and the hosted cost (from the router's ledger,
    /v1/usage?group_by=batch,route,priority), the engine busy share (vLLM /metrics
    num_requests_running > 0, sampled every 0.5 s) while batch work was pending, and
-   whether the batch finished by its deadline; a table, one JSON line, and a plot, to
+   whether the batch finished by its deadline (and, with --baseline, the share inside
+   the SLO of the interactive trace alone: what the machine gives before any batch);
+   a table, one JSON line, and a plot, to
    temporary files unless --publish.
+
+The SLO: an interactive request's time to first token, measured by the client from its
+scheduled send (so queueing anywhere counts), at most --slo-s (1 s, absolute; the same
+bound the capacity steps use, and the router's batches.interactive_ttft_slo_ms in this
+run). The unloaded TTFT (one request at a time, straight to the engine) is reported for
+context. Engine busy: the share of 0.5 s samples, while batch work was pending, in which
+vLLM's num_requests_running > 0, and (cross-check) in which the router had a request in
+flight to the engine (its /readyz count).
 
 The numbers share a 2-core machine with the engine: they are noisy.
 """
@@ -383,6 +394,18 @@ async def run_phase(name: str, kids: Children, engine_url: str, hosted_url: str,
     return out
 
 
+async def run_alone(kids: Children, engine_url: str, hosted_url: str, trace: Trace,
+                    args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The interactive trace alone through the same router, no batch: what this machine
+    gives the SLO before any batch work (the reference for (a) and (b))."""
+    port = await start_router("alone", kids, engine_url, hosted_url, args, tmp)
+    recs, _ = await replay(port, trace.arrivals, request_body(args.max_tokens), args.timeout,
+                           on_start=now() + 0.3)
+    kids.stop("router-alone")
+    await engine_idle(engine_url, 180)
+    return {"phase": "interactive-alone", "interactive": interactive_summary(recs, args.slo_s)}
+
+
 # --- plot ----------------------------------------------------------------------------
 
 
@@ -518,6 +541,12 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
           f"(the left-over {left_over:.2f} req/s serves about {100 / args.fill:.0f}%)",
           flush=True)
     results: dict[str, dict[str, Any]] = {}
+    baseline: dict[str, Any] | None = None
+    if args.baseline:
+        t = time.monotonic()
+        print("phase interactive-alone (the trace without a batch)...", flush=True)
+        baseline = await run_alone(kids, engine_url, hosted_url, trace, args, tmp)
+        timings["interactive-alone_s"] = time.monotonic() - t
     for name in PHASES:
         t = time.monotonic()
         print(f"phase {name}...", flush=True)
@@ -526,6 +555,10 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
         timings[f"{name}_s"] = time.monotonic() - t
     a, b = results[PHASES[0]], results[PHASES[1]]
     rows = []
+    if baseline is not None:
+        i = baseline["interactive"]
+        rows.append(["interactive alone", i["n"], i["ttft_p50_s"], i["ttft_p95_s"],
+                     f"{100 * i['in_slo']:.1f}%", "-", "-", "-", "-", "-", "-", "-"])
     for name in PHASES:
         r = results[name]
         i = r["interactive"]
@@ -558,7 +591,8 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
         "batch_lines": n, "naive_concurrency": args.naive_concurrency,
         "hosted_fake": {"ttft_s": [0.3, 0.5], "tok_per_s": 50.0},
         "b_cost_vs_a": b["batch_hosted_cost_usd"] / cost_a if cost_a > 0 else None,
-        "results": results, "targets_met": targets, "timings_s": timings,
+        "results": results, "interactive_alone": baseline, "targets_met": targets,
+        "timings_s": timings,
     }
 
 
@@ -589,6 +623,9 @@ def main() -> int:
                    help="batch lines = fill x what the left-over local throughput serves "
                    "in the window")
     p.add_argument("--lines", type=int, help="the batch's size (default: from --fill)")
+    p.add_argument("--baseline", action="store_true",
+                   help="first replay the interactive trace alone (no batch): the machine's "
+                   "own share inside the SLO, the reference for (a) and (b)")
     p.add_argument("--naive-concurrency", type=int, default=16,
                    help="(a): batch requests under way at once")
     p.add_argument("--max-inflight", type=int, default=6, help="saturation.max_inflight")
