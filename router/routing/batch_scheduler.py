@@ -363,8 +363,10 @@ class BatchScheduler:
             load = loads.get(name)
             queued = (load is not None and bool(load.waiting)
                       and (load.inflight or 0) > batch)
+            # In use: at most one line short of the allowance (a tick that a finished line
+            # woke sees its slot free before the next line takes it).
             ctl.step(now, Interactive(ttfts.get(name), queued),
-                     in_use=batch >= ctl.allowed, ceiling=b.local_concurrency)
+                     in_use=batch + 1 >= ctl.allowed, ceiling=b.local_concurrency)
 
     def _batch_in_flight(self, parts: Parts, engine: str) -> int:
         return sum(len(r.local) for r in self._runs.values()
