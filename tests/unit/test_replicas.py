@@ -576,3 +576,18 @@ async def test_a_failed_probe_opens_the_replica_again_and_4xx_do_not_count(
         r = await client.post("/v1/chat/completions", json=chat)
         assert r.status_code == 400
     assert (await client.get("/status")).json()["breakers"][name]["state"] == "closed"
+
+
+async def test_a_reload_without_the_deployment_drops_its_replica_breakers() -> None:
+    breakers = Breakers(2, 30.0, Clock())
+    breakers.replica("retired", "10.0.0.9:8102").failure()
+    breakers.get("mistral:mistral-small-latest")
+    breakers.replica("small", "10.0.0.1:8102").failure()
+    fleet = Fleet()
+    mon = monitor(fleet, breakers)  # the monitor a reload builds, over the kept breakers
+    assert set(breakers.snapshot()) == {"mistral:mistral-small-latest", "small@10.0.0.1:8102"}
+    await mon.refresh()
+    snap = breakers.snapshot()
+    assert set(snap) == {"mistral:mistral-small-latest", "small@10.0.0.1:8102",
+                         "small@10.0.0.2:8102"}
+    assert snap["small@10.0.0.1:8102"]["consecutive_failures"] == 1  # kept across it
