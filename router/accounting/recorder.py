@@ -216,6 +216,8 @@ def entry(call: Call) -> dict[str, Any]:
     if call.tier is not None:  # a tiered alias's call: which tier, why, and if wasted
         out.update(tier=call.tier, tier_score=call.tier_score,
                    escalation=(call.escalation or "").partition(";")[0], wasted=call.wasted)
+    if call.upstream_api is not None:  # Messages/Responses: sent natively or as chat
+        out["upstream_api"] = call.upstream_api
     return out
 
 

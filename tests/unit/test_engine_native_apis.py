@@ -267,6 +267,9 @@ async def test_messages_go_to_an_engine_that_has_them() -> None:
         (row,) = await ledger_rows(rt, 1)
         assert (row.endpoint, row.route, row.status) == ("messages", "local", 200)
         assert (row.prompt_tokens, row.completion_tokens) == (12, 5)
+        # /status's recent calls (and the access log) say which API the call used.
+        (recent,) = (await c.get("/status")).json()["recent"]
+        assert (recent["endpoint"], recent["upstream_api"]) == ("messages", "messages")
 
 
 async def test_messages_stream_relayed_natively_and_booked_from_its_usage() -> None:
@@ -296,6 +299,7 @@ async def test_messages_to_an_engine_without_them_are_translated() -> None:
         assert r.status_code == 200 and r.headers["x-spillover-upstream-api"] == "chat"
         assert r.json()["content"] == [{"type": "text", "text": "local answer"}]
         assert engine.posts("/v1/messages") == []
+        assert rt.recorder.recent[0]["upstream_api"] == "chat"
         (chat,) = engine.world.bodies("local")
         assert chat["model"] == SERVED and chat["messages"][0]["role"] == "system"
 
