@@ -15,14 +15,17 @@ from router.accounting.usage import to_csv, totals
 from router.config import ConfigError
 from router.errors import Forbidden, InvalidRequest
 from router.http.inbound import read_json
-from router.http.messages import ANTHROPIC_DOC, count_tokens, messages
-from router.http.responses import RESPONSES_DOC, responses
+from router.http.messages import count_tokens, messages
+from router.http.responses import responses
 from router.http.schemas import (
     CHAT_BODY,
     COMPLETIONS_BODY,
+    COUNT_TOKENS_BODY,
     EMBEDDINGS_BODY,
     ERROR_RESPONSES,
     EXPLAIN_BODY,
+    MESSAGES_BODY,
+    RESPONSES_BODY,
 )
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.routing.gateway import header_map
@@ -61,15 +64,12 @@ def build_routes(rt: Runtime) -> APIRouter:
         return await rt.parts.gateway.handle("embeddings", request.scope, request.receive)
 
     # Anthropic's Messages API: its own error shape, so errors never reach the OpenAI
-    # handlers (router.http.messages renders every one). Kept out of the OpenAPI schema,
-    # which documents (and the fuzz test checks) the OpenAI-shaped surface; Anthropic
-    # publishes its own.
-    @hot.post("/v1/messages", openapi_extra=ANTHROPIC_DOC, include_in_schema=False)
+    # handlers (router.http.messages renders every one); the schema says so per route.
+    @hot.post("/v1/messages", openapi_extra=MESSAGES_BODY)
     async def anthropic_messages(request: Request) -> Response:
         return await messages(rt.parts.gateway, request.scope, request.receive)
 
-    @hot.post("/v1/messages/count_tokens", openapi_extra=ANTHROPIC_DOC,
-              include_in_schema=False)
+    @hot.post("/v1/messages/count_tokens", openapi_extra=COUNT_TOKENS_BODY)
     async def anthropic_count_tokens(request: Request) -> Response:
         gateway = rt.parts.gateway
         if gateway.tracing is not None:  # a span of its own, /tokenize its child
@@ -78,10 +78,8 @@ def build_routes(rt: Runtime) -> APIRouter:
                                                            request.receive))
         return await count_tokens(gateway, request.scope, request.receive)
 
-    # OpenAI's Responses API (stateless): OpenAI's error shape, the usual handlers. Kept
-    # out of the OpenAPI schema until it publishes a request schema the fuzz test can
-    # draw valid bodies from (OpenAI publishes the full one).
-    @hot.post("/v1/responses", openapi_extra=RESPONSES_DOC, include_in_schema=False)
+    # OpenAI's Responses API (stateless): OpenAI's error shape, the usual handlers.
+    @hot.post("/v1/responses", openapi_extra=RESPONSES_BODY)
     async def openai_responses(request: Request) -> Response:
         return await responses(rt.parts.gateway, request.scope, request.receive)
 
