@@ -122,7 +122,8 @@ async def count_tokens(gateway: Gateway, scope: Scope, receive: Receive) -> Resp
         # nothing off-site, whatever the caller's residency.
         for backend in planned.backends:
             count = await gateway.dispatcher.count_prompt(
-                backend, chat, gateway.config.server.request_timeout_s)
+                backend, chat, gateway.config.server.request_timeout_s, native=body,
+                cls=planned.facts.priority)
             if count is not None:
                 break
     except SpilloverError as exc:

@@ -23,7 +23,7 @@ from router.accounting.budgets import Budgets
 from router.accounting.ledger import StoreUnavailable
 from router.accounting.ledger_spool import RETRY_AFTER_S
 from router.accounting.recorder import Recorder
-from router.config import Price
+from router.config import Price, Priority
 from router.errors import (
     GatewayTimeout,
     RateLimited,
@@ -308,20 +308,25 @@ class Dispatcher:
         vllm_native says what stays translated, and why)."""
         api = call.api
         # A tier's answer the cascade inspects (call.inspect) must be a chat completion.
-        if b.route != "local" or call.native is None or api not in APIS \
-                or call.inspect is not None \
-                or not self._monitor.apis.has(_engine_key(b, call.replica), api):
+        if call.native is None or api is None or call.inspect is not None \
+                or not self._goes_native(b, call.replica, api, call.native, call.facts.priority):
             return None
+        if api == "messages":
+            return messages_request(call.native, b.model_id)
         priority = VLLM_PRIORITY[call.facts.priority] if b.priority_scheduling else None
+        return responses_request(call.native, b.model_id, priority)
+
+    def _goes_native(self, b: Backend, replica: str | None, api: str, body: dict[str, Any],
+                     cls: Priority) -> bool:
+        if b.route != "local" or api not in APIS \
+                or not self._monitor.apis.has(_engine_key(b, replica), api):
+            return False
         if api == "messages":
             # vLLM's Messages request has no priority field: its default (0, the
             # interactive class's) is the only class it can carry.
-            if priority or messages_unsuited(call.native) is not None:
-                return None
-            return messages_request(call.native, b.model_id)
-        if responses_unsuited(call.native) is not None:
-            return None
-        return responses_request(call.native, b.model_id, priority)
+            return not (b.priority_scheduling and VLLM_PRIORITY[cls]) \
+                and messages_unsuited(body) is None
+        return responses_unsuited(body) is None
 
     def _replica(self, call: Call, b: Backend, prep: Prepared) -> str | None:
         """A deployment with replicas: the one for this request (its conversation's, while
@@ -338,11 +343,20 @@ class Dispatcher:
         return url
 
     async def count_prompt(self, b: Backend, body: dict[str, Any],
-                           remaining_s: float) -> int | None:
+                           remaining_s: float, native: dict[str, Any] | None = None,
+                           cls: Priority = "interactive") -> int | None:
         """The prompt's tokens as a local engine's own tokenizer and chat template count
-        them (vLLM's /tokenize, at the server's root); None when it cannot tell."""
+        them (vLLM's /tokenize, at the server's root); None when it cannot tell. `native`:
+        the caller's Messages count_tokens body, counted by the engine's own
+        /v1/messages/count_tokens where a create would go to its /v1/messages (vLLM
+        renders that prompt its own way, tools especially), so the count is what the
+        create is billed."""
         if b.route != "local":
             return None
+        if native is not None and self._goes_native(b, None, "messages", native, cls):
+            counted = await self._count_natively(b, native, remaining_s)
+            if counted is not None:
+                return counted
         prep = self._translators[b.name].request("chat", body, b.model_id,
                                                  include_usage=False)
         payload = {k: v for k, v in prep.body.items() if k in ("model", "messages", "tools")}
@@ -369,6 +383,27 @@ class Dispatcher:
         if span is not None:
             RequestTrace.tokenized(span, status, got)
         return got
+
+    async def _count_natively(self, b: Backend, body: dict[str, Any],
+                              remaining_s: float) -> int | None:
+        prep = messages_request(body, b.model_id)
+        payload = {k: v for k, v in prep.body.items()
+                   if k in ("model", "messages", "system", "tools", "tool_choice")}
+        try:
+            resp = await self._upstream.post(b.base_url + "/messages/count_tokens",
+                                             orjson.dumps(payload),
+                                             {"content-type": "application/json"},
+                                             b.timeouts, remaining_s)
+            data = await resp.read()
+        except TransportError:
+            return None
+        if resp.status != 200:
+            return None
+        try:
+            count = orjson.loads(data).get("input_tokens")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
 
     async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
                     headers: dict[str, str]) -> Response | _Failure:

@@ -129,6 +129,11 @@ class Engine:
 
     def handle(self, req: httpx.Request) -> httpx.Response:
         path = req.url.path
+        if str(req.url).startswith(LOCAL) and path == "/v1/messages/count_tokens":
+            self.native.append((req.method, path, json.loads(req.content)))
+            if not (self.messages and self.routed):
+                return httpx.Response(404, json=NOT_FOUND)
+            return httpx.Response(200, json={"input_tokens": 77})
         if str(req.url).startswith(LOCAL) and path in ("/v1/messages", "/v1/responses"):
             has = self.messages if path == "/v1/messages" else self.responses
             if req.method == "GET":
@@ -535,3 +540,32 @@ async def test_a_tier_the_cascade_may_resend_is_asked_in_chat() -> None:
         r = await c.post("/v1/messages", json={**MSG, "model": "demo"},
                          headers={**ANTHROPIC, "x-api-key": KEYS["app"]})
         assert r.headers["x-spillover-upstream-api"] == "messages"  # the plain alias
+
+
+async def test_count_tokens_asks_the_endpoint_the_create_would_use() -> None:
+    """vLLM renders a native Messages prompt its own way (tools especially: 90 tokens where
+    the chat path's prompt is 85, measured): the count comes from the same place."""
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    body = {"model": "demo", "tools": tools, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_x",
+                                           "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x",
+                                      "content": "18"}]}]}
+    engine = Engine(World())
+    async with running(engine) as (c, _):
+        r = await c.post("/v1/messages/count_tokens", json=body, headers=ANTHROPIC)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-spillover-token-count"] == "engine"
+        assert r.json() == {"input_tokens": 77}
+        (sent,) = engine.posts("/v1/messages/count_tokens")
+        mapped = mistral_tool_id("toolu_x")
+        assert sent["model"] == SERVED and sent["tools"] == tools
+        assert sent["messages"][1]["content"][0]["id"] == mapped
+        assert sent["messages"][2]["content"][0]["tool_use_id"] == mapped
+    engine = Engine(World(), messages=False)
+    async with running(engine) as (c, _):
+        r = await c.post("/v1/messages/count_tokens", json=body, headers=ANTHROPIC)
+        assert r.status_code == 200
+        assert engine.posts("/v1/messages/count_tokens") == []
+        assert [p for _, p, _ in engine.world.seen] == ["/tokenize"]  # the chat path's
