@@ -25,7 +25,11 @@ run:
   just this): what scoring and deciding the tier adds to the p50;
 - OpenTelemetry: the same router with tracing off (no OTEL_* variables) and on (every span
   exported over OTLP/HTTP to a local sink), in interleaved rounds (`--otel-only` runs just
-  this): what tracing adds to the p50/p99 and the router's CPU per request;
+  this): what tracing adds to the p50/p99 and the router's CPU per request; with
+  `--otel-baseline`, also the router built without the tracing hooks (HEAD with them
+  compiled out in a temporary git worktree, or a given commit): what the router adds over
+  the upstream and its CPU per request with the hooks (tracing off) and without, and the
+  ratio;
 - slow readers: callers holding long streams open and reading a trickle, beside ordinary
   requests on another alias: the router's CPU per relayed MB and those requests' p50/p99.
 
@@ -444,12 +448,19 @@ def cli_has_workers() -> bool:
 
 
 def start_router(kids: Children, name: str, config: Path, workers: int = 1,
-                 via: str = "cli", env: dict[str, str] | None = None) -> Target:
+                 via: str = "cli", env: dict[str, str] | None = None,
+                 tree: Path | None = None) -> Target:
     """`spillover serve` (via "cli"), or uvicorn with the app factory (via "uvicorn"):
-    uvicorn's own runner picks uvloop and can fork workers."""
+    uvicorn's own runner picks uvloop and can fork workers. `tree`: `spillover serve` of
+    the router package in that checkout (a git worktree), with this venv's packages."""
     port = free_port()
     serve = [str(VENV_BIN / "spillover"), "serve", "--no-engines", "--config", str(config),
              "--port", str(port), "--log-level", "warning"]
+    if tree is not None:
+        # The checkout's own package first on the path: the editable install's finder
+        # comes after sys.path (checked by tree_imports).
+        serve[:1] = [sys.executable, "-m", "router.cli"]
+        env = {**(env or {}), "PYTHONPATH": str(tree)}
     if via == "cli" and workers > 1 and not cli_has_workers():
         via = "uvicorn"
     if via == "cli":
@@ -459,7 +470,8 @@ def start_router(kids: Children, name: str, config: Path, workers: int = 1,
                 "--app-dir", str(ROOT / "scripts"), "--host", HOST, "--port", str(port),
                 "--workers", str(workers), "--log-level", "warning", "--no-access-log",
                 "--timeout-graceful-shutdown", "5"]
-    proc = kids.start(name, argv, env={"SPILLOVER_CONFIG": str(config), **(env or {})})
+    proc = kids.start(name, argv, env={"SPILLOVER_CONFIG": str(config), **(env or {})},
+                      cwd=tree or ROOT)
     try:
         wait_http(f"http://{HOST}:{port}/readyz", 60, proc, name)
     except RuntimeError:
@@ -468,6 +480,74 @@ def start_router(kids: Children, name: str, config: Path, workers: int = 1,
     if workers > 1:
         time.sleep(1.5)  # every worker's monitor has probed the engine
     return Target(name, port, proc.pid)
+
+
+# --- a build without the tracing hooks ---------------------------------------------
+
+# Each tracing hook on the request path is one `if <x>.trace is not None ...:` or
+# `if <x>.tracing is not None:` statement (router/routing/tracing.py). `if False:` is
+# dropped by CPython's compiler, body and test alike: the stripped build runs the same
+# code as HEAD with no hook at all.
+_HOOK = re.compile(r"^(?P<indent>[ \t]*)if [\w.]+\.(?:trace|tracing) is not None"
+                   r"(?: and [^:\n]+)?:", re.M)
+
+
+def add_worktree(tmp: Path, name: str, ref: str) -> Path:
+    path = tmp / name
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT,
+                   check=True, capture_output=True, timeout=120)
+    return path
+
+
+def remove_worktree(path: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT,
+                   capture_output=True, timeout=120)
+
+
+def strip_hooks(tree: Path) -> int:
+    """Compile every tracing hook of the router in `tree` out; how many there were."""
+    count = 0
+    for path in sorted((tree / "router").rglob("*.py")):
+        text = path.read_text()
+        new, n = _HOOK.subn(lambda m: m.group("indent") + "if False:", text)
+        if n:
+            path.write_text(new)
+            count += n
+    left = [str(p.relative_to(tree)) for p in (tree / "router").rglob("*.py")
+            if re.search(r"\.(?:trace|tracing) is not None", p.read_text())
+            and p.name != "runtime.py"]  # the Runtime's start/stop, off the request path
+    if left or not count:
+        raise RuntimeError(f"tracing hooks not stripped ({count} found; left in {left})")
+    return count
+
+
+def baseline_trees(tmp: Path, baseline: str, trees: list[Path]
+                   ) -> tuple[Path, Path, str, str]:
+    """HEAD's worktree and the baseline's (`trees` lists them for removal), HEAD's short
+    commit and what the baseline is."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                            capture_output=True, text=True, timeout=30).stdout.strip()
+    head = add_worktree(tmp, "head", "HEAD")
+    trees.append(head)
+    base = add_worktree(tmp, "without-hooks", "HEAD" if baseline == "stripped" else baseline)
+    trees.append(base)
+    if baseline == "stripped":
+        what = f"HEAD {commit} with its {strip_hooks(base)} tracing hooks compiled out"
+    else:
+        what = f"commit {baseline}"
+    for tree in (head, base):
+        tree_imports(tree)
+    return head, base, commit, what
+
+
+def tree_imports(tree: Path) -> str:
+    """Where `router` is imported from with the tree's PYTHONPATH (the tree, or fail)."""
+    out = subprocess.run([sys.executable, "-c", "import router; print(router.__file__)"],
+                         cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    if not Path(out).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the router in {tree} imports {out}, not its own")
+    return out
 
 
 # --- profile --------------------------------------------------------------------------
@@ -691,33 +771,70 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
               f"{res['tier_decision_p50_ms']:+.3f} ms")
 
     async def otel_phase() -> None:
-        # Tracing's cost: two routers on the same mock upstream, one with no OTEL_*
-        # variables (no tracer: an is-None test per hook) and one exporting every span over
+        # Tracing's cost: routers on the same mock upstream, one with no OTEL_* variables
+        # (no tracer: an is-None test per hook) and one exporting every span over
         # OTLP/HTTP (batched, protobuf) to a local sink, taking turns in open-loop rounds.
+        # With --otel-baseline, beside them the same router without the hooks at all
+        # (HEAD with them compiled out, or a commit before tracing), and the tracing-off
+        # router from HEAD's own worktree: the two differ only by the hooks.
         while current:
             kids.stop(current.pop())
-        off = await asyncio.to_thread(start_router, kids, "router-otel-off", config)
+        trees: list[Path] = []
+        try:
+            await otel_rounds(trees)
+        finally:
+            for tree in trees:
+                remove_worktree(tree)
+
+    async def otel_rounds(trees: list[Path]) -> None:
+        head_tree = base_tree = None
+        res: dict[str, Any] = {"rate": args.otel_rate, "rounds": args.otel_rounds,
+                               "seconds_per_round": args.otel_duration}
+        if args.otel_baseline:
+            head_tree, base_tree, res["head"], res["baseline"] = await asyncio.to_thread(
+                baseline_trees, tmp, args.otel_baseline, trees)
+        off = await asyncio.to_thread(start_router, kids, "router-otel-off", config, 1,
+                                      "cli", None, head_tree)
         current.append(off.name)
+        targets: list[tuple[str, Target]] = [("direct", direct)]
+        if base_tree is not None:
+            base = await asyncio.to_thread(start_router, kids, "router-no-hooks", config, 1,
+                                           "cli", None, base_tree)
+            current.append(base.name)
+            targets.append(("without hooks", base))
+            # The same build once more: how far two identical routers differ in this run
+            # (the noise floor any ratio below is read against).
+            again = await asyncio.to_thread(start_router, kids, "router-no-hooks-2", config,
+                                            1, "cli", None, base_tree)
+            current.append(again.name)
+            targets.append(("without hooks, again", again))
+        targets.append(("tracing off", off))
         on = await asyncio.to_thread(
             start_router, kids, "router-otel-on", config, 1, "cli",
             {"OTEL_TRACES_EXPORTER": "otlp",
              "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{HOST}:{up_port}/v1/traces",
              "OTEL_BSP_SCHEDULE_DELAY": "500"})
         current.append(on.name)
-        rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "tracing off": [],
-                                                   "tracing on": []}
-        meters = {"tracing off": 0.0, "tracing on": 0.0}
-        for _ in range(args.otel_rounds):
-            for label, t in (("direct", direct), ("tracing off", off), ("tracing on", on)):
+        targets.append(("tracing on", on))
+        rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in targets}
+        meters = {label: 0.0 for label, _ in targets if label != "direct"}
+        for i in range(args.otel_rounds):
+            # Every other round in reverse order: a drift of the host falls on all alike.
+            for label, t in (targets if i % 2 == 0 else targets[::-1]):
                 meter = CpuMeter({"target": t.pid})
                 meter.start()
-                rounds[label].append(await open_loop(t, args.otel_rate, args.otel_duration,
-                                                     1.0, payload))
+                r = await open_loop(t, args.otel_rate, args.otel_duration, 1.0, payload)
                 used = meter.stop()["target"]
+                # CPU over the round's requests, its warm-up's included.
+                r["cpu_us_per_req"] = used / max(1, int(args.otel_rate * (
+                    args.otel_duration + 1.0))) * 1e6
+                rounds[label].append(r)
                 if label in meters:
                     meters[label] += used
-        res: dict[str, Any] = {"rate": args.otel_rate, "rounds": args.otel_rounds,
-                               "seconds_per_round": args.otel_duration}
+                if label == "tracing on":
+                    # Its batch exporter is still sending the round's spans (to the same
+                    # mock upstream, on the same cores): let it finish before the next.
+                    await asyncio.sleep(2.0)
         rows = []
         for label, rs in rounds.items():
             p50s = sorted(x["p50_ms"] for x in rs)
@@ -750,6 +867,50 @@ async def run(args: argparse.Namespace, kids: Children, tmp: Path) -> dict[str, 
               f"{res['tracing_added_p99_ms']:+.3f} ms, router CPU "
               f"{res['tracing_added_cpu_us_per_req']:+d} us/req; off vs direct p50 "
               f"{res['off_added_p50_ms']:+.3f} ms")
+        if "without hooks" not in res:
+            return
+        # What the router adds over the upstream alone (a round's p50/p99 less the direct
+        # round's beside it), with the hooks (tracing off) and without them, and its CPU
+        # per request: each a median over the rounds, and the median of the rounds'
+        # ratios (paired: rounds next to each other in time). 1.0: no measurable cost;
+        # the second router of the baseline build gives the ratio that noise alone makes.
+        def med(xs: list[float]) -> float:
+            xs = sorted(xs)
+            n = len(xs)
+            return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+        direct_r = rounds["direct"]
+
+        def added(label: str, key: str) -> list[float]:
+            return [x[key] - d[key] for x, d in zip(rounds[label], direct_r, strict=True)]
+
+        def figures(label: str) -> dict[str, list[float]]:
+            return {"added_p50_ms": added(label, "p50_ms"),
+                    "added_p99_ms": added(label, "p99_ms"),
+                    "cpu_us_per_req": [x["cpu_us_per_req"] for x in rounds[label]]}
+
+        def ratio(num: list[float], den: list[float]) -> float | None:
+            rs = [a / b for a, b in zip(num, den, strict=True) if b > 0]
+            return round(med(rs), 3) if rs else None
+
+        hooked, bare = figures("tracing off"), figures("without hooks")
+        twin = figures("without hooks, again")
+        cmp: dict[str, Any] = {}
+        for key in ("added_p50_ms", "added_p99_ms", "cpu_us_per_req"):
+            cmp[key] = {"hooks_off": round(med(hooked[key]), 3),
+                        "without_hooks": round(med(bare[key]), 3),
+                        "ratio": ratio(hooked[key], bare[key]),
+                        "noise_ratio": ratio(twin[key], bare[key])}
+        res["hooks_vs_without"] = cmp
+        print(f"\nTracing off (HEAD {res['head']}) vs without the hooks ({res['baseline']}), "
+              f"same rate, same {args.otel_rounds} rounds (medians over rounds; ratio: median "
+              "of the rounds' ratios; noise: the baseline build against itself):")
+        print(table(["figure", "hooks, tracing off", "without hooks", "ratio", "noise ratio"],
+                    [[what, cmp[k]["hooks_off"], cmp[k]["without_hooks"], cmp[k]["ratio"],
+                      cmp[k]["noise_ratio"]]
+                     for k, what in (("added_p50_ms", "added p50 ms"),
+                                     ("added_p99_ms", "added p99 ms"),
+                                     ("cpu_us_per_req", "router cpu us/req"))]))
 
     if args.otel_only:
         await otel_phase()
@@ -998,6 +1159,11 @@ def main() -> int:
     p.add_argument("--otel-duration", type=float, default=4.0,
                    help="OpenTelemetry phase: seconds per round")
     p.add_argument("--otel-rounds", type=int, default=3)
+    p.add_argument("--otel-baseline", metavar="REF", nargs="?", const="stripped",
+                   help="in the OpenTelemetry phase, also a router without the tracing "
+                        "hooks: 'stripped' (the default: HEAD with them compiled out, in a "
+                        "temporary git worktree) or a git commit; the tracing-off router "
+                        "then runs from HEAD's own worktree")
     p.add_argument("--otel-only", action="store_true",
                    help="run only the OpenTelemetry phase (tracing off vs on)")
     p.add_argument("--max-connections", type=int, default=2048,
