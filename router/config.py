@@ -406,7 +406,8 @@ class Batches(_Strict):
     # (0.7 of it) and grows while they stay under half of it.
     interactive_ttft_slo_ms: float = Field(default=1000.0, gt=0)
     # A hosted line's duration assumed until the batch has measured its own: a high guess
-    # starts hosted earlier, never sends more lines.
+    # starts hosted earlier and keeps a longer reserve before the deadline (at most
+    # deadline_margin of the window).
     hosted_latency_s: float = Field(default=10.0, gt=0)
     # How often the scheduler looks for new batches and re-plans running ones.
     poll_s: float = Field(default=0.5, gt=0)
