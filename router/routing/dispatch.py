@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +121,9 @@ class Dispatcher:
         self._local_price = local_price
         self._hosted_price = hosted_price
         self._recorder = recorder
+        # Per discovered deployment: how many replica picks so far, which spreads requests
+        # without a conversation key over equally loaded replicas (replicas.choose).
+        self._turns: dict[str, int] = {}
 
     async def run(self, call: Call, plan: RoutePlan, body: dict[str, Any]) -> Response:
         if (why := self._recorder.refusal()) is not None:  # a ledger that cannot bill
@@ -167,10 +170,12 @@ class Dispatcher:
                       failures: list[_Failure]) -> Response | None:
         """Attempts on one target: retried with backoff (hosted only: a local engine that
         fails is better left for the hosted spill), behind its circuit breaker, each hosted
-        attempt under a budget reservation taken before the call."""
+        attempt under a budget reservation taken before the call. A deployment with
+        replicas is retried on a sibling replica instead (_sibling_next)."""
         hosted = b.route == "hosted"
         breaker = self._breakers.get(b.name) if hosted else None
         tries = 0
+        tried: list[str] = []  # the replicas of `b` this request failed on
         while call.remaining() > 0:
             if breaker is not None and not breaker.allow():
                 failures.append(_Failure(b, f"circuit open, retry in {breaker.retry_after_s()} s",
@@ -198,14 +203,16 @@ class Dispatcher:
                 sent = dict(headers)
                 call.trace.attempt(call, b, sent)
             if call.facts.stream:
-                result = await self._open_stream(call, b, prep, content, sent)
+                result = await self._open_stream(call, b, prep, content, sent, tried)
             else:
-                result = await self._once(call, b, prep, content, sent)
+                result = await self._once(call, b, prep, content, sent, tried)
             # An answer ends its attempt's span with the call (a stream's when the stream
             # ends); a failure here, before the next target.
             if call.trace is not None and isinstance(result, _Failure):
                 call.trace.attempt_failed(result.status, result.what, result.kind)
             if call.replica is not None:
+                # The attempt records (ledger line, access log, /status) name the replica.
+                call.attempts[-1] = replica_name(b.name, call.replica)
                 self._replica_verdict(b, call.replica, result)
             if not isinstance(result, _Failure):
                 if breaker is not None:
@@ -216,8 +223,10 @@ class Dispatcher:
                 call.reservation = None
             failures.append(result)
             log.info("request %s: %s failed before the first byte: %s",
-                     call.request_id, b.name, result.what)
+                     call.request_id, call.attempts[-1], result.what)
             if breaker is None:
+                if self._sibling_next(call, b, prep, result, tried, tries):
+                    continue
                 return None
             if result.kind == "request":
                 # One caller's oversized request must not shut the upstream for everyone,
@@ -236,6 +245,26 @@ class Dispatcher:
                 return None
             await asyncio.sleep(delay)
         return None
+
+    def _sibling_next(self, call: Call, b: Backend, prep: Prepared, failure: _Failure,
+                      tried: list[str], tries: int) -> bool:
+        """After replica A of a deployment failed before the first byte: whether the next
+        attempt goes to a sibling replica rather than to the plan's next target (hosted,
+        paid, while the siblings may be idle). Bounded like a hosted target's retries
+        (routing.attempts_per_target attempts on the deployment in all), never the same
+        replica twice for one request, and only to a sibling that is healthy, closed and
+        not saturated (the conversation's next choice on the ring, or the least loaded).
+        No pause before it: a sibling is another engine, not the one that just failed."""
+        if call.replica is None or failure.kind == "request":
+            return False  # one engine; or the request itself was refused, anywhere alike
+        if failure.what == "timed out" and not failure.connect:
+            # The engine may have worked on it all that time; the deadline is mostly spent.
+            return False
+        tried.append(call.replica)
+        if tries >= self._retry.attempts_per_target or call.remaining() <= 0:
+            return False
+        return self._monitor.pick(b.name, self._conversation(call, prep),
+                                  tried=tried) is not None
 
     def _replica_verdict(self, b: Backend, replica: str, result: Response | _Failure) -> None:
         """A replica's own breaker: a 5xx, a reset or a timeout before the first byte counts
@@ -328,19 +357,28 @@ class Dispatcher:
                 and messages_unsuited(body) is None
         return responses_unsuited(body) is None
 
-    def _replica(self, call: Call, b: Backend, prep: Prepared) -> str | None:
+    def _replica(self, call: Call, b: Backend, prep: Prepared,
+                 tried: Sequence[str] = ()) -> str | None:
         """A deployment with replicas: the one for this request (its conversation's, while
-        it has room), recorded on the call; its base URL, or None for a single engine."""
+        it has room; after `tried` failed, a sibling), recorded on the call; its base URL,
+        or None for a single engine."""
         call.replica = call.replica_why = None
         if b.route != "local" or b.discover is None:
             return None
-        key = call.session_key or conversation_key(call.caller, prep.body)
-        picked = self._monitor.pick(b.name, key)
+        turn = self._turns.get(b.name, 0)
+        self._turns[b.name] = turn + 1
+        picked = self._monitor.pick(b.name, self._conversation(call, prep), tried=tried,
+                                    turn=turn)
         if picked is None:
             return None
         call.replica, url, choice = picked
-        call.replica_why = choice.why
+        call.replica_why = (choice.why if not tried
+                            else f"sibling-retry (after {', '.join(tried)})")
         return url
+
+    @staticmethod
+    def _conversation(call: Call, prep: Prepared) -> str | None:
+        return call.session_key or conversation_key(call.caller, prep.body)
 
     async def count_prompt(self, b: Backend, body: dict[str, Any],
                            remaining_s: float, native: dict[str, Any] | None = None,
@@ -406,8 +444,9 @@ class Dispatcher:
         return count if isinstance(count, int) and not isinstance(count, bool) else None
 
     async def _once(self, call: Call, b: Backend, prep: Prepared, content: bytes,
-                    headers: dict[str, str]) -> Response | _Failure:
-        url = self._replica(call, b, prep)
+                    headers: dict[str, str], tried: Sequence[str] = (),
+                    ) -> Response | _Failure:
+        url = self._replica(call, b, prep, tried)
         replica = call.replica
         self._monitor.acquire(b.name, replica)
         try:
@@ -447,8 +486,9 @@ class Dispatcher:
         return Response(payload, 200, headers_out, media_type="application/json")
 
     async def _open_stream(self, call: Call, b: Backend, prep: Prepared, content: bytes,
-                           headers: dict[str, str]) -> Response | _Failure:
-        url = self._replica(call, b, prep)
+                           headers: dict[str, str], tried: Sequence[str] = (),
+                           ) -> Response | _Failure:
+        url = self._replica(call, b, prep, tried)
         replica = call.replica
         self._monitor.acquire(b.name, replica)
         released = False
@@ -536,8 +576,12 @@ class Dispatcher:
             yield sse_event(GatewayTimeout("the request passed its deadline mid-stream"))
         except TransportError as exc:
             end.status = 502
-            log.warning("request %s: stream from %s broke: %s", call.request_id, b.name,
-                        exc.kind)
+            log.warning("request %s: stream from %s broke: %s", call.request_id,
+                        call.attempts[-1] if call.attempts else b.name, exc.kind)
+            if call.replica is not None:
+                # Not retried (the caller has bytes already), but the replica that broke
+                # it counts like one failing before the first byte.
+                self._replica_verdict(b, call.replica, _Failure(b, exc.kind))
             yield sse_event(UpstreamError(f"the upstream stream from {b.label} broke off "
                                           f"({exc.kind})"))
         except (asyncio.CancelledError, GeneratorExit):

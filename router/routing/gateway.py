@@ -409,9 +409,15 @@ class Gateway:
         for b in targets:
             if b.route == "local" and b.discover is not None:
                 picked = self.monitor.pick(b.name, key)
+                # The siblings a failure before the first byte would move the request to,
+                # in order, before the plan's next target (dispatch's sibling retry).
+                tried = [] if picked is None else [picked[0]]
+                while 0 < len(tried) < self.config.routing.attempts_per_target and (
+                        nxt := self.monitor.pick(b.name, key, tried=tried)) is not None:
+                    tried.append(nxt[0])
                 out[b.name] = None if picked is None else {
                     "replica": picked[0], "why": picked[2].why, "affinity": key is not None,
-                    "key": by}
+                    "key": by, "failover": tried[1:]}
         return out
 
 

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -316,15 +316,18 @@ class LoadMonitor:
             e.inflight -= 1
             self._notify()
 
-    def pick(self, name: str, key: str | None = None) -> tuple[str, str, Choice] | None:
+    def pick(self, name: str, key: str | None = None, *, tried: Collection[str] = (),
+             turn: int = 0) -> tuple[str, str, Choice] | None:
         """For a discovered deployment: (replica, its base URL, why) for a request whose
-        conversation key is `key`; None for a deployment with one engine, or none found."""
+        conversation key is `key`; None for a deployment with one engine, or none found
+        (or, for a retry after `tried` failed, no usable sibling: replicas.choose)."""
         reps = self._replicas.get(name)
         if not reps:
             return None
         now = time.monotonic()
         choice = choose([(r, self._load(e, now)) for r, e in reps.items()], key,
-                        blocked=self._breakers.replicas_unavailable(name))
+                        blocked=self._breakers.replicas_unavailable(name), tried=tried,
+                        turn=turn)
         if choice is None:
             return None
         return choice.replica, reps[choice.replica].base_url, choice

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import math
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,22 +72,33 @@ class Choice:
 
 def choose(replicas: Sequence[tuple[str, EngineLoad]], key: str | None,
            bound: float = LOAD_BOUND, floor: int = LOAD_FLOOR,
-           blocked: Mapping[str, str] | None = None) -> Choice | None:
+           blocked: Mapping[str, str] | None = None, *,
+           tried: Collection[str] = (), turn: int = 0) -> Choice | None:
     """The replica for a request with conversation `key` (None: no affinity). `blocked`:
-    the replicas whose circuit breaker forbids a request now, and why."""
-    if not replicas:
-        return None
+    the replicas whose circuit breaker forbids a request now, and why.
+
+    `tried`: the replicas this request already failed on before its first byte. A retry
+    goes to a sibling that is healthy, closed and not saturated, or nowhere (None: the
+    plan's next target is better than a replica known to be in trouble). `turn`: which of
+    several equally loaded replicas a request without a key gets (the caller counts it
+    up), so that at low load they share the traffic instead of the first by name taking
+    it all."""
     blocked = blocked or {}
 
     def usable(name: str, load: EngineLoad) -> bool:
         return load.healthy and not load.saturated and name not in blocked
 
+    if tried:
+        replicas = [r for r in replicas if r[0] not in tried and usable(*r)]
+    if not replicas:
+        return None
     if key is None:
         pool = [r for r in replicas if usable(*r)] or [
             r for r in replicas if r[1].healthy and r[0] not in blocked] or [
             r for r in replicas if r[1].healthy] or list(replicas)
-        name, _ = min(pool, key=lambda r: (r[1].score, r[1].inflight, r[0]))
-        return Choice(name, "least-loaded")
+        least = min((r[1].score, r[1].inflight) for r in pool)
+        ties = sorted(r[0] for r in pool if (r[1].score, r[1].inflight) == least)
+        return Choice(ties[turn % len(ties)], "least-loaded")
     ranked = sorted(replicas, key=lambda r: _weight(key, r[0]), reverse=True)
     total = sum(load.inflight for _, load in replicas)
     cap = max(floor, math.ceil(bound * (total + 1) / len(replicas)))

@@ -3,6 +3,7 @@ address) behind a resolver the test controls; conversations kept on their replic
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from router.routing.load import LoadMonitor
 from router.routing.policy import EngineLoad
 from router.routing.replicas import choose, conversation_key, session_key
 from router.routing.resilience import Breakers
-from tests.unit.helpers import HOSTED, METRICS_IDLE, Clock, completion, config
+from tests.unit.helpers import HOSTED, METRICS_IDLE, Clock, chunk, completion, config, sse
 
 PORT = 8102
 DNS = "vllm-small.spillover.svc.cluster.local"
@@ -271,10 +272,10 @@ async def test_a_replica_that_refuses_is_left_and_its_conversation_moves(
     home = fleet.served[-1][0]
     fleet.down.add(home)
     r = await client.post("/v1/chat/completions", json=chat)
-    # The connect failure marks that replica down; this request spills (a local failure
-    # is not retried locally), the next one goes to a sibling.
+    # The connect failure marks that replica down; this request is retried on a sibling
+    # (not spilled hosted), and so is the next one.
     assert r.status_code == 200
-    assert r.headers["x-spillover-route"] == "hosted"
+    assert r.headers["x-spillover-route"] == "local" and fleet.served[-1][0] != home
     assert (await client.get("/status")).json()["engines"][f"small@{home}:8102"][
         "healthy"] is False
     r = await client.post("/v1/chat/completions", json=chat)
@@ -293,8 +294,8 @@ async def test_explain_names_the_replica_and_why(
     assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
     assert choice["replica"] == f"{fleet.served[-1][0]}:8102"  # explain said where it went
     fleet.down.add(fleet.served[-1][0])
-    status = await client.post("/v1/chat/completions", json=chat)  # marks it down, spills
-    assert status.headers["x-spillover-route"] == "hosted"
+    status = await client.post("/v1/chat/completions", json=chat)  # marks it down
+    assert status.headers["x-spillover-route"] == "local"  # served by a sibling
     moved = (await client.post("/v1/route/explain", json=chat)).json()["plan"]["replicas"][
         "small"]
     assert moved["replica"] != choice["replica"]
@@ -508,12 +509,13 @@ async def test_a_replica_failing_while_healthy_is_opened_and_traffic_moves(
     assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
     home = fleet.served[-1][0]
     name = f"small@{home}:8102"
-    # Its /health answers; its requests fail: a 500, then a reset. Each spills (a local
-    # failure is not retried locally) and counts against that replica only.
+    # Its /health answers; its requests fail: a 500, then a reset. Each is retried on a
+    # sibling replica (not spilled hosted) and counts against that replica only.
     for kind in ("500", "reset"):
         fleet.failing[home] = kind
         r = await client.post("/v1/chat/completions", json=chat)
-        assert r.status_code == 200 and r.headers["x-spillover-route"] == "hosted"
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "local"
+        assert fleet.served[-1][0] != home
     status = (await client.get("/status")).json()
     assert status["breakers"][name]["state"] == "open"
     assert status["engines"][name]["healthy"] is True  # the probes see nothing wrong
@@ -562,7 +564,7 @@ async def test_a_failed_probe_opens_the_replica_again_and_4xx_do_not_count(
         await client.post("/v1/chat/completions", json=chat)
     clock.advance(30)
     r = await client.post("/v1/chat/completions", json=chat)  # the probe: 500 again
-    assert r.headers["x-spillover-route"] == "hosted"
+    assert r.headers["x-spillover-route"] == "local" and fleet.served[-1][0] != home
     breaker = (await client.get("/status")).json()["breakers"][name]
     assert breaker["state"] == "open" and breaker["retry_in_s"] == 30.0
     del fleet.failing[home]
@@ -591,3 +593,247 @@ async def test_a_reload_without_the_deployment_drops_its_replica_breakers() -> N
     assert set(snap) == {"mistral:mistral-small-latest", "small@10.0.0.1:8102",
                          "small@10.0.0.2:8102"}
     assert snap["small@10.0.0.1:8102"]["consecutive_failures"] == 1  # kept across it
+
+
+# -- failover among the replicas of one deployment ----------------------------------------
+
+
+@dataclass
+class FlakyFleet(Fleet):
+    """The fleet, plus replicas that refuse a request's connection while their /health
+    answers ("refuse"), streams that break after their first event ("break"), embeddings
+    (a request with no conversation key), and every request that reaches the hosted fake."""
+
+    hosted: list[str] = field(default_factory=list)
+    streamed: list[str] = field(default_factory=list)  # hosts a stream was opened on
+    embedded: list[str] = field(default_factory=list)  # hosts embeddings were asked of
+    breaking: set[str] = field(default_factory=set)  # replicas whose streams break
+
+    def _handle(self, req: httpx.Request) -> httpx.Response:
+        host = req.url.host
+        if host == "api.mistral.test":
+            self.hosted.append(req.url.path)
+        elif req.url.path.startswith("/v1/") and host not in self.down:
+            if self.failing.get(host) == "refuse":
+                raise httpx.ConnectError("connection refused", request=req)
+            body = json.loads(req.content)
+            if req.url.path == "/v1/embeddings":
+                self.embedded.append(host)
+                return httpx.Response(200, json={
+                    "object": "list", "model": "small",
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                    "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+            if body.get("stream") and not self.failing.get(host):
+                self.streamed.append(host)
+                return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                      stream=_BreakingStream(host in self.breaking))
+        return super()._handle(req)
+
+
+class _BreakingStream(httpx.AsyncByteStream):
+    """An engine's stream: a first event, then either the rest or a reset connection."""
+
+    def __init__(self, breaks: bool) -> None:
+        self._breaks = breaks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield sse([chunk("small", "first")]).removesuffix(b"data: [DONE]\n\n")
+        if self._breaks:
+            raise httpx.ReadError("connection reset by peer")
+        yield sse([chunk("small", " rest", usage=(3, 2))])
+
+
+@contextlib.asynccontextmanager
+async def flaky_router(fleet: FlakyFleet, routing: str = "", yaml: str = YAML,
+                       ) -> AsyncIterator[httpx.AsyncClient]:
+    cfg = config(yaml + (f"routing: {{{routing}}}\n" if routing else ""))
+    app = create_app(Settings(env={"MISTRAL_API_KEY": "sk-test-secret"}), config=cfg,
+                     transport=fleet.transport(), resolver=fleet.resolve)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+        yield c
+
+
+THREE = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+@pytest.mark.parametrize("kind", ["refuse", "reset", "500"])
+async def test_a_request_failing_on_a_replica_is_retried_on_a_sibling_not_hosted(
+        kind: str) -> None:
+    fleet = FlakyFleet(answer=list(THREE))
+    async with flaky_router(fleet) as client:
+        chat = {"model": "small", "messages": [{"role": "user", "content": "conversation f"}]}
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        home = fleet.served[-1][0]
+        fleet.failing[home] = kind  # its /health still answers
+        await client.get("/readyz")
+        plan = (await client.post("/v1/route/explain", json=chat)).json()["plan"]
+        choice = plan["replicas"]["small"]
+        # Explain names the replica and the sibling a failure there would move it to.
+        assert choice["replica"] == f"{home}:8102" and choice["why"] == "affinity"
+        (sibling,) = choice["failover"]
+        assert sibling != choice["replica"]
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == f"from {sibling[:-5]}"
+        assert r.headers["x-spillover-route"] == "local"
+        assert r.headers["x-spillover-reason"] == (
+            "local-down" if kind == "refuse" else "local-error")
+        assert fleet.hosted == []  # nothing paid for
+        status = (await client.get("/status")).json()
+        # The request's record names both replicas, in the order they were tried.
+        assert status["recent"][0]["attempts"] == [f"small@{home}:8102", f"small@{sibling}"]
+        assert status["breakers"][f"small@{home}:8102"]["consecutive_failures"] == 1
+        assert status["breakers"][f"small@{sibling}"]["consecutive_failures"] == 0
+
+
+async def test_a_stream_is_retried_on_a_sibling_before_its_first_byte() -> None:
+    fleet = FlakyFleet(answer=list(THREE))
+    async with flaky_router(fleet) as client:
+        chat = {"model": "small", "stream": True,
+                "messages": [{"role": "user", "content": "conversation s"}]}
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200 and "[DONE]" in r.text
+        home = fleet.streamed[-1]
+        fleet.failing[home] = "500"
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200 and "[DONE]" in r.text and '"error"' not in r.text
+        assert r.headers["x-spillover-route"] == "local"
+        assert fleet.streamed[-1] != home and fleet.hosted == []
+        attempts = (await client.get("/status")).json()["recent"][0]["attempts"]
+        assert attempts == [f"small@{home}:8102", f"small@{fleet.streamed[-1]}:8102"]
+
+
+async def test_every_replica_failing_spills_hosted_after_bounded_sibling_retries() -> None:
+    # attempts_per_target (2 by default) bounds the attempts on one deployment.
+    fleet = FlakyFleet(answer=list(THREE), failing=dict.fromkeys(THREE, "500"))
+    async with flaky_router(fleet) as client:
+        chat = {"model": "small", "messages": [{"role": "user", "content": "conversation a"}]}
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "hosted"
+        assert r.headers["x-spillover-reason"] == "local-error"
+        assert fleet.hosted == ["/v1/chat/completions"]
+        attempts = (await client.get("/status")).json()["recent"][0]["attempts"]
+        assert len(attempts) == 3 and attempts[2] == "mistral:mistral-small-latest"
+        assert attempts[0] != attempts[1]
+        assert all(a.startswith("small@10.0.0.") for a in attempts[:2])
+    # A larger bound tries every replica, each once, before the spill.
+    fleet = FlakyFleet(answer=list(THREE), failing=dict.fromkeys(THREE, "reset"))
+    async with flaky_router(fleet, "attempts_per_target: 5") as client:
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "hosted"
+        attempts = (await client.get("/status")).json()["recent"][0]["attempts"]
+        assert sorted(attempts[:-1]) == [f"small@{a}:8102" for a in THREE]
+        assert attempts[-1] == "mistral:mistral-small-latest" and len(fleet.hosted) == 1
+    # With one replica there is no sibling: the spill is at once, as before.
+    fleet = FlakyFleet(answer=["10.0.0.1"], failing={"10.0.0.1": "500"})
+    async with flaky_router(fleet, "attempts_per_target: 5") as client:
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.headers["x-spillover-route"] == "hosted"
+        attempts = (await client.get("/status")).json()["recent"][0]["attempts"]
+        assert attempts == ["small@10.0.0.1:8102", "mistral:mistral-small-latest"]
+
+
+async def test_a_sibling_retry_skips_open_and_saturated_replicas() -> None:
+    fleet = FlakyFleet(answer=list(THREE))
+    async with flaky_router(fleet, "breaker_failures: 1, breaker_cooldown_s: 60") as client:
+        chat = {"model": "small", "messages": [{"role": "user", "content": "conversation o"}]}
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        home = fleet.served[-1][0]
+        sibling = (await client.post("/v1/route/explain", json=chat)).json()["plan"][
+            "replicas"]["small"]["failover"][0][:-5]
+        # The sibling next in the conversation's order fails too, which opens its breaker
+        # (one failure opens one here): the retry after the home replica skips it.
+        fleet.failing[sibling] = "500"
+        other = next(a for a in THREE if a not in (home, sibling))
+        for i in range(1000):  # a conversation homed on the sibling opens its breaker
+            probe = {"model": "small",
+                     "messages": [{"role": "user", "content": f"conversation q{i}"}]}
+            plan = (await client.post("/v1/route/explain", json=probe)).json()["plan"]
+            if plan["replicas"]["small"]["replica"] == f"{sibling}:8102":
+                break
+        assert (await client.post("/v1/chat/completions", json=probe)).status_code == 200
+        assert (await client.get("/status")).json()["breakers"][f"small@{sibling}:8102"][
+            "state"] == "open"
+        fleet.failing[home] = "500"
+        choice = (await client.post("/v1/route/explain", json=chat)).json()["plan"][
+            "replicas"]["small"]
+        assert choice["replica"] == f"{home}:8102"
+        assert choice["failover"] == [f"{other}:8102"]
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.headers["x-spillover-route"] == "local" and fleet.served[-1][0] == other
+        assert (await client.get("/status")).json()["recent"][0]["attempts"] == [
+            f"small@{home}:8102", f"small@{other}:8102"]
+        # The only closed replica failing too: no sibling left to try, hosted.
+        fleet.failing[other] = "500"
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.headers["x-spillover-route"] == "hosted"
+
+
+async def test_a_stream_broken_after_its_first_byte_is_not_retried_and_counts() -> None:
+    fleet = FlakyFleet(answer=list(THREE))
+    async with flaky_router(fleet) as client:
+        chat = {"model": "small", "stream": True,
+                "messages": [{"role": "user", "content": "conversation t"}]}
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200 and "[DONE]" in r.text
+        home = fleet.streamed[-1]
+        name = f"small@{home}:8102"
+        fleet.breaking.add(home)
+        fleet.streamed.clear()
+        r = await client.post("/v1/chat/completions", json=chat)
+        # The caller had its first bytes: the stream ends with an error event, from the
+        # same replica, and nothing else is asked.
+        assert r.status_code == 200
+        assert '"first"' in r.text and '"error"' in r.text and "[DONE]" not in r.text
+        assert fleet.streamed == [home] and fleet.hosted == []
+        status = (await client.get("/status")).json()
+        assert status["recent"][0]["attempts"] == [name]
+        assert status["recent"][0]["status"] == 502
+        # ...and it counts against that replica's breaker like a failure before the byte.
+        assert status["breakers"][name]["consecutive_failures"] == 1
+        assert all(b["consecutive_failures"] == 0
+                   for n, b in status["breakers"].items() if n != name)
+
+
+def test_equally_loaded_replicas_share_requests_without_a_key() -> None:
+    idle = [(n, load()) for n in ("a:1", "b:1", "c:1")]
+    got = [choose(idle, None, turn=t).replica for t in range(100)]  # type: ignore[union-attr]
+    assert {n: got.count(n) for n in ("a:1", "b:1", "c:1")} == {
+        "a:1": 34, "b:1": 33, "c:1": 33}
+    # Only the least loaded share: a busier one gets none.
+    busy = [("a:1", load(1)), ("b:1", load()), ("c:1", load())]
+    got = [choose(busy, None, turn=t).replica for t in range(10)]  # type: ignore[union-attr]
+    assert sorted(set(got)) == ["b:1", "c:1"] and got.count("b:1") == 5
+
+
+async def test_the_router_spreads_requests_without_a_key_over_idle_replicas() -> None:
+    fleet = FlakyFleet(answer=list(THREE))
+    embeds = YAML.replace(f"port: {PORT}\n", f"port: {PORT}\n        endpoints: [embeddings]\n")
+    async with flaky_router(fleet, yaml=embeds) as client:
+        for _ in range(100):
+            r = await client.post("/v1/embeddings", json={"model": "small", "input": "x"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-spillover-route"] == "local"
+    counts = sorted(fleet.embedded.count(a) for a in THREE)
+    assert counts == [33, 33, 34]  # each a fair share; before, the first by name took all
+
+
+def test_a_retry_goes_only_to_a_usable_sibling_never_twice() -> None:
+    names = ["a:1", "b:1", "c:1"]
+    ranked = []
+    tried: list[str] = []
+    while (c := choose([(n, load()) for n in names], "k", tried=tried)) is not None:
+        ranked.append(c.replica)
+        tried.append(c.replica)
+    assert sorted(ranked) == names  # each once, in the conversation's order, then none
+    assert ranked[0] == choose([(n, load()) for n in names], "k").replica  # type: ignore[union-attr]
+    home, nxt, last = ranked
+    for state in ({"healthy": False}, {"saturated": True}):
+        sick = [(n, load(**state) if n == nxt else load()) for n in names]
+        assert choose(sick, "k", tried=[home]).replica == last  # type: ignore[union-attr]
+        assert choose(sick, "k", tried=[home, last]) is None
+        assert choose(sick, None, tried=[home]).replica == last  # type: ignore[union-attr]
+    open_ = choose([(n, load()) for n in names], "k", blocked={nxt: "circuit open"},
+                   tried=[home])
+    assert open_ is not None and open_.replica == last
