@@ -190,3 +190,35 @@ def test_tool_use_from_the_engines_messages_endpoint_then_la_plateforme(
     assert sent_id == mistral_tool_id(use.id) and len(sent_id) == 9 and sent_id.isalnum()
     assert sent["messages"][2] == {"role": "tool", "tool_call_id": sent_id,
                                    "content": "18 degrees, sunny"}
+
+
+def test_count_tokens_with_tools_matches_the_native_create(router: Router) -> None:
+    """vLLM renders a native Messages prompt with tools its own way (90 tokens where the
+    chat path's is 85, measured): count_tokens asks the same endpoint."""
+    native_ready(router, "messages")
+    c = client(router)
+    ask: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    raw = c.messages.with_raw_response.count_tokens(model="demo", messages=ask,
+                                                    tools=[WEATHER])
+    assert raw.headers["x-spillover-token-count"] == "engine"
+    raw_msg = c.messages.with_raw_response.create(model="demo", max_tokens=4, messages=ask,
+                                                  tools=[WEATHER])
+    assert raw_msg.headers["x-spillover-upstream-api"] == "messages"
+    assert raw.parse().input_tokens == raw_msg.parse().usage.input_tokens
+
+
+def test_caller_gone_mid_native_stream(router: Router, engine: Engine) -> None:
+    native_ready(router, "messages")
+    c = client(router)
+    before = engine_posts(engine, "/v1/messages")
+    with c.messages.stream(model="demo", max_tokens=200, messages=HELLO,
+                           extra_body={"temperature": 1}) as stream:
+        rid = stream.response.headers["request-id"]
+        assert stream.response.headers["x-spillover-upstream-api"] == "messages"
+        for _ in stream.text_stream:
+            break  # the caller leaves after its first text
+    r = row(router, rid)
+    assert (r.endpoint, r.status) == ("messages", 499)
+    # Booked as a cut chat stream is: the prompt's upper bound, a token per relayed delta.
+    assert r.prompt_tokens > 0 and 1 <= r.completion_tokens < 200
+    assert engine_posts(engine, "/v1/messages") == before + 1
