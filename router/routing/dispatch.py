@@ -386,9 +386,9 @@ class Dispatcher:
         """The prompt's tokens as a local engine's own tokenizer and chat template count
         them (vLLM's /tokenize, at the server's root); None when it cannot tell. `native`:
         the caller's Messages count_tokens body, counted by the engine's own
-        /v1/messages/count_tokens where a create would go to its /v1/messages (vLLM
-        renders that prompt its own way, tools especially), so the count is what the
-        create is billed."""
+        /v1/messages/count_tokens where a create would go to its /v1/messages: vLLM turns
+        that request into its prompt with its own conversion, not ours, and its count
+        runs the same conversion as its create, so the count is what the create bills."""
         if b.route != "local":
             return None
         if native is not None and self._goes_native(b, None, "messages", native, cls):

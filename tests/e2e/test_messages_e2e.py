@@ -193,8 +193,8 @@ def test_tool_use_from_the_engines_messages_endpoint_then_la_plateforme(
 
 
 def test_count_tokens_with_tools_matches_the_native_create(router: Router) -> None:
-    """vLLM renders a native Messages prompt with tools its own way (90 tokens where the
-    chat path's is 85, measured): count_tokens asks the same endpoint."""
+    """A native create's prompt is vLLM's own conversion of the Messages request (tools
+    included), not the chat path's: count_tokens asks the same endpoint."""
     native_ready(router, "messages")
     c = client(router)
     ask: Any = [{"role": "user", "content": "What is the weather in Paris?"}]

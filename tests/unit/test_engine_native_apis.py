@@ -543,8 +543,8 @@ async def test_a_tier_the_cascade_may_resend_is_asked_in_chat() -> None:
 
 
 async def test_count_tokens_asks_the_endpoint_the_create_would_use() -> None:
-    """vLLM renders a native Messages prompt its own way (tools especially: 90 tokens where
-    the chat path's prompt is 85, measured): the count comes from the same place."""
+    """A native create's prompt is vLLM's own conversion of the Messages request, not the
+    chat path's: the count comes from the same place."""
     tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
     body = {"model": "demo", "tools": tools, "messages": [
         {"role": "user", "content": "weather?"},
