@@ -14,8 +14,8 @@ request; what the native endpoint would mishandle stays translated to chat compl
 - Responses with tools or function-call items: measured with vLLM 0.32 on the demo model
   (mistral tool parser, xgrammar), `/v1/responses` with tool_choice
   `{type: function, name: get_weather}` generated 96 tokens of text and no function call,
-  where chat completions with the same tool_choice returns the call. Also `text.format`
-  json_object (vLLM's Responses path constrains only json_schema) and image input.
+  where chat completions with the same tool_choice returns the call. Also image input
+  (the translation's own checks apply, as for Messages images).
 
 Tool-use ids reach the engine as Mistral's 9-character ids (Mistral chat templates refuse
 others: measured, vLLM answers 400 "Tool call ids must be exactly 9 characters"), mapped
@@ -76,7 +76,8 @@ def responses_unsuited(body: Mapping[str, Any]) -> str | None:
         return "tools (vLLM 0.32's /v1/responses did not follow tool_choice)"
     text = body.get("text")
     fmt = text.get("format") if isinstance(text, dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text", "json_schema"):
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text", "json_schema",
+                                                         "json_object"):
         return f"text.format {fmt.get('type')}"
     raw = body.get("input")
     if isinstance(raw, list):

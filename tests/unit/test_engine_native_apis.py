@@ -241,7 +241,9 @@ def test_what_stays_translated() -> None:
     assert messages_unsuited({**MSG, "messages": [image]}) == "image blocks"
     assert responses_unsuited(RESP) is None
     assert responses_unsuited({**RESP, "tools": [{"type": "function", "name": "f"}]})
-    assert responses_unsuited({**RESP, "text": {"format": {"type": "json_object"}}})
+    assert responses_unsuited({**RESP, "text": {"format": {"type": "json_object"}}}) is None
+    image = {"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}
+    assert responses_unsuited({**RESP, "input": [image]}) == "message parts other than text"
     assert responses_unsuited({**RESP, "text": {"format": {
         "type": "json_schema", "name": "x", "schema": {}}}}) is None
     assert responses_unsuited({**RESP, "input": [
