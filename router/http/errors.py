@@ -6,9 +6,10 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from router.errors import InvalidRequest, NotFound, SpilloverError, to_response
+from router.providers.anthropic import anthropic_error
 
 log = logging.getLogger("spillover.api")
 
@@ -31,6 +32,10 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             err = SpilloverError(str(exc.detail), status=exc.status_code)
             err.type = "invalid_request_error"
+        if request.url.path.startswith("/v1/messages"):
+            # Anthropic's SDK reads only its own error shape (a wrong method included).
+            status, body = anthropic_error(err.status, err.message)
+            return JSONResponse(body, status_code=status, headers=exc.headers)
         return to_response(err, exc.headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:

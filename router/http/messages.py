@@ -40,10 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spillover.messages")
 
-ANTHROPIC_DOC: dict[str, Any] = {
-    "description": "Anthropic's Messages API (https://docs.anthropic.com/en/api/messages); "
-                   "routed like a chat completion.",
-}
 
 
 def with_api_key(scope: Scope) -> Scope:

@@ -30,12 +30,6 @@ from router.providers.responses import (
 if TYPE_CHECKING:
     from router.routing.gateway import Gateway
 
-RESPONSES_DOC: dict[str, Any] = {
-    "description": "OpenAI's Responses API, stateless "
-                   "(https://platform.openai.com/docs/api-reference/responses/create): "
-                   "routed like a chat completion; previous_response_id and built-in "
-                   "tools are refused.",
-}
 
 
 async def responses(gateway: Gateway, scope: Scope, receive: Receive) -> Response:

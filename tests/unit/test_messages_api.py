@@ -119,6 +119,18 @@ async def test_not_json_is_an_anthropic_error(app_client: Any) -> None:
     assert_anthropic_error(r, 400, "invalid_request_error")
 
 
+async def test_a_wrong_method_or_path_is_an_anthropic_error(app_client: Any) -> None:
+    c, _ = app_client
+    assert_anthropic_error(await c.get("/v1/messages"), 405, "invalid_request_error")
+    assert_anthropic_error(await c.get("/v1/messages/count_tokens"), 405,
+                           "invalid_request_error")
+    assert_anthropic_error(await c.post("/v1/messages/batches/x", json=MSG), 404,
+                           "not_found_error")
+    # Elsewhere the OpenAI shape stays.
+    r = await c.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
 async def test_no_capacity_is_529_overloaded(app_client: Any, world: World) -> None:
     """Where an OpenAI client gets 503 (here: the request must stay on-prem and the engine
     is down), an Anthropic client gets 529 overloaded_error."""
