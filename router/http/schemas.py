@@ -5,8 +5,10 @@ are the published contract: what clients generate code from and what the fuzz te
 check the gateway against. Each constant is one route's `openapi_extra`: its request
 body and its responses, every error in OpenAI's shape.
 
-Unknown fields are allowed everywhere: they pass through to vLLM, which has many
-(`top_k`, `min_p`, `guided_json`, `chat_template_kwargs` ...).
+Unknown fields are allowed in the OpenAI chat/completions/embeddings bodies: they pass
+through to vLLM, which has many (`top_k`, `min_p`, `guided_json`, `chat_template_kwargs`
+...). The Messages and Responses bodies refuse unknown top-level fields, as Anthropic
+and OpenAI do (router/providers/anthropic.py, responses.py validate them).
 """
 
 from __future__ import annotations
@@ -379,6 +381,11 @@ _A_PROMPT: dict[str, Schema] = {
     "system": _or_null({"anyOf": [{"type": "string"}, {"type": "array", "items": _A_TEXT}]}),
     "tools": _or_null({"type": "array", "items": _A_TOOL}),
     "tool_choice": _or_null(_A_TOOL_CHOICE),
+    # Read by nothing here (extended thinking goes to vLLM natively); typed all the same.
+    "thinking": _or_null({"type": "object"}),
+    "context_management": _or_null({"type": "object"}),
+    "anthropic_version": _or_null({"type": "string"}),
+    "betas": _or_null({"type": "array", "items": {"type": "string"}}),
 }
 
 MESSAGES_REQUEST: Schema = {
@@ -396,13 +403,17 @@ MESSAGES_REQUEST: Schema = {
         "metadata": _or_null({"type": "object",
                               "properties": {"user_id": _or_null({"type": "string"})}}),
         "stream": _or_null({"type": "boolean"}),
+        "service_tier": _or_null({"enum": ["auto", "standard_only"]}),
+        "container": _or_null({"anyOf": [{"type": "string"}, {"type": "object"}]}),
     },
+    "additionalProperties": False,  # Anthropic: "Extra inputs are not permitted"
 }
 COUNT_TOKENS_REQUEST: Schema = {
     "type": "object",
     "title": "CountMessageTokensParams",
     "required": ["model", "messages"],
     "properties": _A_PROMPT,
+    "additionalProperties": False,
 }
 _A_USAGE: Schema = {
     "type": "object",
@@ -513,13 +524,17 @@ _R_FUNCTION_OUTPUT: Schema = {
     "type": "object",
     "required": ["type", "call_id", "output"],
     "properties": {"type": {"const": "function_call_output"}, "call_id": _ID,
-                   "output": {"type": "string"}},
+                   "output": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+                       "type": "object", "required": ["type", "text"],
+                       "properties": {"type": {"const": "input_text"},
+                                      "text": {"type": "string"}}}}]}},
 }
 _R_TOOL: Schema = {
     "type": "object",
     "required": ["type", "name"],
     "properties": {"type": {"const": "function"}, "name": _FUNCTION_NAME,
-                   "description": {"type": "string"}, "parameters": {"type": "object"},
+                   "description": _or_null({"type": "string"}),
+                   "parameters": _or_null({"type": "object"}),
                    "strict": _or_null({"type": "boolean"})},
 }
 _R_FORMAT: Schema = {"oneOf": [
@@ -560,8 +575,22 @@ RESPONSES_REQUEST: Schema = {
         "metadata": _or_null({"type": "object",
                               "additionalProperties": {"type": "string"}}),
         "parallel_tool_calls": _or_null({"type": "boolean"}),
-        "user": {"type": "string"},
+        "user": _or_null({"type": "string"}),
+        "safety_identifier": _or_null({"type": "string"}),
+        # Documented, changing nothing here (OpenAI's own reasoning, caching, tiers).
+        "reasoning": _or_null({"type": "object"}),
+        "include": _or_null({"type": "array", "items": {"type": "string"}}),
+        "truncation": _or_null({"enum": ["auto", "disabled"]}),
+        "service_tier": _or_null({"enum": ["auto", "default", "flex", "scale", "priority"]}),
+        "prompt_cache_key": _or_null({"type": "string"}),
+        "prompt_cache_retention": _or_null({"enum": ["in-memory", "24h"]}),
+        "top_logprobs": _or_null({"type": "integer", "minimum": 0, "maximum": 20}),
+        "max_tool_calls": _or_null({"type": "integer", "minimum": 1, "maximum": _INT64_MAX}),
+        "stream_options": _or_null({"type": "object"}),
     },
+    # OpenAI: "Unknown parameter". The stateful fields (previous_response_id,
+    # conversation, prompt, background) are refused with a reason when set.
+    "additionalProperties": False,
 }
 RESPONSE: Schema = {
     "type": "object",

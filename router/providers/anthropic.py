@@ -21,18 +21,23 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+)
 
 from router.errors import InvalidRequest
-from router.providers.shapes import arguments_object, text_only
+from router.providers.shapes import arguments_object, first_error, integral, text_only
 
-# Fields a Messages request may carry that change nothing here: extended thinking and
-# Anthropic's own service tiers and containers have no counterpart on an open-weight
-# engine; an SDK that sends them still gets its answer.
-_IGNORED = frozenset({"thinking", "service_tier", "container", "context_management",
-                      "anthropic_version", "betas"})
 # Tools that run on Anthropic's servers (web search, code execution, computer use...):
 # nothing here runs them, so asking for one is refused rather than silently dropped.
 # Tuples, not sets: a caller's value may be a list or an object, which a set cannot hash.
@@ -53,12 +58,167 @@ def _bad(message: str, param: str | None = None) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
+# -- the request's shape -------------------------------------------------------------
+# What Anthropic documents for each field (and /openapi.json publishes), checked once
+# per request by pydantic-core after the translation below, which words the refusals
+# it knows better (server tools, stateful fields, empty turns). Strict, as Anthropic's
+# validation is in effect: a string is no number, a number no boolean; an integer
+# written as a float (`30.0`) is taken, `30.5` refused (router.providers.shapes.integral).
+# Unknown top-level fields are refused as Anthropic refuses them ("Extra inputs are not
+# permitted"); blocks and tools keep fields of their own (cache_control, citations...).
+
+_Int = Annotated[int, BeforeValidator(integral)]
+_NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+_Name = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+_Unit = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _Text(_Part):
+    type: Literal["text"]
+    text: str
+
+
+class _Base64(_Part):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class _Url(_Part):
+    type: Literal["url"]
+    url: str
+
+
+class _Image(_Part):
+    type: Literal["image"]
+    source: Annotated[_Base64 | _Url, Field(discriminator="type")]
+
+
+class _ToolUse(_Part):
+    type: Literal["tool_use"]
+    id: _NonEmpty
+    name: _NonEmpty
+    input: dict[str, Any]
+
+
+class _ToolResult(_Part):
+    type: Literal["tool_result"]
+    tool_use_id: _NonEmpty
+    content: str | list[_Text] = ""
+    is_error: bool = False
+
+
+class _Thinking(_Part):  # Claude's reasoning, sent back in a later turn: skipped
+    type: Literal["thinking", "redacted_thinking"]
+
+
+def _tag(key: str) -> Any:
+    return lambda v: v.get(key) if isinstance(v, dict) else None
+
+
+_UserBlock = Annotated[_Text | _Image | _ToolResult, Field(discriminator="type")]
+_AssistantBlock = Annotated[_Text | _ToolUse | _Thinking, Field(discriminator="type")]
+
+
+class _UserTurn(_Part):
+    role: Literal["user"]
+    content: str | Annotated[list[_UserBlock], Field(min_length=1)]
+
+
+class _AssistantTurn(_Part):
+    role: Literal["assistant"]
+    content: str | Annotated[list[_AssistantBlock], Field(min_length=1)]
+
+
+_Turn = Annotated[Annotated[_UserTurn, Tag("user")] | Annotated[_AssistantTurn, Tag("assistant")],
+                  Discriminator(_tag("role"))]
+
+
+class _Tool(_Part):
+    type: Literal["custom"] = "custom"
+    name: _Name
+    description: str = ""
+    input_schema: dict[str, Any]
+
+
+class _ChoiceKind(_Part):
+    type: Literal["auto", "any", "none"]
+    disable_parallel_tool_use: bool = False
+
+
+class _ChoiceTool(_Part):
+    type: Literal["tool"]
+    name: _Name
+    disable_parallel_tool_use: bool = False
+
+
+class _Metadata(_Part):
+    user_id: str | None = None
+
+
+class _Prompt(BaseModel):
+    """What count_tokens takes; a Messages request takes more (_Create)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: _NonEmpty
+    messages: Annotated[list[_Turn], Field(min_length=1)]
+    system: str | list[_Text] | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: Annotated[_ChoiceKind | _ChoiceTool, Field(discriminator="type")] | None = None
+    # Documented, read by nothing here: extended thinking (vLLM takes it natively), the
+    # context management of Claude Code's requests, the version/betas some SDKs put in
+    # the body.
+    thinking: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None
+    anthropic_version: str | None = None
+    betas: list[str] | None = None
+
+
+class _Create(_Prompt):
+    max_tokens: Annotated[_Int, Field(ge=1, le=2**63 - 1)]
+    stop_sequences: list[_NonEmpty] | None = None
+    temperature: _Unit | None = None
+    top_p: _Unit | None = None
+    top_k: Annotated[_Int, Field(ge=0)] | None = None
+    metadata: _Metadata | None = None
+    stream: bool | None = None
+    # Anthropic's own service tiers and code-execution containers: no counterpart on an
+    # open-weight engine; an SDK that sends them still gets its answer.
+    service_tier: Literal["auto", "standard_only"] | None = None
+    container: str | dict[str, Any] | None = None
+
+
+_PROMPT = _Prompt.__pydantic_validator__
+_CREATE = _Create.__pydantic_validator__
+
+
+def _validate(body: Mapping[str, Any], count_only: bool) -> None:
+    """Refuse what the translation let through as Anthropic would: a 400 naming the
+    field (`metadata.user_id: Input should be a valid string`)."""
+    try:
+        (_PROMPT if count_only else _CREATE).validate_python(body)
+    except ValidationError as exc:
+        _, path, msg = first_error(exc, body)
+        param = ".".join(str(p) for p in path) or None
+        raise _bad(f"{param}: {msg}" if param else msg, param) from None
+
+
 # -- request -------------------------------------------------------------------------
 
 def request_to_chat(body: Mapping[str, Any], *, count_only: bool = False) -> dict[str, Any]:
     """The chat completions request for a Messages request (or a count_tokens request,
     which has no max_tokens and generates nothing). Raises InvalidRequest, worded as
     Anthropic words its own, for what the Messages API would refuse."""
+    out = _translate(body, count_only)
+    _validate(body, count_only)
+    return out
+
+
+def _translate(body: Mapping[str, Any], count_only: bool) -> dict[str, Any]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("model: Field required" if model is None else "model: must be a string",
@@ -85,7 +245,7 @@ def request_to_chat(body: Mapping[str, Any], *, count_only: bool = False) -> dic
     if count_only:
         return out
 
-    max_tokens = body.get("max_tokens")
+    max_tokens = integral(body.get("max_tokens"))
     if max_tokens is None:
         raise _bad("max_tokens: Field required", "max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -97,7 +257,7 @@ def request_to_chat(body: Mapping[str, Any], *, count_only: bool = False) -> dic
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise _bad(f"{key}: must be a number from 0 to 1", key)
             out[key] = v
-    top_k = body.get("top_k")
+    top_k = integral(body.get("top_k"))
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise _bad("top_k: must be a non-negative integer", "top_k")
@@ -284,13 +444,6 @@ def _tool_choice(choice: Any, out: dict[str, Any]) -> None:
     if isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True \
             and kind != "none":
         out["parallel_tool_calls"] = False
-
-
-def unknown_fields(body: Mapping[str, Any]) -> list[str]:
-    """Top-level fields that are neither read nor knowingly ignored (for the log)."""
-    known = {"model", "messages", "system", "max_tokens", "tools", "tool_choice",
-             "stop_sequences", "temperature", "top_p", "top_k", "metadata", "stream"}
-    return sorted(k for k in body if k not in known and k not in _IGNORED)
 
 
 # -- response ------------------------------------------------------------------------

@@ -24,19 +24,23 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+)
 
 from router.errors import InvalidRequest
-from router.providers.shapes import text_only
+from router.providers.shapes import first_error, integral, text_only
 
-# Fields that change nothing here: reasoning effort, caching and tiers of OpenAI's own
-# service have no counterpart on an open-weight engine; `store` is read as false.
-_IGNORED = frozenset({"store", "reasoning", "include", "truncation", "service_tier",
-                      "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
-                      "top_logprobs", "max_tool_calls", "stream_options", "metadata",
-                      "user", "parallel_tool_calls"})
 # What only a stateful server can serve: refused, never silently dropped.
 _STATEFUL = {
     "previous_response_id": "previous_response_id needs a stored response: this gateway is "
@@ -58,11 +62,182 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Inv
     return InvalidRequest(message, param=param, code=code)
 
 
+# -- the request's shape -------------------------------------------------------------
+# What OpenAI documents for each field (and /openapi.json publishes), checked once per
+# request by pydantic-core after the translation below, which words the refusals it
+# knows better (state, built-in tools). Strict, as OpenAI's validation is in effect: a
+# string is no number, a number no boolean; an integer written as a float (`30.0`) is
+# taken, `30.5` refused (router.providers.shapes.integral). An unknown top-level field is
+# refused as OpenAI refuses it ("Unknown parameter"); items and parts keep fields of
+# their own (`id`, `status` of an output item sent back).
+
+_Int = Annotated[int, BeforeValidator(integral)]
+_NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+_Name = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _TextPart(_Part):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class _Refusal(_Part):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class _ImagePart(_Part):
+    type: Literal["input_image"]
+    image_url: _NonEmpty
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+_Content = Annotated[_TextPart | _Refusal | _ImagePart, Field(discriminator="type")]
+
+
+class _Message(_Part):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[_Content]
+
+
+class _FunctionCall(_Part):
+    type: Literal["function_call"]
+    call_id: _NonEmpty
+    name: _NonEmpty
+    arguments: str
+    id: str = ""
+
+
+class _OutputText(_Part):
+    type: Literal["input_text"]
+    text: str
+
+
+class _FunctionOutput(_Part):
+    type: Literal["function_call_output"]
+    call_id: _NonEmpty
+    output: str | list[_OutputText]
+
+
+class _Reasoning(_Part):  # another model's reasoning sent back: skipped
+    type: Literal["reasoning"]
+
+
+def _kind(item: Any) -> Any:
+    return item.get("type", "message") if isinstance(item, dict) else None
+
+
+_InputItem = Annotated[Annotated[_Message, Tag("message")]
+                       | Annotated[_FunctionCall, Tag("function_call")]
+                       | Annotated[_FunctionOutput, Tag("function_call_output")]
+                       | Annotated[_Reasoning, Tag("reasoning")], Discriminator(_kind)]
+
+
+class _Tool(_Part):
+    type: Literal["function"]
+    name: _Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class _ChoiceFunction(_Part):
+    type: Literal["function"]
+    name: str
+
+
+class _PlainFormat(_Part):
+    type: Literal["text", "json_object"]
+
+
+class _SchemaFormat(_Part):
+    type: Literal["json_schema"]
+    name: _Name
+    schema_: Annotated[dict[str, Any], Field(alias="schema")]
+    description: str | None = None
+    strict: bool | None = None
+
+
+class _Text(_Part):
+    format: Annotated[_PlainFormat | _SchemaFormat, Field(discriminator="type")] = \
+        _PlainFormat(type="text")
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class _Create(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: _NonEmpty
+    input: str | Annotated[list[_InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _ChoiceFunction | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: Annotated[_Int, Field(ge=1, le=2**63 - 1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    text: _Text | None = None
+    stream: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    # Refused with a reason of their own before this (they need state) when set.
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    background: bool | None = None
+    # Documented, changing nothing here: reasoning effort, caching and tiers of OpenAI's
+    # own service have no counterpart on an open-weight engine.
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in-memory", "24h"] | None = None
+    top_logprobs: Annotated[_Int, Field(ge=0, le=20)] | None = None
+    max_tool_calls: Annotated[_Int, Field(ge=1, le=2**63 - 1)] | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+_CREATE = _Create.__pydantic_validator__
+
+
+def _validate(body: Mapping[str, Any]) -> None:
+    """Refuse what the translation let through as OpenAI would: a 400 naming the field
+    (param `input[0].content[1].text`), code as OpenAI's (unknown_parameter,
+    missing_required_parameter, invalid_type, invalid_value)."""
+    try:
+        _CREATE.validate_python(body)
+    except ValidationError as exc:
+        kind, path, msg = first_error(exc, body)
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)[1:]
+        if kind == "extra_forbidden":
+            raise _bad(f"Unknown parameter: '{param}'.", param, "unknown_parameter") from None
+        if kind == "missing":
+            raise _bad(f"Missing required parameter: '{param}'.", param,
+                       "missing_required_parameter") from None
+        if kind.endswith("_type"):
+            raise _bad(f"Invalid type for '{param}': {msg}.", param, "invalid_type") from None
+        raise _bad(f"Invalid value for '{param}': {msg}.", param or None,
+                   "invalid_value") from None
+
+
 # -- request -------------------------------------------------------------------------
 
 def request_to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     """The chat completions request for a Responses request. Raises InvalidRequest for
     what the Responses API would refuse and for what needs state or built-in tools."""
+    out = _translate(body)
+    _validate(body)
+    return out
+
+
+def _translate(body: Mapping[str, Any]) -> dict[str, Any]:
     for key, why in _STATEFUL.items():
         if body.get(key) is not None:
             raise _bad(why, key, "unsupported_parameter")
@@ -102,7 +277,7 @@ def request_to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     parallel = body.get("parallel_tool_calls")
     if isinstance(parallel, bool) and tools:
         out["parallel_tool_calls"] = parallel
-    max_tokens = body.get("max_output_tokens")
+    max_tokens = integral(body.get("max_output_tokens"))
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise _bad("Invalid 'max_output_tokens': expected an integer of at least 1.",

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from router.errors import InvalidRequest
 
@@ -40,3 +41,41 @@ def text_only(content: Any, part_type: str, at: str,
             texts.append(part["text"])
         return "\n".join(texts)
     raise bad_content()
+
+
+def integral(value: Any) -> Any:
+    """An integer written as a float (`30.0`) as the int it is; anything else as it came.
+
+    Both Anthropic's and OpenAI's request validation are pydantic's, whose lax mode takes
+    a float with no fractional part for an integer field and refuses `30.5`; JSON Schema
+    (the published contract) also counts `30.0` as an integer. Strings and booleans stay
+    refused: the models that use this validate strictly otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def first_error(exc: ValidationError, body: Any) -> tuple[str, list[str | int], str]:
+    """The error of a request model's validation to tell the caller: its pydantic type,
+    the path to the field in the caller's body and the message. Pydantic's location names
+    the union members it tried (`str`, a tag, `list[...]`) between the body's keys: those
+    steps are dropped by walking the body itself, so the path is what the caller sent.
+    Of a union's errors the deepest is the one meant (`content.1.is_error`, not that
+    `content` is no string)."""
+    best: tuple[str, list[str | int], str] | None = None
+    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+        loc = err["loc"]
+        path: list[str | int] = []
+        node = body
+        for n, step in enumerate(loc):
+            inside = (isinstance(node, dict) and isinstance(step, str) and step in node) or (
+                isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node))
+            if inside:
+                node = node[step]  # a key of a dict, an index of a list
+                path.append(step)
+            elif n == len(loc) - 1 and err["type"] == "missing" and isinstance(step, str):
+                path.append(step)  # a required field: named though absent from the body
+        if best is None or len(path) > len(best[1]):
+            best = (err["type"], path, err["msg"])
+    assert best is not None  # a ValidationError has at least one error
+    return best

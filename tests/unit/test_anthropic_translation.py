@@ -297,3 +297,86 @@ def test_tool_ids_map_to_mistral_and_back_consistently_across_turns() -> None:
                   "tool_calls")
     t.response(first, answer)
     assert chat_to_message(answer, "demo")["content"][0]["id"] == "toolu_01XyZ"
+
+
+# Optional fields the translation does not read, or reads only in part, of a wrong type:
+# refused as Anthropic refuses them, a 400 naming the field.
+@pytest.mark.parametrize(("extra", "param", "says"), [
+    ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": {}}},
+     "tool_choice.disable_parallel_tool_use", "valid boolean"),
+    ({"tool_choice": {"type": "tool", "name": "get_weather",
+                      "disable_parallel_tool_use": "yes"}},
+     "tool_choice.disable_parallel_tool_use", "valid boolean"),
+    ({"metadata": 5}, "metadata", ""),
+    ({"metadata": {"user_id": 5}}, "metadata.user_id", ""),
+    ({"top_k": "x"}, "top_k", ""),
+    ({"top_k": 2.5}, "top_k", ""),
+    ({"stop_sequences": "x"}, "stop_sequences", ""),
+    ({"service_tier": 3}, "service_tier", "'auto' or 'standard_only'"),
+    ({"service_tier": "fast"}, "service_tier", "'auto' or 'standard_only'"),
+    ({"thinking": "on"}, "thinking", "valid dictionary"),
+    ({"context_management": []}, "context_management", "valid dictionary"),
+    ({"container": 7}, "container", ""),
+    ({"betas": "x"}, "betas", "valid list"),
+    ({"temperature": "0.5"}, "temperature", ""),
+    ({"stream": "true"}, "stream", ""),
+    ({"system": [{"type": "text", "text": "a", "cache_control": None}, {"type": "text"}]},
+     "system.1", ""),
+    ({"tools": [{**TOOL, "description": 5}]}, "tools.0.description", "valid string"),
+    ({"tools": [{**TOOL, "name": "get weather"}]}, "tools.0.name", "pattern"),
+    ({"tools": [{**TOOL, "type": None}]}, "tools.0.type", ""),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"},
+        {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": "yes"}]}]},
+     "messages.0.content.1.is_error", "valid boolean"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "text", "text": 5}]}]}]},
+     "messages.0.content.0.content.0", "text only"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}]},
+     "messages.1.content", ""),
+    ({"response_format": {"type": "json_object"}}, "response_format",
+     "Extra inputs are not permitted"),
+    ({"n": 2}, "n", "Extra inputs are not permitted"),
+])
+def test_a_wrong_typed_or_unknown_field_is_refused_naming_it(
+        extra: dict[str, Any], param: str, says: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        request_to_chat({**req(), **extra})
+    assert info.value.status == 400 and info.value.param == param, info.value.message
+    assert info.value.message.startswith(f"{param}: ") and says in info.value.message
+
+
+def test_count_tokens_refuses_what_only_a_create_takes() -> None:
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    assert request_to_chat(body, count_only=True)["messages"]
+    with pytest.raises(InvalidRequest) as info:
+        request_to_chat({**body, "max_tokens": 5}, count_only=True)
+    assert info.value.param == "max_tokens" and "Extra inputs" in info.value.message
+
+
+@pytest.mark.parametrize("documented", [
+    {"thinking": {"type": "enabled", "budget_tokens": 1024}}, {"service_tier": "auto"},
+    {"container": None}, {"context_management": {"edits": []}}, {"metadata": {}},
+    {"top_k": None}, {"tool_choice": {"type": "any", "disable_parallel_tool_use": True}},
+    {"system": [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]},
+])
+def test_documented_fields_it_does_not_use_are_taken(documented: dict[str, Any]) -> None:
+    assert request_to_chat({**req(), **documented})["model"] == "demo"
+
+
+# Anthropic validates with pydantic, whose lax mode takes an integral float for an int:
+# so does the gateway (router.providers.shapes.integral); a fraction stays refused.
+@pytest.mark.parametrize(("field", "sent", "chat_field", "taken"), [
+    ("max_tokens", 30.0, "max_tokens", 30), ("top_k", 5.0, "top_k", 5),
+])
+def test_an_integer_written_as_a_float_is_taken_as_the_integer(
+        field: str, sent: float, chat_field: str, taken: int) -> None:
+    out = request_to_chat({**req(), field: sent})
+    assert out[chat_field] == taken and isinstance(out[chat_field], int)
+    with pytest.raises(InvalidRequest) as info:
+        request_to_chat({**req(), field: sent + 0.5})
+    assert info.value.param == field
+    for wrong in ("30", True):
+        with pytest.raises(InvalidRequest):
+            request_to_chat({**req(), field: wrong})

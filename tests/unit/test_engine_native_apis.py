@@ -257,8 +257,15 @@ async def test_messages_go_to_an_engine_that_has_them() -> None:
     async with running(engine) as (c, rt):
         assert apis(rt)["messages"]["native"] is True
         assert apis(rt)["messages"]["how"] == "GET /v1/messages answered 405"
+        # vLLM's own `priority` is no Messages field: refused as Anthropic refuses an
+        # unknown one, so a caller cannot set its own engine priority this way.
         r = await c.post("/v1/messages", json={**MSG, "thinking": {"type": "enabled"},
                                                "priority": -5}, headers=ANTHROPIC)
+        assert r.status_code == 400 and r.json()["error"]["message"] == (
+            "priority: Extra inputs are not permitted"), r.text
+        assert engine.posts("/v1/messages") == []
+        r = await c.post("/v1/messages", json={**MSG, "thinking": {"type": "enabled"}},
+                         headers=ANTHROPIC)
         assert r.status_code == 200, r.text
         assert r.headers["x-spillover-route"] == "local"
         assert r.headers["x-spillover-upstream-api"] == "messages"
@@ -268,7 +275,7 @@ async def test_messages_go_to_an_engine_that_has_them() -> None:
         assert got["content"] == [{"type": "text", "text": "native hello"}]
         (sent,) = engine.posts("/v1/messages")
         # As the caller wrote it, but for the engine's model name, less what the
-        # translation drops too (thinking) and the caller's own engine priority.
+        # translation drops too (thinking).
         assert sent == {**MSG, "model": SERVED}
         assert engine.world.bodies("local") == []  # no chat request
         (row,) = await ledger_rows(rt, 1)

@@ -304,3 +304,75 @@ def test_call_ids_map_to_mistral_and_back_consistently_across_turns() -> None:
     t.response(first, answer)
     out = chat_to_response(answer, "demo", echo(turn))["output"]
     assert out[0]["call_id"] == "call_LongLocalId_01"
+
+
+# Optional fields the translation does not read, or reads only in part, of a wrong type:
+# refused as OpenAI refuses them, a 400 naming the field (param) with OpenAI's code.
+@pytest.mark.parametrize(("extra", "param", "code"), [
+    ({"metadata": 5}, "metadata", "invalid_type"),
+    ({"metadata": {"k": 1}}, "metadata.k", "invalid_type"),
+    ({"service_tier": 3}, "service_tier", "invalid_value"),
+    ({"text": {"format": {"type": "text"}, "verbosity": 2}}, "text.verbosity",
+     "invalid_value"),
+    ({"text": {"format": None}}, "text.format", "invalid_type"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "invalid_type"),
+    ({"store": "no"}, "store", "invalid_type"),
+    ({"user": 5}, "user", "invalid_type"),
+    ({"safety_identifier": []}, "safety_identifier", "invalid_type"),
+    ({"reasoning": "high"}, "reasoning", "invalid_type"),
+    ({"include": "x"}, "include", "invalid_type"),
+    ({"truncation": "middle"}, "truncation", "invalid_value"),
+    ({"top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ({"max_tool_calls": "3"}, "max_tool_calls", "invalid_type"),
+    ({"stream_options": 1}, "stream_options", "invalid_type"),
+    ({"temperature": "1"}, "temperature", None),
+    ({"tools": [{**TOOL, "strict": "yes"}]}, "tools[0].strict", "invalid_type"),
+    ({"tools": [{**TOOL, "description": 5}]}, "tools[0].description", "invalid_type"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {},
+                          "strict": 1}}}, "text.format.strict", "invalid_type"),
+    ({"input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,AA", "detail": 3}]}]},
+     "input[0].content[0].detail", "invalid_value"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}",
+                 "id": 5}]}, "input[0].id", "invalid_type"),
+    ({"bogus": 1}, "bogus", "unknown_parameter"),
+    ({"messages": []}, "messages", "unknown_parameter"),
+])
+def test_a_wrong_typed_or_unknown_field_is_refused_naming_it(
+        extra: dict[str, Any], param: str, code: str | None) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        request_to_chat({**req(), **extra})
+    err = info.value
+    assert err.status == 400 and err.param == param and err.code == code, err.message
+    assert f"'{param}'" in err.message, err.message
+    if code == "unknown_parameter":
+        assert err.message == f"Unknown parameter: '{param}'."
+
+
+@pytest.mark.parametrize("documented", [
+    {"store": False}, {"reasoning": {"effort": "low"}}, {"include": []},
+    {"truncation": "disabled"}, {"service_tier": "auto"}, {"metadata": {"k": "v"}},
+    {"prompt_cache_key": "k"}, {"top_logprobs": 0}, {"user": None},
+    {"parallel_tool_calls": False}, {"text": {"verbosity": "low"}},
+    {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}",
+                "id": "fc_1", "status": "completed"}]},
+])
+def test_documented_fields_it_does_not_use_are_taken(documented: dict[str, Any]) -> None:
+    assert request_to_chat({**req(), **documented})["model"] == "demo"
+
+
+# OpenAI validates with pydantic too: an integral float is taken for an integer (as its
+# lax mode does, and as JSON Schema counts it), a fraction refused.
+@pytest.mark.parametrize(("field", "sent"), [("max_output_tokens", 30.0),
+                                             ("top_logprobs", 3.0), ("max_tool_calls", 2.0)])
+def test_an_integer_written_as_a_float_is_taken_as_the_integer(field: str,
+                                                              sent: float) -> None:
+    out = request_to_chat({**req(), field: sent})
+    if field == "max_output_tokens":
+        assert out["max_tokens"] == 30 and isinstance(out["max_tokens"], int)
+    with pytest.raises(InvalidRequest) as info:
+        request_to_chat({**req(), field: sent + 0.5})
+    assert info.value.param == field
+    for wrong in (str(int(sent)), True):
+        with pytest.raises(InvalidRequest):
+            request_to_chat({**req(), field: wrong})
