@@ -158,8 +158,11 @@ class Dispatcher:
             content = orjson.dumps(prep.body)
             # Which API the upstream is sent (x-spillover-upstream-api) for a caller of
             # another API than chat; a local engine may still take it natively (_send_engine).
+            # Claude is always sent Messages, translated from chat when not the caller's.
             call.upstream_api = (None if call.native is None
-                                 else call.api if prep.reshape == NATIVE else "chat")
+                                 else call.api if prep.reshape == NATIVE
+                                 else "messages" if isinstance(translator, AnthropicTranslator)
+                                 else "chat")
             result = await self._target(call, plan, backend, prep, content, headers, failures)
             if result is not None:
                 return result

@@ -313,3 +313,22 @@ async def test_local_engine_down_falls_back_to_claude(client: Any, world: World,
     got = await rows(rt, 2)
     assert [row.route for row in got] == ["hosted", "hosted"]
     assert got[0].reason == "local-down"
+
+
+async def test_upstream_api_header_says_claude_was_sent_messages(
+        client: Any, claude: FakeAnthropic) -> None:
+    """x-spillover-upstream-api names what the upstream received: Claude gets Messages,
+    natively for a Messages caller, translated from chat for a Responses caller."""
+    c, rt = client
+    r = await c.post("/v1/messages", json=MSG, headers=HOSTED)
+    assert r.status_code == 200 and r.headers["x-spillover-upstream-api"] == "messages"
+    r = await c.post("/v1/responses", json={"model": "demo", "input": "hi"}, headers=HOSTED)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-spillover-route"] == "hosted"
+    assert r.headers["x-spillover-upstream-api"] == "messages"
+    assert claude.requests[-1][1]["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert r.json()["output"][0]["content"][0]["text"] == "claude answer"
+    assert [x["upstream_api"] for x in rt.recorder.recent][:2] == ["messages", "messages"]
+    r = await c.post("/v1/chat/completions", json=CHAT, headers=HOSTED)
+    assert r.status_code == 200 and "x-spillover-upstream-api" not in r.headers

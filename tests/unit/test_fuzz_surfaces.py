@@ -191,3 +191,86 @@ async def test_an_unhashable_field_value_is_not_a_5xx_on_the_way_to_la_plateform
         if r.status_code >= 400:
             openai_error(r)
         assert world.bodies("hosted") or r.status_code >= 400
+
+
+# Every optional top-level field of each API with the JSON types its docs give it. A value
+# of any other type is refused with a 400 in the API's own shape that names the field,
+# whether or not the gateway reads the field; an integer written as a float is an integer.
+JSON_TYPES: dict[str, Any] = {"boolean": True, "integer": 3, "fraction": 0.5, "string": "x",
+                              "array": [], "object": {}}
+MESSAGES_OPTIONAL = {
+    "system": ("string", "array"), "tools": ("array",), "tool_choice": ("object",),
+    "stop_sequences": ("array",), "temperature": ("integer", "fraction"),
+    "top_p": ("integer", "fraction"), "top_k": ("integer",), "metadata": ("object",),
+    "stream": ("boolean",), "thinking": ("object",), "service_tier": ("string",),
+    "container": ("string", "object"), "context_management": ("object",),
+    "anthropic_version": ("string",), "betas": ("array",),
+}
+COUNT_OPTIONAL = {k: MESSAGES_OPTIONAL[k] for k in (
+    "system", "tools", "tool_choice", "thinking", "context_management",
+    "anthropic_version", "betas")}
+RESPONSES_OPTIONAL = {
+    "instructions": ("string",), "tools": ("array",), "tool_choice": ("string", "object"),
+    "parallel_tool_calls": ("boolean",), "max_output_tokens": ("integer",),
+    "temperature": ("integer", "fraction"), "top_p": ("integer", "fraction"),
+    "text": ("object",), "stream": ("boolean",), "store": ("boolean",),
+    "metadata": ("object",), "user": ("string",), "safety_identifier": ("string",),
+    "reasoning": ("object",), "include": ("array",), "truncation": ("string",),
+    "service_tier": ("string",), "prompt_cache_key": ("string",),
+    "prompt_cache_retention": ("string",), "top_logprobs": ("integer",),
+    "max_tool_calls": ("integer",), "stream_options": ("object",),
+}
+
+
+def _wrong_types(optional: dict[str, tuple[str, ...]]) -> list[tuple[str, Any]]:
+    return [(name, value) for name, types in optional.items()
+            for kind, value in JSON_TYPES.items() if kind not in types]
+
+
+@pytest.mark.parametrize(("path", "optional", "base"), [
+    ("/v1/messages", MESSAGES_OPTIONAL, VALID_MESSAGES),
+    ("/v1/messages/count_tokens", COUNT_OPTIONAL,
+     {k: v for k, v in VALID_MESSAGES.items() if k in ("model", "messages", "system")}),
+    ("/v1/responses", RESPONSES_OPTIONAL, VALID_RESPONSES),
+])
+async def test_every_optional_field_of_a_wrong_type_is_refused_naming_it(
+        path: str, optional: dict[str, tuple[str, ...]], base: dict[str, Any]) -> None:
+    world = World()
+    async with lifespan_client(gateway_app(world)) as c:
+        r = await c.post(path, json=base)
+        assert r.status_code == 200, r.text  # the base body itself is served
+        cases = [*_wrong_types(optional), ("not_a_field", 1)]
+        for field, wrong in cases:
+            r = await c.post(path, json={**base, field: wrong})
+            context = f"{field}={wrong!r}: {r.status_code} {r.text[:300]}"
+            assert r.status_code == 400, context
+            if path == "/v1/responses":
+                openai_error(r)
+                assert r.json()["error"]["param"] == field, context
+            else:
+                anthropic_error(r)
+                err = r.json()["error"]
+                assert err["type"] == "invalid_request_error", context
+                assert err["message"].startswith(f"{field}: "), context
+        # Nothing refused reached an engine: only the base body's own requests did.
+        assert len(world.bodies("local")) + len(world.bodies("hosted")) <= 1
+
+
+@pytest.mark.parametrize(("path", "field", "base"), [
+    ("/v1/messages", "max_tokens", VALID_MESSAGES),
+    ("/v1/responses", "max_output_tokens", VALID_RESPONSES),
+])
+async def test_an_integral_float_is_an_integer_and_a_fraction_is_refused(
+        path: str, field: str, base: dict[str, Any]) -> None:
+    world = World()
+    async with lifespan_client(gateway_app(world)) as c:
+        r = await c.post(path, json={**base, field: 30.0})
+        assert r.status_code == 200, r.text
+        (sent,) = world.bodies("local") or world.bodies("hosted")
+        assert sent["max_tokens"] == 30 and isinstance(sent["max_tokens"], int), sent
+        r = await c.post(path, json={**base, field: 30.5})
+        assert r.status_code == 400, r.text
+        if path == "/v1/responses":
+            assert r.json()["error"]["param"] == field
+        else:
+            assert r.json()["error"]["message"].startswith(f"{field}: ")
