@@ -396,14 +396,20 @@ class Batches(_Strict):
     # engine's adaptive batch concurrency decides, and routing's saturation.batch_below
     # per request), and on hosted (ordinary calls to a provider without a batch API).
     local_concurrency: int = Field(default=16, ge=1)
-    hosted_concurrency: int = Field(default=8, ge=1)
+    # A safety bound, not the pacing: the plan sends hosted only what the deadline forces,
+    # at the latest safe tick, so a higher cap sends no more lines, only lets hosted absorb
+    # a local pace that collapsed late. 32: hosted APIs take that many calls at once within
+    # ordinary rate limits, and at 8 a batch whose engine slowed expired while the plan
+    # asked for more (README, Batch API bench).
+    hosted_concurrency: int = Field(default=32, ge=1)
     # Share of the time left kept in reserve: hosted gets what the local pace will not
     # finish by the deadline less this share, from the latest tick at which hosted (at
     # hosted_concurrency) can still finish it.
     deadline_margin: float = Field(default=0.2, ge=0, lt=1)
     # The interactive time to first token the batch's local lines must not push past:
-    # each engine's batch concurrency is cut as a local interactive TTFT nears it
-    # (0.7 of it) and grows while they stay under half of it.
+    # each engine's batch concurrency is cut as the p90 of its local interactive TTFTs
+    # over the last 5 s (at least 10 of them) nears it (0.7 of it), never on one slow
+    # request, and grows while that p90 stays under half of it.
     interactive_ttft_slo_ms: float = Field(default=1000.0, gt=0)
     # A hosted line's duration assumed until the batch has measured its own: a high guess
     # starts hosted earlier and keeps a longer reserve before the deadline (at most

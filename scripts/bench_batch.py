@@ -240,7 +240,7 @@ async def batch_via_api(port: int, n: int, args: argparse.Namespace, t0: float,
         batch = b.json()
         created_rel = now() - t0
         end_by = now() + args.window_s + args.timeout + 60
-        sched: list[tuple[float, Any, Any, Any, bool]] = []
+        sched: list[tuple[float, Any, Any, Any, bool, Any]] = []
         while batch["status"] not in ("completed", "expired", "failed", "cancelled"):
             if now() > end_by:
                 batch["bench_error"] = "the batch did not end within window + timeout + 60 s"
@@ -251,12 +251,14 @@ async def batch_via_api(port: int, n: int, args: argparse.Namespace, t0: float,
                 rc = batch.get("request_counts") or {}
                 progress.append((now() - t0, int(rc.get("completed", 0)),
                                  int(rc.get("failed", 0))))
-                # The scheduler's view: adaptive local concurrency, lines in flight, risk.
+                # The scheduler's view: adaptive local concurrency, lines in flight, risk,
+                # and the floor a risk raised under the concurrency.
                 state = batch.get("spillover") or {}
                 if state:
                     sched.append((now() - t0, state.get("local_concurrency_allowed"),
                                   state.get("local_in_flight"), state.get("hosted_in_flight"),
-                                  bool(state.get("deadline_at_risk"))))
+                                  bool(state.get("deadline_at_risk")),
+                                  state.get("local_concurrency_floor")))
         batch["bench_schedule"] = sched
         batch["bench_created_rel_s"] = created_rel
         batch["bench_ended_rel_s"] = now() - t0
@@ -346,7 +348,11 @@ async def run_phase(name: str, kids: Children, engine_url: str, hosted_url: str,
                              and finished - created <= args.window_s + 1),
             "progress": progress, "bench_error": batch.get("bench_error"),
             "schedule": batch.get("bench_schedule") or [],
-            "deadline_at_risk_seen": any(x[4] for x in batch.get("bench_schedule") or [])})
+            "deadline_at_risk_seen": any(x[4] for x in batch.get("bench_schedule") or []),
+            # Seconds (1 s polls) in which a projected miss held a floor under the
+            # batch concurrency.
+            "deadline_floor_s": sum(1 for x in batch.get("bench_schedule") or []
+                                    if len(x) > 5 and (x[5] or 0) > 0)})
     recs, _ = await interactive
     stop.set()
     await sampler
@@ -470,6 +476,11 @@ def plot(path: Path, results: dict[str, dict[str, Any]], trace: Trace,
         if sched:
             ax.step([x[0] for x in sched], [x[1] for x in sched], where="post", lw=0.8,
                     c="tab:purple", label="batch concurrency allowed (adaptive)")
+            floors = [(x[0], x[5] or 0) for x in sched if len(x) > 5]
+            if any(f for _, f in floors):
+                ax.step([f[0] for f in floors], [f[1] for f in floors], where="post",
+                        lw=0.8, ls="--", c="tab:purple",
+                        label="its floor (deadline at risk)")
         s0, s1 = res["batch_pending_s"]
         ax.axvspan(s0, s1, color="tab:green", alpha=0.08, label="batch pending")
         busy = 100 * res["engine_busy_while_batch_pending"]
@@ -489,7 +500,8 @@ def plot(path: Path, results: dict[str, dict[str, Any]], trace: Trace,
 async def run(args: argparse.Namespace, kids: Children, engine: Engine,
               tmp: Path) -> dict[str, Any]:
     t_start = time.monotonic()
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
+    load_start = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, load average {load_start[0]:.2f} "
           "(other work running here skews every number)", flush=True)
     hosted_port = free_port()
     hosted = kids.start("hosted", [
@@ -578,6 +590,11 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
         "b_engine_busy_ge_90pct_while_pending":
             b["engine_busy_while_batch_pending"] >= 0.9,
     }
+    # The trace alone is the ceiling this machine gives the SLO: (b) against it.
+    b_vs_alone = (b["interactive"]["in_slo"] / baseline["interactive"]["in_slo"]
+                  if baseline is not None and baseline["interactive"]["in_slo"] > 0 else None)
+    if b_vs_alone is not None:
+        print(f"(b) in SLO: {100 * b_vs_alone:.1f}% of the trace alone's share", flush=True)
     plot(args.plot, results, trace, args)
     print(f"plot written to {args.plot}", file=sys.stderr)
     return {
@@ -591,6 +608,8 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
         "batch_lines": n, "naive_concurrency": args.naive_concurrency,
         "hosted_fake": {"ttft_s": [0.3, 0.5], "tok_per_s": 50.0},
         "b_cost_vs_a": b["batch_hosted_cost_usd"] / cost_a if cost_a > 0 else None,
+        "b_in_slo_vs_alone": b_vs_alone,
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "results": results, "interactive_alone": baseline, "targets_met": targets,
         "timings_s": timings,
     }

@@ -1,6 +1,7 @@
 """The batch scheduler's decisions, as pure functions of what it measured: how many lines
 to send hosted now (`plan_hosted`), how many batch lines an engine may run next to
-interactive traffic (`BatchConcurrency`), and the smoothed local pace (`PaceMeter`).
+interactive traffic (`BatchConcurrency`, on a percentile of the recent interactive TTFTs,
+with a floor a deadline at risk raises), and the smoothed local pace (`PaceMeter`).
 
 No clock, no I/O: the scheduler (router/routing/batch_scheduler.py) passes the time and
 the signals in, so each rule is tested as a table (tests/unit/test_batch_pacing.py).
@@ -106,58 +107,117 @@ class PaceMeter:
         return len(self._done) / max(measured, 1e-3)
 
 
-@dataclass(frozen=True, slots=True)
-class Interactive:
-    """What the router saw of an engine's interactive traffic since the last step."""
+class TtftWindow:
+    """The local interactive TTFTs an engine's requests saw over the last `window_s`: the
+    controller reads a percentile of them, never one request's, so a single outlier (a
+    stalled process, one long prompt) neither cuts the batch nor passes for the engine's
+    state."""
 
-    ttft_s: float | None  # the worst time to first token of those that finished; None: none
-    queued: bool  # the engine reports requests waiting while interactive ones are in flight
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._seen: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, ttft_s: float) -> None:
+        self._seen.append((now, ttft_s))
+
+    def since(self, now: float, start: float) -> list[float]:
+        """The TTFTs seen after `start` within the window, in arrival order."""
+        while self._seen and self._seen[0][0] < now - self.window_s:
+            self._seen.popleft()
+        return [ttft for at, ttft in self._seen if at > start]
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The nearest-rank `q` quantile: 0.9 of 10 values is the 9th smallest, so from 10
+    values on the largest alone is never the p90."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 @dataclass(frozen=True, slots=True)
 class Aimd:
     slo_s: float
-    cut_at: float = 0.7  # cut when an interactive TTFT reaches this share of the SLO
-    grow_below: float = 0.5  # grow only while every interactive TTFT is under this share
+    cut_at: float = 0.7  # cut when the window's percentile TTFT reaches this share of the SLO
+    grow_below: float = 0.5  # grow only while it (every TTFT, before min_samples) is under
+    # The signal: the `percentile` of the local interactive TTFTs of the last `window_s`
+    # seen since the last cut, once there are `min_samples` of them (10 at p90: one outlier
+    # is never the percentile, two in ten are). Fewer: no cut, growth only while every one
+    # is under grow_below.
+    percentile: float = 0.9
+    window_s: float = 5.0
+    min_samples: int = 10
     decrease: float = 0.5  # the multiplicative cut
     increase_per_s: float = 1.0  # the additive growth, lines a second
     floor: float = 1.0
     cooldown_s: float = 1.0  # after a cut, the next is not before this (signals lag)
     hold_s: float = 2.0  # nor any growth: a quiet tick right after a cut is no all-clear
+    # A batch projected to miss its deadline raises the floor: from the limit then in use
+    # by this many lines a second (up to the ceiling), whatever interactive TTFTs say (the
+    # deadline outranks the comfort margin below the SLO; routing's batch_below stays the
+    # hard line per request). It holds while the batch still needs more than local
+    # capacity gives by its target (the pace it bought would otherwise be cut again and
+    # the risk come back late, when hosted can no longer make it up), and falls back this
+    # fast once local capacity alone is projected to finish in time.
+    deadline_rise_per_s: float = 2.0
+    deadline_fall_per_s: float = 0.5
 
 
 class BatchConcurrency:
     """Batch lines an engine may run at once next to interactive traffic: AIMD on the
-    interactive signal. It grows by `increase_per_s` while interactive requests see a TTFT
-    well inside the SLO (or there are none) and the limit is in use, halves as soon as one
-    nears the SLO or the engine queues with interactive requests in flight (at most once
-    a `cooldown_s`, and no growth for `hold_s` after a cut), and holds in between.
-    `ceiling` (the scheduler's cap; routing's `saturation.batch_below` stays the hard
-    line per request) bounds it."""
+    interactive signal. `observe` feeds each local interactive TTFT the router sees; `step`
+    grows the limit by `increase_per_s` while the window's percentile TTFT stays well
+    inside the SLO (or there is no interactive traffic) and the limit is in use, halves it
+    as soon as the percentile nears the SLO or the engine queues with interactive requests
+    in flight (at most once a `cooldown_s`, no growth for `hold_s` after a cut, and only
+    TTFTs seen after a cut count towards the next), and holds in between. While a batch on
+    the engine is projected to miss its deadline (`at_risk`) a floor rises under the limit
+    (`deadline_rise_per_s`), so cuts stop at it; it holds until the batches on the engine
+    have `slack` again (local capacity alone finishes them by the target). `ceiling` (the
+    scheduler's cap; routing's `saturation.batch_below` stays the hard line per request)
+    bounds both."""
 
     def __init__(self, params: Aimd, start: float = 1.0) -> None:
         self.params = params
         self.limit = max(params.floor, start)
+        self.deadline_floor = 0.0
+        self.ttfts = TtftWindow(params.window_s)
         self._cut_at = -math.inf
         self._at: float | None = None
         self.cuts = 0
+        self.signal: float | None = None  # the last step's percentile TTFT (None: too few)
 
-    def step(self, now: float, signal: Interactive, *, in_use: bool,
-             ceiling: float) -> float:
+    def observe(self, now: float, ttft_s: float) -> None:
+        """A local interactive request's time to first token."""
+        self.ttfts.add(now, ttft_s)
+
+    def step(self, now: float, *, queued: bool, in_use: bool, ceiling: float,
+             at_risk: bool = False, slack: bool = True) -> float:
         p = self.params
         dt = 0.0 if self._at is None else max(0.0, now - self._at)
         self._at = now
-        ttft = signal.ttft_s
-        hot = signal.queued or (ttft is not None and ttft >= p.cut_at * p.slo_s)
+        before = self.limit
+        seen = self.ttfts.since(now, self._cut_at)
+        enough = len(seen) >= p.min_samples
+        self.signal = quantile(seen, p.percentile) if enough else None
+        hot = queued or (self.signal is not None and self.signal >= p.cut_at * p.slo_s)
+        calm = (self.signal < p.grow_below * p.slo_s if self.signal is not None
+                else all(t < p.grow_below * p.slo_s for t in seen))
         if hot:
             if now - self._cut_at >= p.cooldown_s:
                 self.limit = self.limit * p.decrease
                 self._cut_at = now
                 self.cuts += 1
-        elif (ttft is None or ttft < p.grow_below * p.slo_s) and in_use:
+        elif calm and in_use:
             since = max(now - dt, self._cut_at + p.hold_s)
             self.limit += p.increase_per_s * max(0.0, now - since)
-        self.limit = min(max(self.limit, p.floor), max(p.floor, ceiling))
+        top = max(p.floor, ceiling)
+        if at_risk and in_use:
+            # From the limit the step began with: this step's cut is what it stops.
+            self.deadline_floor = min(top, max(self.deadline_floor, before)
+                                      + p.deadline_rise_per_s * dt)
+        elif slack and not at_risk:
+            self.deadline_floor = max(0.0, self.deadline_floor - p.deadline_fall_per_s * dt)
+        self.limit = min(max(self.limit, p.floor, self.deadline_floor), top)
         return self.limit
 
     @property

@@ -9,9 +9,10 @@ the batch's id.
 Local lines go out while a local engine of the alias has headroom below its batch line
 (routing decides that per request too: `saturation.batch_below` is the hard ceiling),
 at most as many at once as the engine's adaptive batch concurrency allows: AIMD on what
-the router sees of the engine's interactive traffic (its time to first token against
-`batches.interactive_ttft_slo_ms`, requests queueing at the engine), so batch work fills
-what interactive traffic leaves and backs off fast when interactive latency suffers.
+the router sees of the engine's interactive traffic (the p90 of its local times to first
+token over the last seconds against `batches.interactive_ttft_slo_ms`, requests queueing
+at the engine), so batch work fills what interactive traffic leaves and backs off fast
+when interactive latency suffers, but not for one slow request.
 
 Every tick the smoothed local pace and the time left say how many lines local capacity can
 still finish; hosted gets only the rest, and only from the latest tick at which hosted (at
@@ -20,7 +21,10 @@ finish it before the deadline less `batches.deadline_margin` of the time left
 (router/routing/batch_pacing.py). Hosted lines go forced hosted, at the batch class, so
 billed at the offering's batch price. When even local plus hosted at full concurrency
 cannot finish by the deadline, the batch says so (a warning in the log, `spillover` in the
-batch object). A caller that may not leave the building never goes hosted: what local
+batch object) and the scheduler acts on it: the engines' batch concurrency gets a floor
+that rises while the risk lasts (the deadline outranks the margin kept below the
+interactive SLO, up to routing's batch line), and hosted has `batches.hosted_concurrency`
+slots to take the rest. A caller that may not leave the building never goes hosted: what local
 capacity cannot finish by the deadline is reported `expired`, with the lines that did
 finish in the output file, as OpenAI does.
 """
@@ -61,13 +65,12 @@ from router.routing.batch_pacing import (
     Aimd,
     BatchConcurrency,
     HostedPlan,
-    Interactive,
     PaceMeter,
     plan_hosted,
 )
 
 if TYPE_CHECKING:
-    from router.config import Config
+    from router.config import Batches, Config
     from router.routing.call import Call
     from router.routing.catalog import Backend, Catalog
     from router.routing.gateway import Gateway
@@ -118,6 +121,7 @@ class _Run:
     hosted_latency_s: float | None = None  # hosted lines' duration, smoothed (EWMA)
     plan: HostedPlan | None = None  # the last tick's hosted decision
     local_allowed: int = 0  # local lines the engines' batch concurrency allowed last tick
+    local_floor: int = 0  # of which a deadline at risk holds (the engines' deadline floors)
     warned_at: float = -math.inf  # when a projected miss of the deadline was last logged
     pause_until: float = 0.0
     jobs: set[str] = field(default_factory=set)  # hosted batch jobs polled by this process
@@ -137,10 +141,9 @@ class BatchScheduler:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._recovered_at = 0.0
-        # Per local engine: its adaptive batch concurrency, and the TTFTs of its
-        # interactive requests that finished since the last tick (the recorder's observer).
+        # Per local engine: its adaptive batch concurrency (which keeps the TTFTs of the
+        # engine's interactive requests the recorder's observer hands it).
         self._limits: dict[str, BatchConcurrency] = {}
-        self._ttfts: dict[str, float] = {}
 
     async def start(self) -> None:
         resumed = await asyncio.to_thread(self.store.recover)
@@ -315,6 +318,9 @@ class BatchScheduler:
         return {
             "local_pace_per_s": None if pace is None else round(pace, 3),
             "local_concurrency_allowed": run.local_allowed,
+            # The least the engines' batch concurrency may be cut to while the deadline is
+            # at risk (0: not raised).
+            "local_concurrency_floor": run.local_floor,
             "local_in_flight": len(run.local),
             "hosted_in_flight": max(0, len(run.hosted) - len(run.jobs)),
             "hosted_latency_s": (None if run.hosted_latency_s is None
@@ -329,7 +335,9 @@ class BatchScheduler:
         signal the engines' batch concurrency follows."""
         if (call.route == "local" and call.ttft_s is not None and call.backend
                 and call.facts.priority == "interactive"):
-            self._ttfts[call.backend] = max(call.ttft_s, self._ttfts.get(call.backend, 0.0))
+            ctl = self._limits.get(call.backend)
+            if ctl is not None:  # an engine no batch uses: nothing to pace
+                ctl.observe(self._clock(), call.ttft_s)
 
     def _local_backends(self, parts: Parts, run: _Run) -> list[Backend]:
         return [b for alias in (run.aliases or parts.catalog.aliases)
@@ -342,19 +350,25 @@ class BatchScheduler:
                 params, start=1.0 if ctl is None else ctl.limit)
         return ctl
 
+    @staticmethod
+    def _params(b: Batches) -> Aimd:
+        return Aimd(slo_s=b.interactive_ttft_slo_ms / 1000)
+
     def _pace_engines(self, parts: Parts) -> None:
         """One AIMD step for every local engine a running batch may use, on the
-        interactive signal since the last tick: the worst local interactive TTFT the
-        router saw, and requests waiting at the engine with interactive ones in flight
-        (the router's in-flight count beyond the batch lines it sent)."""
+        interactive signal: a percentile of the local interactive TTFTs the router saw
+        over the last seconds (the controller's window), and requests waiting at the
+        engine with interactive ones in flight (the router's in-flight count beyond the
+        batch lines it sent). A batch on the engine projected to miss its deadline
+        (`deadline_at_risk` at the last tick) raises the engine's floor."""
         recorder = parts.gateway.recorder
         if self._observe not in recorder.observers:
             recorder.observers.append(self._observe)
-        ttfts, self._ttfts = self._ttfts, {}
         b = parts.config.batches
-        params = Aimd(slo_s=b.interactive_ttft_slo_ms / 1000)
-        names = {e.name for run in self._runs.values()
-                 for e in self._local_backends(parts, run)}
+        params = self._params(b)
+        engines = {run.id: {e.name for e in self._local_backends(parts, run)}
+                   for run in self._runs.values()}
+        names = set().union(*engines.values()) if engines else set()
         loads = parts.monitor.view(names)
         now = self._clock()
         for name in sorted(names):
@@ -363,10 +377,16 @@ class BatchScheduler:
             load = loads.get(name)
             queued = (load is not None and bool(load.waiting)
                       and (load.inflight or 0) > batch)
+            plans = [run.plan for run in self._runs.values()
+                     if name in engines[run.id] and run.plan is not None]
+            at_risk = any(plan.shortfall > 0 for plan in plans)
+            # The floor a risk raised holds while a batch still needs hosted (or more than
+            # local capacity gives) to finish by its target.
+            slack = all(plan.need <= 0 for plan in plans)
             # In use: at most one line short of the allowance (a tick that a finished line
             # woke sees its slot free before the next line takes it).
-            ctl.step(now, Interactive(ttfts.get(name), queued),
-                     in_use=batch + 1 >= ctl.allowed, ceiling=b.local_concurrency)
+            ctl.step(now, queued=queued, in_use=batch + 1 >= ctl.allowed,
+                     ceiling=b.local_concurrency, at_risk=at_risk, slack=slack)
 
     def _batch_in_flight(self, parts: Parts, engine: str) -> int:
         return sum(len(r.local) for r in self._runs.values()
@@ -376,9 +396,11 @@ class BatchScheduler:
         """Local lines this batch may have in flight: the engines' adaptive batch
         concurrency, less other batches' lines on them, at most local_concurrency."""
         b = parts.config.batches
-        params = Aimd(slo_s=b.interactive_ttft_slo_ms / 1000)
+        params = self._params(b)
         engines = {e.name for e in self._local_backends(parts, run)}
-        allowed = sum(self._controller(n, params).allowed for n in engines)
+        ctls = [self._controller(n, params) for n in engines]
+        allowed = sum(c.allowed for c in ctls)
+        run.local_floor = sum(math.floor(c.deadline_floor + 1e-9) for c in ctls)
         others = sum(len(r.local) for r in self._runs.values() if r is not run
                      and engines & {e.name for e in self._local_backends(parts, r)})
         return max(0, min(b.local_concurrency, allowed - others))

@@ -1,19 +1,21 @@
 """The batch scheduler's decisions as tables (router/routing/batch_pacing.py): the hosted
 share ("latest safe start" within hosted's concurrency and latency, and the projected
 miss of the deadline), the smoothed local pace, and the engines' adaptive batch
-concurrency (AIMD on the interactive signal). Fake clocks, no process."""
+concurrency (AIMD on a percentile of the interactive TTFTs, with the floor a deadline at
+risk raises). Fake clocks, no process."""
 
 from __future__ import annotations
 
 import pytest
 
+from router.config import Batches
 from router.routing.batch_pacing import (
     Aimd,
     BatchConcurrency,
-    Interactive,
     PaceMeter,
     hosted_capacity,
     plan_hosted,
+    quantile,
 )
 
 
@@ -127,42 +129,191 @@ def test_pace_meter_smooths_over_its_window() -> None:
     assert m.pace(15.5, warmup_s=2.0) == pytest.approx(11 / 10.0)
 
 
-def _ctl() -> BatchConcurrency:
-    return BatchConcurrency(Aimd(slo_s=1.0, cut_at=0.7, grow_below=0.5, decrease=0.5,
-                                 increase_per_s=1.0, floor=1.0, cooldown_s=1.0,
-                                 hold_s=2.0))
+def _ctl(**over: float) -> BatchConcurrency:
+    params: dict[str, float] = dict(slo_s=1.0, cut_at=0.7, grow_below=0.5, decrease=0.5,
+                                    increase_per_s=1.0, floor=1.0, cooldown_s=1.0,
+                                    hold_s=2.0, percentile=0.9, window_s=5.0,
+                                    min_samples=10)
+    params.update(over)
+    return BatchConcurrency(Aimd(**params))  # type: ignore[arg-type]
 
 
-# time, worst interactive TTFT (None: none finished), engine queueing, limit in use,
-# ceiling -> the limit after the step
-AIMD_STEPS = [
-    (0.0, None, False, True, 16, 1.0),     # the first step only sets the clock
-    (1.0, None, False, True, 16, 2.0),     # no interactive traffic: +1 a second
-    (2.0, 0.2, False, True, 16, 3.0),      # interactive well inside the SLO: grows
-    (3.0, 0.2, False, False, 16, 3.0),     # the limit not in use: no growth
-    (4.0, 0.6, False, True, 16, 3.0),      # between half and 0.7 of the SLO: holds
-    (5.0, 0.75, False, True, 16, 1.5),     # nearing the SLO: halved at once
-    (5.5, 0.9, False, True, 16, 1.5),      # within the cooldown (signals lag): kept
-    (6.5, 0.9, False, True, 16, 1.0),      # still hot: halved again, held at the floor
-    (7.5, 0.1, False, True, 16, 1.0),      # fine again, but within 2 s of the cut: held
-    (9.5, 0.1, False, True, 16, 2.0),      # grows from 8.5 on
-    (10.5, None, True, True, 16, 1.0),     # requests queue at the engine: cut
-    (16.5, None, False, True, 16, 5.0),    # from 12.5 on
-    (20.5, None, False, True, 4, 4.0),     # the ceiling bounds it
+@pytest.mark.parametrize(("values", "q", "got"), [
+    ([0.1] * 9 + [5.0], 0.9, 0.1),        # one outlier in 10 is never the p90
+    ([0.1] * 8 + [5.0, 5.0], 0.9, 5.0),   # two are
+    ([0.3, 0.1, 0.2], 0.5, 0.2),
+    ([0.4], 0.9, 0.4),
+])
+def test_quantile_is_nearest_rank(values: list[float], q: float, got: float) -> None:
+    assert quantile(values, q) == got
+
+
+# time, local interactive TTFTs seen since the previous step (all at that time), engine
+# queueing, limit in use, ceiling -> the limit after the step
+AIMD_STEPS: list[tuple[float, list[float], bool, bool, float, float]] = [
+    (0.0, [], False, True, 16, 1.0),              # the first step only sets the clock
+    (1.0, [], False, True, 16, 2.0),              # no interactive traffic: +1 a second
+    (2.0, [0.2] * 10, False, True, 16, 3.0),      # p90 well inside the SLO: grows
+    (3.0, [0.2] * 5, False, False, 16, 3.0),      # the limit not in use: no growth
+    # One request at 3 s among 19 fast ones: the p90 is 0.2, no cut (the old controller
+    # halved on it), and it grows.
+    (4.0, [0.2] * 4 + [3.0], False, True, 16, 4.0),
+    (5.0, [0.6] * 20, False, True, 16, 4.0),      # p90 between half and 0.7: holds
+    # A sustained rise: most of the last 5 s's requests near the SLO. Halved at once.
+    (6.0, [0.8] * 10, False, True, 16, 2.0),
+    # Within the cooldown, and only 5 TTFTs seen since the cut (too few to judge): kept.
+    (6.5, [0.9] * 5, False, True, 16, 2.0),
+    (7.5, [0.9] * 5, False, True, 16, 1.0),       # 10 since the cut, still hot: halved again
+    # Recovers: fast again, 10 since the cut, but within 2 s of it: held...
+    (8.5, [0.1] * 10, False, True, 16, 1.0),
+    (10.5, [0.1] * 10, False, True, 16, 2.0),     # ...then grows from 9.5 on
+    (11.5, [], True, True, 16, 1.0),              # requests queue at the engine: cut
+    (17.5, [], False, True, 16, 5.0),             # from 13.5 on
+    (21.5, [], False, True, 4, 4.0),              # the ceiling bounds it
 ]
 
 
-def test_batch_concurrency_aimd_table() -> None:
+def test_batch_concurrency_cuts_on_a_percentile_not_an_outlier() -> None:
     ctl = _ctl()
-    for now, ttft, queued, in_use, ceiling, limit in AIMD_STEPS:
-        got = ctl.step(now, Interactive(ttft, queued), in_use=in_use, ceiling=ceiling)
-        assert got == pytest.approx(limit), (now, ttft, queued)
+    for now, ttfts, queued, in_use, ceiling, limit in AIMD_STEPS:
+        for t in ttfts:
+            ctl.observe(now - 0.01, t)
+        got = ctl.step(now, queued=queued, in_use=in_use, ceiling=ceiling)
+        assert got == pytest.approx(limit), (now, ttfts, queued)
     assert ctl.cuts == 3
     assert ctl.allowed == 4
 
 
+def test_few_interactive_requests_never_cut_and_a_slow_one_holds_growth() -> None:
+    """Below min_samples nothing is a percentile: one slow request out of three does not
+    cut, but the limit does not grow past it either; fast ones alone let it grow."""
+    ctl = _ctl()
+    ctl.step(0.0, queued=False, in_use=True, ceiling=16)
+    for t in (0.1, 0.9, 0.1):
+        ctl.observe(0.5, t)
+    assert ctl.step(1.0, queued=False, in_use=True, ceiling=16) == 1.0
+    assert ctl.cuts == 0 and ctl.signal is None
+    # The slow one leaves the 5 s window: the two fast ones left let it grow.
+    assert ctl.step(6.0, queued=False, in_use=True, ceiling=16) == pytest.approx(6.0)
+
+
+def test_old_ttfts_leave_the_window() -> None:
+    ctl = _ctl()
+    ctl.step(0.0, queued=False, in_use=True, ceiling=16)
+    for _ in range(10):
+        ctl.observe(0.5, 0.9)
+    # Seen 6 s ago: outside the 5 s window, no cut.
+    assert ctl.step(6.5, queued=False, in_use=True, ceiling=16) == pytest.approx(7.5)
+    assert ctl.cuts == 0
+
+
+# time, p90 TTFT of 10 requests seen (None: none), at risk, in use -> limit, deadline floor
+# (ceiling 8, rising 2 lines a second, falling 0.5)
+FLOOR_STEPS: list[tuple[float, float | None, bool, bool, float, float]] = [
+    (0.0, None, False, True, 1.0, 0.0),
+    (3.0, None, False, True, 4.0, 0.0),
+    (4.0, 0.8, False, True, 2.0, 0.0),    # hot: halved
+    # At risk: the floor starts from the limit in use and rises 2 a second; hot TTFTs
+    # cut the limit, but not below the floor.
+    (5.0, 0.8, True, True, 4.0, 4.0),
+    (6.0, 0.8, True, True, 6.0, 6.0),
+    (7.0, 0.8, True, False, 6.0, 6.0),    # not in use (batch_below's line): held
+    (8.0, 0.8, True, True, 8.0, 8.0),
+    (9.0, 0.8, True, True, 8.0, 8.0),     # the ceiling bounds it
+    # No longer at risk: the floor falls 0.5 a second and the cuts follow it down.
+    (11.0, 0.8, False, True, 7.0, 7.0),
+    (12.0, 0.8, False, True, 6.5, 6.5),
+    (26.0, 0.8, False, True, 3.25, 0.0),  # the floor gone: AIMD alone halves it
+]
+
+
+def test_a_deadline_at_risk_raises_the_floor() -> None:
+    ctl = _ctl(hold_s=0.0)
+    for now, p90, at_risk, in_use, limit, floor in FLOOR_STEPS:
+        if p90 is not None:
+            for _ in range(10):
+                ctl.observe(now - 0.01, p90)
+        got = ctl.step(now, queued=False, in_use=in_use, ceiling=8, at_risk=at_risk)
+        assert (got, ctl.deadline_floor) == pytest.approx((limit, floor)), now
+
+
 def test_batch_concurrency_allows_whole_lines() -> None:
     ctl = _ctl()
-    ctl.step(0.0, Interactive(None, False), in_use=True, ceiling=16)
-    ctl.step(1.5, Interactive(None, False), in_use=True, ceiling=16)
+    ctl.step(0.0, queued=False, in_use=True, ceiling=16)
+    ctl.step(1.5, queued=False, in_use=True, ceiling=16)
     assert ctl.limit == pytest.approx(2.5) and ctl.allowed == 2
+
+
+def _simulate(lines: int, window: float, *, deadline_acts: bool, hosted_slots: int,
+              hosted_latency_s: float = 2.0) -> tuple[int, int, float | None]:
+    """A batch on a fake clock, ticks of 0.5 s. The engine finishes 0.8 batch lines a
+    second per line in flight, at most 5 in flight (routing's batch_below line). Its
+    interactive requests (10 a second) see a TTFT of 0.3 s + 0.1 s per batch line in
+    flight: at 2 lines it is half the 1 s SLO (no growth), at 4 it reaches 0.7 of it (a
+    cut), so AIMD alone holds the batch at 2 lines, 1.6 a second. Hosted runs
+    `hosted_slots` calls of `hosted_latency_s` at once.
+    `deadline_acts`: the scheduler passes the plan's projected miss to the controller (the
+    new rule); otherwise only flags it (the old). -> lines done locally, hosted, and when
+    the batch finished (None: expired at its deadline)."""
+    tick, per_slot, cap = 0.5, 0.8, 5
+    ctl = _ctl()
+    pace = PaceMeter(30.0)
+    pace.started(0.0)
+    pending, local_done, hosted_done, owed = lines, 0, 0, 0.0
+    hosted: list[float] = []
+    at_risk, slack = False, True
+    t = 0.0
+    while t < window:
+        done_now = [end for end in hosted if end <= t]
+        hosted = [end for end in hosted if end > t]
+        hosted_done += len(done_now)
+        if pending == 0 and not hosted:
+            return local_done, hosted_done, t
+        ctl.step(t, queued=False, in_use=True, ceiling=16,
+                 at_risk=at_risk and deadline_acts, slack=slack)
+        in_flight = min(ctl.allowed, cap, pending)
+        for _ in range(int(10 * tick)):
+            ctl.observe(t, 0.3 + 0.1 * in_flight)
+        owed += in_flight * per_slot * tick
+        finished = min(pending, int(owed))
+        owed -= finished
+        pending -= finished
+        local_done += finished
+        for _ in range(finished):
+            pace.finished(t)
+        plan = plan_hosted(pending=pending, local_in_flight=0, hosted_in_flight=len(hosted),
+                           left_s=window - t, margin=0.2,
+                           local_pace=pace.pace(t, min(10.0, 0.1 * window)),
+                           hosted_latency_s=hosted_latency_s, hosted_slots=hosted_slots,
+                           tick_s=tick, reserve_s=hosted_latency_s + tick)
+        at_risk, slack = plan.shortfall > 0, plan.need <= 0
+        pending -= plan.send
+        hosted += [t + hosted_latency_s] * plan.send
+        t += tick
+    return local_done, hosted_done, None
+
+
+def test_an_at_risk_batch_finishes_by_its_deadline_where_the_old_rule_expired() -> None:
+    """600 lines in 100 s, hosted lines of 2 s. The old rule (AIMD held at 2 lines by the
+    interactive TTFTs, the projected miss only flagged, hosted at 8 calls at once)
+    expires. Each of the new rules finishes in time: the floor raised while the miss is
+    projected (even at 8 hosted calls, with more lines local), and hosted at the new default
+    of 32 calls (which takes the rest before any miss is projected)."""
+    old = _simulate(600, 100.0, deadline_acts=False, hosted_slots=8)
+    assert old[2] is None and sum(old[:2]) < 600, old
+    floor = _simulate(600, 100.0, deadline_acts=True, hosted_slots=8)
+    assert floor[2] is not None and floor[2] <= 100.0 and sum(floor[:2]) == 600, floor
+    assert floor[0] > 2 * old[0], (floor, old)  # the local engine ran more of it
+    assert Batches().hosted_concurrency == 32
+    wide = _simulate(600, 100.0, deadline_acts=True, hosted_slots=32)
+    assert wide[2] is not None and wide[2] <= 100.0 and sum(wide[:2]) == 600, wide
+
+
+def test_an_onprem_batch_at_risk_finishes_locally_by_raising_the_floor() -> None:
+    """No hosted at all (an on-prem caller): 320 lines in 100 s, twice what AIMD's 2
+    lines (1.6 a second) finish; the floor raised to batch_below's 5 lines (4 a
+    second) finishes them in time, and only because it was raised."""
+    old = _simulate(320, 100.0, deadline_acts=False, hosted_slots=0)
+    assert old[2] is None and old[0] < 320, old
+    new = _simulate(320, 100.0, deadline_acts=True, hosted_slots=0)
+    assert new == (320, 0, new[2]) and new[2] is not None and new[2] <= 100.0, new

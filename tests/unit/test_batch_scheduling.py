@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.unit.helpers import World, completion
-from tests.unit.test_batch_api import ALICE, _app, _jsonl, _until
+from tests.unit import test_batch_api
+from tests.unit.helpers import BASE_YAML, World, completion
+from tests.unit.test_batch_api import ALICE, VAULT, _app, _jsonl, _until
 
 
 async def _state(c: Any, batch_id: str) -> dict[str, Any]:
@@ -70,8 +71,10 @@ async def test_a_deadline_hosted_cannot_meet_at_its_concurrency_is_reported(
 
 async def test_batch_concurrency_backs_off_for_slow_interactive_requests(
         tmp_path: Any) -> None:
-    """Batch lines alone: the engine's batch concurrency grows past one line. Interactive
-    requests served locally at 0.8 s (0.8 of interactive_ttft_slo_ms): it is cut to one."""
+    """Batch lines alone: the engine's batch concurrency grows past one line. A single
+    interactive request served locally at 0.8 s (0.8 of interactive_ttft_slo_ms) does not
+    cut it; a stream of them, ten a second (the p90 of the window at 0.8 s), cuts it to
+    one."""
     world = World()
 
     async def local(req: httpx.Request) -> httpx.Response:
@@ -99,14 +102,70 @@ async def test_batch_concurrency_backs_off_for_slow_interactive_requests(
             await c["alice"].chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": "interactive"}])
 
-        sent = [asyncio.create_task(interactive())]
-        await asyncio.sleep(1.5)  # the first one finished: its TTFT seen, the limit cut
+        before = (await _state(c, b.id))["spillover"]["local_concurrency_allowed"]
+        await interactive()  # one slow request: seen, no cut
+        await asyncio.sleep(0.6)
+        after = (await _state(c, b.id))["spillover"]["local_concurrency_allowed"]
+        assert after >= before >= 2, (before, after)
+        sent = []
+        for _ in range(35):
+            sent.append(asyncio.create_task(interactive()))
+            await asyncio.sleep(0.1)
         allowed = []
         for _ in range(8):
             sent.append(asyncio.create_task(interactive()))
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.1)
             allowed.append((await _state(c, b.id))["spillover"]["local_concurrency_allowed"])
         await asyncio.gather(*sent)
-        assert max(allowed[2:]) == 1, allowed
+        assert max(allowed) == 1, allowed
         await c["alice"].batches.cancel(b.id)
         await _until(c["alice"], b.id, {"cancelled"})
+
+
+async def test_a_deadline_at_risk_raises_the_batch_concurrency_floor(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An on-prem caller's batch (it may not go hosted): 80 lines in 12 s, local lines of
+    0.5 s, and a stream of interactive requests at 0.8 s, five a second (hot: alone they
+    cut the batch to one line, see above). One line at a time the batch would finish about
+    24: it is projected to miss its deadline, so the floor rises under the batch
+    concurrency and the engine runs several batch lines at once although interactive TTFTs
+    are hot. (The engine takes 12 at once here, so batch_below leaves the batch room.)"""
+    monkeypatch.setattr(test_batch_api, "BASE_YAML",
+                        BASE_YAML.replace("max_inflight: 4", "max_inflight: 12"))
+    world = World()
+
+    async def local(req: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.8 if "interactive" in req.content.decode() else 0.5)
+        return httpx.Response(200, json=completion("demo", "local answer"))
+
+    world.local = local  # type: ignore[assignment]
+    async with _app(tmp_path, world, provider_kind="openai",
+                    interactive_ttft_slo_ms=1000) as c:
+        vault = c["vault"]
+        f = await vault.files.create(file=("in.jsonl", io.BytesIO(_jsonl(80))),
+                                     purpose="batch")
+        b = await vault.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                       completion_window="12s")  # type: ignore[arg-type]
+
+        async def interactive() -> None:
+            await vault.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "interactive"}])
+
+        sent: list[asyncio.Task[None]] = []
+        states: list[dict[str, Any]] = []
+        http = vault._client
+        for i in range(40):  # 8 s of interactive requests, five a second
+            sent.append(asyncio.create_task(interactive()))
+            await asyncio.sleep(0.2)
+            if i >= 15:  # the stream hot for 2 s and more
+                r = await http.get(f"http://gw/v1/batches/{b.id}",
+                                   headers={"authorization": f"Bearer {VAULT}"})
+                states.append(r.json().get("spillover") or {})
+        await asyncio.gather(*sent)
+        raised = [s for s in states if s.get("deadline_at_risk")
+                  and (s.get("local_concurrency_floor") or 0) >= 3]
+        assert raised, states
+        assert max(s["local_concurrency_allowed"] for s in raised) >= 3, raised
+        assert max(s["local_in_flight"] for s in states) >= 3, states
+        await vault.batches.cancel(b.id)
+        await _until(vault, b.id, {"cancelled", "expired"})
