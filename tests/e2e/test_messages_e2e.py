@@ -4,10 +4,12 @@ client received."""
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
 import anthropic
+import httpx2
 import pytest
 
 from router.accounting.ledger import Ledger, LedgerRow
@@ -209,16 +211,22 @@ def test_count_tokens_with_tools_matches_the_native_create(router: Router) -> No
 
 def test_caller_gone_mid_native_stream(router: Router, engine: Engine) -> None:
     native_ready(router, "messages")
-    c = client(router)
+    # A slow reader with small buffers and a long answer: the whole stream cannot sit in
+    # the sockets' buffers before the caller leaves (200 tokens did, and was booked 200).
+    # (The anthropic package runs on httpx2, the httpx fork it depends on.)
+    http = anthropic.DefaultHttpxClient(timeout=60, transport=httpx2.HTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]))
+    c = client(router).with_options(http_client=http)
     before = engine_posts(engine, "/v1/messages")
-    with c.messages.stream(model="demo", max_tokens=200, messages=HELLO,
+    with c.messages.stream(model="demo", max_tokens=1900, messages=HELLO,
                            extra_body={"temperature": 1}) as stream:
         rid = stream.response.headers["request-id"]
         assert stream.response.headers["x-spillover-upstream-api"] == "messages"
         for _ in stream.text_stream:
             break  # the caller leaves after its first text
+    http.close()
     r = row(router, rid)
     assert (r.endpoint, r.status) == ("messages", 499)
     # Booked as a cut chat stream is: the prompt's upper bound, a token per relayed delta.
-    assert r.prompt_tokens > 0 and 1 <= r.completion_tokens < 200
+    assert r.prompt_tokens > 0 and 1 <= r.completion_tokens < 1900
     assert engine_posts(engine, "/v1/messages") == before + 1
