@@ -23,7 +23,14 @@ from starlette.types import Receive, Scope
 
 from router.errors import SpilloverError
 from router.http.inbound import read_json
-from router.http.reshape import BODY_HEADERS, Piece, chat_events, json_body, reshape_stream
+from router.http.reshape import (
+    BODY_HEADERS,
+    Piece,
+    chat_events,
+    event_data,
+    json_body,
+    reshape_stream,
+)
 from router.http.streaming import EventStream
 from router.providers.anthropic import (
     MessageStream,
@@ -213,7 +220,7 @@ async def _engine_events(relay: AsyncIterable[Piece], model: str,
             out = []
             for raw in piece.split(b"\n\n"):
                 if raw.startswith(b"event: message_start"):
-                    data = _data_of(raw)
+                    data = event_data(raw)
                     msg = data.get("message") if data is not None else None
                     if data is not None and isinstance(msg, dict):
                         _as_ours(msg, model)
@@ -222,17 +229,6 @@ async def _engine_events(relay: AsyncIterable[Piece], model: str,
                 out.append(raw)
             piece = b"\n\n".join(out)
         yield piece
-
-
-def _data_of(raw: bytes) -> dict[str, Any] | None:
-    for line in raw.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                data = orjson.loads(line[5:].strip())
-            except orjson.JSONDecodeError:
-                return None
-            return data if isinstance(data, dict) else None
-    return None
 
 
 def _status_of(err: Mapping[str, Any]) -> int:

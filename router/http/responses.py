@@ -18,7 +18,14 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
-from router.http.reshape import BODY_HEADERS, Piece, chat_events, json_body, reshape_stream
+from router.http.reshape import (
+    BODY_HEADERS,
+    Piece,
+    chat_events,
+    event_data,
+    json_body,
+    reshape_stream,
+)
 from router.http.streaming import EventStream
 from router.providers.responses import (
     ResponseStream,
@@ -82,7 +89,7 @@ async def _engine_events(relay: AsyncIterable[Piece], model: str,
         for raw in piece.split(b"\n\n"):
             if not raw:
                 continue
-            data = _data_of(raw)
+            data = event_data(raw)
             if data is None:
                 out.append(raw + b"\n\n")
                 continue
@@ -105,17 +112,6 @@ async def _engine_events(relay: AsyncIterable[Piece], model: str,
             out.append(raw + b"\n\n")
         if out:
             yield b"".join(out)
-
-
-def _data_of(raw: bytes) -> dict[str, Any] | None:
-    for line in raw.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                data = orjson.loads(line[5:].strip())
-            except orjson.JSONDecodeError:
-                return None
-            return data if isinstance(data, dict) else None
-    return None
 
 
 def _code_of(err: Mapping[str, Any]) -> str:

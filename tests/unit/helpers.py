@@ -3,6 +3,8 @@ network, no socket): the fixtures and checks that many test files share."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -255,3 +257,35 @@ async def router_app(world: World,
 async def router(world: World, data: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
     async with router_app(world, data) as (c, _):
         yield c
+
+
+async def call_then_leave(app: Any, path: str, body: bytes, *, after: int,
+                          headers: tuple[tuple[bytes, bytes], ...] = ()) -> list[Any]:
+    """POST body to path straight through the ASGI app, as a caller that goes away (its
+    next send raises, as a closed socket does) once `after` messages went out; what was
+    sent. Run inside the app's lifespan."""
+    sent: list[Any] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if len(sent) >= after:  # the start and a few events went out; then the caller is gone
+            raise OSError("the caller closed the connection")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), *headers],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    # What the server sees of a gone caller; the app may let it through.
+    with contextlib.suppress(OSError):
+        await asyncio.wait_for(app(scope, receive, send), 5)
+    return sent

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from tests.unit.helpers import (
     ENV,
     LOCAL,
     World,
+    call_then_leave,
     chunk,
     config,
     lifespan_client,
@@ -383,31 +384,9 @@ async def test_caller_gone_mid_native_stream_is_booked_like_a_chat_stream() -> N
                      transport=httpx.MockTransport(engine.handle))
     runtime: Runtime = app.state.runtime
     body = json.dumps({**MSG, "stream": True, "max_tokens": 64}).encode()
-    sent: list[MutableMapping[str, Any]] = []
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def send(msg: MutableMapping[str, Any]) -> None:
-        sent.append(msg)
-        if len(sent) >= 6:  # the start and a few events went out; then the caller is gone
-            raise OSError("the caller closed the connection")
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/messages",
-             "raw_path": b"/v1/messages", "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"),
-                         (b"anthropic-version", b"2023-06-01")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
     async with app.router.lifespan_context(app):
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(app(scope, receive, send), 5)
+        sent = await call_then_leave(app, "/v1/messages", body, after=6,
+                                     headers=((b"anthropic-version", b"2023-06-01"),))
         assert dict(sent[0]["headers"])[b"x-spillover-upstream-api"] == b"messages"
         (row,) = await ledger_rows(runtime, 1)
         assert (row.endpoint, row.route, row.status) == ("messages", "local", 499)

@@ -4,15 +4,12 @@ and the upstream stream is closed, as for chat completions (test_stream_cleanup)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from typing import Any
 
 import httpx
 
 from router.runtime import Runtime
-from tests.unit.helpers import World, gateway_app
+from tests.unit.helpers import World, call_then_leave, gateway_app
 from tests.unit.test_stream_cleanup import EVENTS, TrackedStream, ledger_rows
 
 MSG = {"model": "demo", "max_tokens": 64, "stream": True,
@@ -27,32 +24,9 @@ async def test_caller_gone_mid_stream_books_a_499_with_estimated_usage() -> None
     app = gateway_app(world)
     runtime: Runtime = app.state.runtime
     body = json.dumps(MSG).encode()
-    sent: list[dict[str, Any]] = []
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if len(sent) >= 4:  # the start and a few events went out; then the caller is gone
-            raise OSError("the caller closed the connection")
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/messages",
-             "raw_path": b"/v1/messages", "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"),
-                         (b"anthropic-version", b"2023-06-01")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
     async with app.router.lifespan_context(app):
-        # What the server sees of a gone caller; the app may let it through.
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(app(scope, receive, send), 5)
+        sent = await call_then_leave(app, "/v1/messages", body, after=4,
+                                     headers=((b"anthropic-version", b"2023-06-01"),))
         assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
         relayed = b"".join(m.get("body", b"") for m in sent[1:])
         assert b"event: message_start" in relayed and b"message_stop" not in relayed

@@ -4,7 +4,6 @@ exporter: the request span, one child per upstream attempt, traceparent both way
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +17,17 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from router.app import Settings, create_app
 from router.routing.tracing import Tracing, enabled
-from tests.unit.helpers import CHAT, ENV, World, chunk, completion, config, lifespan_client, sse
+from tests.unit.helpers import (
+    CHAT,
+    ENV,
+    World,
+    call_then_leave,
+    chunk,
+    completion,
+    config,
+    lifespan_client,
+    sse,
+)
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
@@ -218,30 +227,8 @@ async def test_a_caller_gone_mid_stream_ends_the_attempt_span_with_that_outcome(
     app = create_app(Settings(env=dict(ENV)), config=config(), transport=world.transport(),
                      tracing=Tracing(SimpleSpanProcessor(exporter)))
     body = orjson.dumps({**CHAT, "stream": True})
-    sent: list[dict[str, Any]] = []
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if len(sent) >= 4:  # the start and a few events went out; then the caller is gone
-            raise OSError("the caller closed the connection")
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
     async with app.router.lifespan_context(app):
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(app(scope, receive, send), 5)
+        await call_then_leave(app, "/v1/chat/completions", body, after=4)
         await _settled(exporter, 2)
     assert closed == [True]
     request, (attempt,) = _spans(exporter)
