@@ -27,7 +27,6 @@ from router.http.reshape import (
     BODY_HEADERS,
     Piece,
     chat_events,
-    event_data,
     json_body,
     reshape_stream,
 )
@@ -41,6 +40,7 @@ from router.providers.anthropic import (
     message_id,
     request_to_chat,
 )
+from router.providers.shapes import event_data
 
 if TYPE_CHECKING:
     from router.routing.gateway import Gateway

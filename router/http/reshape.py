@@ -36,18 +36,6 @@ def json_body(response: Any) -> Any:
         return {}
 
 
-def event_data(raw: bytes) -> dict[str, Any] | None:
-    """The JSON object of one server-sent event's data line (None if it has none)."""
-    for line in raw.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                data = orjson.loads(line[5:].strip())
-            except orjson.JSONDecodeError:
-                return None
-            return data if isinstance(data, dict) else None
-    return None
-
-
 async def chat_events(relay: AsyncIterable[Piece],
                       feed: Callable[[Mapping[str, Any]], list[bytes]],
                       done: Callable[[], list[bytes]],

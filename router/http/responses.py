@@ -22,7 +22,6 @@ from router.http.reshape import (
     BODY_HEADERS,
     Piece,
     chat_events,
-    event_data,
     json_body,
     reshape_stream,
 )
@@ -33,6 +32,7 @@ from router.providers.responses import (
     echo,
     request_to_chat,
 )
+from router.providers.shapes import event_data
 
 if TYPE_CHECKING:
     from router.routing.gateway import Gateway

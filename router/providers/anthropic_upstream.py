@@ -21,7 +21,7 @@ import orjson
 from router.config import Endpoint
 from router.errors import InvalidRequest
 from router.providers.base import Prepared
-from router.providers.shapes import arguments_object
+from router.providers.shapes import arguments_object, event_data
 from router.providers.tool_ids import IdMap
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -225,19 +225,6 @@ def message_to_chat(data: Mapping[str, Any], model: str) -> dict[str, Any]:
 
 # -- stream: Messages events -> chat chunks ------------------------------------------
 
-def parse_event(event: bytes) -> dict[str, Any] | None:
-    """The JSON of one SSE event's data line (Anthropic names its events with an
-    `event:` line first); None when it has none."""
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                data = orjson.loads(line[5:].strip())
-            except orjson.JSONDecodeError:
-                return None
-            return data if isinstance(data, dict) else None
-    return None
-
-
 @dataclass(slots=True)
 class ChatChunks:
     """Messages stream events in, chat completion chunks (as SSE `data:` events) out."""
@@ -248,7 +235,7 @@ class ChatChunks:
     tools: dict[int, int] = field(default_factory=dict)  # block index -> tool call index
 
     def convert(self, event: bytes) -> bytes | None:
-        data = parse_event(event)
+        data = event_data(event)
         if data is None:
             return None
         kind = data.get("type")

@@ -79,3 +79,17 @@ def first_error(exc: ValidationError, body: Any) -> tuple[str, list[str | int], 
             best = (err["type"], path, err["msg"])
     assert best is not None  # a ValidationError has at least one error
     return best
+
+
+def event_data(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of one whole event's `data:` line (None when it has none or it is
+    not an object); an `event:` line before it, as Anthropic and Responses send, is
+    skipped."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                data = orjson.loads(line[5:].strip())
+            except orjson.JSONDecodeError:
+                return None
+            return data if isinstance(data, dict) else None
+    return None

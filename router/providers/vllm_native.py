@@ -33,8 +33,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
 from router.providers.base import Prepared
 from router.providers.tool_ids import IdMap, mistral_tool_id
 
@@ -151,12 +149,3 @@ def is_terminal(event: bytes) -> bool:
     return event.startswith(b"event: ") and event[7:].split(b"\n", 1)[0].strip() in _TERMINAL
 
 
-def event_data(event: bytes) -> dict[str, Any] | None:
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                data = orjson.loads(line[5:].strip())
-            except orjson.JSONDecodeError:
-                return None
-            return data if isinstance(data, dict) else None
-    return None

@@ -44,10 +44,10 @@ from router.providers import (
     bound_output,
     engine_priority,
 )
-from router.providers.anthropic_upstream import ANTHROPIC_VERSION, NATIVE, native_usage, parse_event
+from router.providers.anthropic_upstream import ANTHROPIC_VERSION, NATIVE, native_usage
+from router.providers.shapes import event_data
 from router.providers.vllm_native import (
     RESPONSES_NATIVE,
-    event_data,
     is_terminal,
     messages_request,
     messages_unsuited,
@@ -646,7 +646,7 @@ class Dispatcher:
         if b"content_block_delta" in event:
             call.chunks += 1
         elif b'"usage"' in event:
-            data = parse_event(event)
+            data = event_data(event)
             usage = native_usage(data) if data is not None else None
             if usage is not None:
                 if data is not None and data.get("type") == "message_delta" \
