@@ -711,7 +711,7 @@ class BatchStore:
                         which = "err"
                     else:
                         continue
-                    data = orjson.dumps(item) + b"\n"
+                    data = jsonl_line(item)
                     files[which].write(data)
                     sizes[which] += len(data)
                 last = page[-1][0]
@@ -766,3 +766,20 @@ def _line_problem(item: object) -> tuple[str, str, str | None] | None:
     if body.get("stream") is True:
         return "invalid_body", "a batch request cannot stream", "body.stream"
     return None
+
+
+# The characters besides \n that str.splitlines() (and readers built on it) split on and
+# that JSON leaves unescaped inside strings; a model's text may hold any of them.
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"),
+                (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def jsonl_line(item: Any) -> bytes:
+    """One JSONL line that splits as one line however it is read: the line breaks JSON
+    may carry raw inside strings are escaped (in UTF-8 these bytes are those characters
+    only, so nothing else changes)."""
+    data = orjson.dumps(item)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data + b"\n"

@@ -145,6 +145,24 @@ def test_a_restarted_store_never_repeats_a_finished_line(tmp_path: Path) -> None
     assert [(x["custom_id"], x["response"]["status_code"]) for x in err] == [("id4", 400)]
 
 
+def test_output_lines_split_as_lines_whatever_the_model_wrote(tmp_path: Path) -> None:
+    """A model's text may hold U+2028, U+2029 or U+0085, which JSON leaves raw inside
+    strings and str.splitlines() (the openai cookbook's way to read an output file) splits
+    on: each result is still one line, and reads back as written."""
+    store = _store(tmp_path)
+    f = _upload(store, "\n".join(_line(f"id{i}") for i in range(2)))
+    b = store.create_batch("alice", f["id"], "/v1/chat/completions", "24h", None, _allow)
+    text = "one\u2028two\u2029three\x85four \u00e9\u4e2d\n\r"
+    for line in store.claim(b["id"], 2, "local"):
+        store.finish_line(line, ok=True, status_code=200, request_id="r", route="local",
+                          result=orjson.dumps({"content": text}))
+    store.finalize(b["id"], "completed")
+    done = store.get_batch("alice", b["id"])
+    assert done is not None
+    lines = store.path(done["output_file_id"]).read_bytes().decode().splitlines()
+    assert [json.loads(x)["response"]["body"]["content"] for x in lines] == [text, text]
+
+
 def test_two_stores_on_one_database_never_claim_the_same_line(tmp_path: Path) -> None:
     a, b = _store(tmp_path), _store(tmp_path)
     f = _upload(a, "\n".join(_line(f"id{i}") for i in range(20)))
