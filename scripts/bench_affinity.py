@@ -60,7 +60,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib.procs import ROOT, VENV_BIN, Children, sigterm_as_exit, wait_http
-from benchlib.stats import emit, pct, table
+from benchlib.stats import emit, finite, pct, table
 
 HOST = "127.0.0.1"
 ALIAS = "demo"
@@ -556,20 +556,9 @@ def main() -> int:
     out["wall_s"] = round(time.monotonic() - t0, 1)
     out["command"] = "scripts/bench_affinity.py " + " ".join(sys.argv[1:])
     print("\ntargets:", json.dumps(out["targets_met"], indent=1))
-    emit(_finite(out), args.out)
+    emit(finite(out), args.out)
     print(f"figures written to {args.out}", file=sys.stderr)
     return 0
-
-
-def _finite(o: Any) -> Any:
-    """JSON has no inf or NaN: a TTFT that never came is null."""
-    if isinstance(o, float):
-        return round(o, 6) if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {str(k): _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 if __name__ == "__main__":

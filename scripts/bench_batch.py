@@ -62,7 +62,6 @@ from typing import Any
 
 import httpx
 import orjson
-import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -73,19 +72,19 @@ from bench_offload import (
     PROMPT,
     Engine,
     Rec,
-    _finite,
     capacity,
     closed_capacity,
     engine_idle,
     poisson,
     replay,
     request_body,
+    run_on_engine,
     sample_engine,
     sample_router,
 )
 from benchlib.httpload import Pool, now
-from benchlib.procs import ROOT, VENV_BIN, Children, free_port, sigterm_as_exit, wait_http
-from benchlib.stats import emit, pct, table
+from benchlib.procs import ROOT, VENV_BIN, Children, free_port, wait_http
+from benchlib.stats import pct, table
 
 PHASES = ("a-chat-completions", "b-batch-api")
 
@@ -679,34 +678,8 @@ def main() -> int:
                               ("refine_steps", 1, 0)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="spillover-batch-"))
-    engine = Engine(tmp / "logs")
-    try:
-        with sigterm_as_exit(), Children(tmp / "logs") as kids:
-            async def go() -> dict[str, Any]:
-                try:
-                    return await run(args, kids, engine, tmp)
-                finally:
-                    await engine.stop()
-
-            out = uvloop.run(go())
-    except KeyboardInterrupt:
-        print("interrupted; children stopped", file=sys.stderr)
-        return 130
-    finally:
-        engine.kill_now()
-        if args.keep_logs:
-            print(f"logs in {tmp}/logs", file=sys.stderr)
-        else:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    out["wall_s"] = round(time.monotonic() - t0, 1)
-    print("\ntargets:", json.dumps(out["targets_met"]))
-    emit(_finite(out), args.out)
-    print(f"figures written to {args.out}", file=sys.stderr)
-    return 0
+    return run_on_engine("spillover-batch-", args.keep_logs, args.out,
+                         lambda kids, engine, tmp: run(args, kids, engine, tmp))
 
 
 if __name__ == "__main__":

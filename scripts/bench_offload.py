@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.httpload import Pool, now
 from benchlib.meter import CpuMeter
 from benchlib.procs import ROOT, VENV_BIN, Children, free_port, sigterm_as_exit, wait_http
-from benchlib.stats import emit, pct, table
+from benchlib.stats import emit, finite, pct, table
 
 HOST = "127.0.0.1"
 ALIAS = "demo"
@@ -905,14 +906,22 @@ def main() -> int:
             p.error("--split-cpus needs at least 2 CPUs")
         args.engine_cpus = {cpus[-1]}
         os.sched_setaffinity(0, set(cpus[:-1]))  # inherited by the router and the fakes
+    return run_on_engine("spillover-offload-", args.keep_logs, args.out,
+                         lambda kids, engine, tmp: run(args, kids, engine, tmp))
+
+
+def run_on_engine(prefix: str, keep_logs: bool, out_path: Path,
+                  body: Callable[[Children, Engine, Path], Awaitable[dict[str, Any]]]) -> int:
+    """Run a benchmark's body beside one demo engine and its children, stopping them
+    however it ends (Ctrl-C, SIGTERM, an error), then print and write its figures."""
     t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="spillover-offload-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     engine = Engine(tmp / "logs")
     try:
         with sigterm_as_exit(), Children(tmp / "logs") as kids:
             async def go() -> dict[str, Any]:
                 try:
-                    return await run(args, kids, engine, tmp)
+                    return await body(kids, engine, tmp)
                 finally:
                     await engine.stop()
 
@@ -922,7 +931,7 @@ def main() -> int:
         return 130
     finally:
         engine.kill_now()
-        if args.keep_logs:
+        if keep_logs:
             print(f"logs in {tmp}/logs", file=sys.stderr)
         else:
             import shutil
@@ -930,20 +939,9 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print("\ntargets:", json.dumps(out["targets_met"]))
-    emit(_finite(out), args.out)
-    print(f"figures written to {args.out}", file=sys.stderr)
+    emit(finite(out), out_path)
+    print(f"figures written to {out_path}", file=sys.stderr)
     return 0
-
-
-def _finite(o: Any) -> Any:
-    """JSON has no inf or NaN: a TTFT that never came is null."""
-    if isinstance(o, float):
-        return round(o, 6) if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -45,3 +46,15 @@ def emit(out: dict[str, object], path: Path | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, separators=(",", ":")))
+
+
+def finite(o: Any) -> Any:
+    """JSON has no inf or NaN: a figure that never came (a TTFT of a request that got no
+    token) is null; floats rounded to 6 places, keys made strings."""
+    if isinstance(o, float):
+        return round(o, 6) if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k): finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o
