@@ -9,6 +9,7 @@ lines that were in flight (claimed, no result) go back to pending at the next st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import psycopg
 
-from router.accounting.ledger import BATCH_RERUN
+from router.accounting.ledger import BATCH_RERUN, StoreUnavailable
 from router.accounting.pg import PgTarget
 from router.accounting.pg import connect as pg_connect
 from router.config import Batches, Config, Endpoint
@@ -180,6 +182,8 @@ class BatchStore:
         self.shared = isinstance(db, PgTarget)
         self._lease_s = lease_s
         self._db: Any
+        self._target = db if isinstance(db, PgTarget) else None
+        self._in_tx = False  # inside an explicit BEGIN on the current connection
         if isinstance(db, PgTarget):
             self._db = pg_connect(db, statement_timeout_ms=30_000, autocommit=True)
         else:
@@ -224,8 +228,45 @@ class BatchStore:
         return sql
 
     def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        """One statement (the caller holds the lock): a cursor."""
-        return self._db.execute(self._sql(sql).replace("@SKIP_LOCKED", ""), params)
+        """One statement (the caller holds the lock): a cursor. With PostgreSQL, a
+        connection the server dropped (a restart, a failover) is replaced before the next
+        transaction or lone statement, never in the middle of one; while the server does
+        not answer, StoreUnavailable."""
+        if self._target is None:
+            return self._db.execute(self._sql(sql).replace("@SKIP_LOCKED", ""), params)
+        if sql == "ROLLBACK" and self._db.broken:
+            self._in_tx = False
+            return None  # the server ended that transaction with the connection
+        with self._pg_errors():
+            if self._db.broken or self._db.closed:
+                if self._in_tx:  # a COMMIT included: what it would commit is gone
+                    self._in_tx = False
+                    raise StoreUnavailable("batch store: the connection was lost mid-way "
+                                           "through a transaction")
+                self._db = pg_connect(self._target, statement_timeout_ms=30_000,
+                                      autocommit=True)
+            cur = self._db.execute(self._sql(sql), params)
+        if sql == "BEGIN":
+            self._in_tx = True
+        elif sql in ("COMMIT", "ROLLBACK"):
+            self._in_tx = False
+        return cur
+
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """One statement for many rows, inside the caller's transaction."""
+        with self._pg_errors():
+            cur = self._db.cursor()
+            cur.executemany(self._sql(sql), rows)
+            cur.close()
+
+    @contextlib.contextmanager
+    def _pg_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except ConnectionError as exc:  # pg_connect: the server does not answer
+            raise StoreUnavailable(f"batch store: {exc}") from None
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"batch store: {type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -423,12 +464,10 @@ class BatchStore:
                      orjson.dumps(metadata).decode() if metadata else None, status, errors,
                      now, now if problems else None, 0 if problems else len(lines)))
                 if not problems:
-                    cur = self._db.cursor()
-                    cur.executemany(self._sql(
+                    self._many(
                         "INSERT INTO batch_lines (batch_id, line_no, custom_id, offset_bytes, "
-                        "length_bytes) VALUES (?, ?, ?, ?, ?)"),
+                        "length_bytes) VALUES (?, ?, ?, ?, ?)",
                         [(batch_id, *line) for line in lines])
-                    cur.close()
                 self._exec("COMMIT")
             except BaseException:
                 self._exec("ROLLBACK")
@@ -581,8 +620,8 @@ class BatchStore:
                 self._exec("INSERT INTO batch_jobs (job_id, batch_id, backend, submitted_at, "
                            "status) VALUES (?, ?, ?, ?, ?)",
                            (job_id, batch_id, backend, self._clock(), status))
-                self._db.cursor().executemany(self._sql(
-                    "UPDATE batch_lines SET job_id = ? WHERE batch_id = ? AND line_no = ?"),
+                self._many(
+                    "UPDATE batch_lines SET job_id = ? WHERE batch_id = ? AND line_no = ?",
                     [(job_id, batch_id, ln.line_no) for ln in lines])
                 self._exec("COMMIT")
             except BaseException:

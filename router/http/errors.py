@@ -8,7 +8,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from router.errors import InvalidRequest, NotFound, SpilloverError, to_response
+from router.accounting.ledger import StoreUnavailable
+from router.accounting.ledger_spool import RETRY_AFTER_S
+from router.errors import InvalidRequest, NotFound, SpilloverError, Unavailable, to_response
 from router.providers.anthropic import anthropic_error
 
 log = logging.getLogger("spillover.api")
@@ -45,10 +47,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return to_response(InvalidRequest(f"{loc}: {first.get('msg', 'invalid')}",
                                           param=loc or None))
 
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        # The database restarts or fails over: a retryable 503, not an internal error.
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return to_response(Unavailable(f"{exc}; try again shortly",
+                                       code="store_unavailable",
+                                       headers={"retry-after": str(RETRY_AFTER_S)}))
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         return internal_error(request.url.path, exc)
 
     app.add_exception_handler(SpilloverError, spillover_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(StoreUnavailable, store_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected)

@@ -141,6 +141,7 @@ class BatchScheduler:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._recovered_at = 0.0
+        self._store_down = False  # said once until it answers again
         # Per local engine: its adaptive batch concurrency (which keeps the TTFTs of the
         # engine's interactive requests the recorder's observer hands it).
         self._limits: dict[str, BatchConcurrency] = {}
@@ -173,8 +174,17 @@ class BatchScheduler:
         while True:
             try:
                 await self.tick()
+                if self._store_down:
+                    self._store_down = False
+                    log.warning("batch store answers again: batches go on")
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:
+                # A database restart or failover: said once, retried every poll.
+                if not self._store_down:
+                    self._store_down = True
+                    log.warning("batch scheduler paused, the batch store does not answer: "
+                                "%s", exc)
             except Exception:  # one bad turn must not end the scheduler
                 log.exception("batch scheduler turn failed")
             self._wake.clear()

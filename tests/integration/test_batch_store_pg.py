@@ -123,3 +123,31 @@ def test_a_job_intent_keeps_its_lines_until_its_job_is_found_or_not(open_store: 
     assert [j for j, _, _ in b.open_jobs(batch["id"])] == [
         "0f0e6b3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"]
     assert sorted(x.custom_id for x in b.claim(batch["id"], 10, "local")) == ["id3", "id4"]
+
+
+def test_a_database_restart_is_unavailable_then_reconnected(tmp_path: Path) -> None:
+    """PostgreSQL stopped under the batch store (a restart, a failover): its calls raise
+    StoreUnavailable (the scheduler pauses on it, the API answers 503) instead of the
+    driver's errors, and once the server is back the store reconnects by itself."""
+    from router.accounting.ledger import StoreUnavailable
+    from tests.pg import PgCluster
+
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        target = PgTarget.from_url(cluster.create_database(), "TEST_DATABASE_URL")
+        store = BatchStore(target, tmp_path / "files", Batches(), lease_s=100)
+        f = store.save_file("alice", "in.jsonl", "batch",
+                            io.BytesIO("\n".join(_line(f"id{i}") for i in range(3)).encode()))
+        b = store.create_batch("alice", f["id"], "/v1/chat/completions", "24h", None, _allow)
+        cluster.pause()
+        with pytest.raises(StoreUnavailable):
+            store.active()
+        with pytest.raises(StoreUnavailable):  # still down: refused again, never stuck
+            store.claim(b["id"], 1, "local")
+        cluster.resume()
+        assert [row[0] for row in store.active()] == [b["id"]]
+        assert [x.custom_id for x in store.claim(b["id"], 3, "local")] == ["id0", "id1", "id2"]
+        store.close()
+    finally:
+        cluster.stop()
