@@ -1,5 +1,6 @@
 """The batch scheduler's decisions, as pure functions of what it measured: how many lines
-to send hosted now (`plan_hosted`), how many batch lines an engine may run next to
+to send hosted now (`plan_hosted`: the remainder local will not finish, spread over the
+time left, with a latest-safe-start net), how many batch lines an engine may run next to
 interactive traffic (`BatchConcurrency`, on a percentile of the recent interactive TTFTs,
 with a floor a deadline at risk raises), and the smoothed local pace (`PaceMeter`).
 
@@ -41,15 +42,22 @@ def plan_hosted(*, pending: int, local_in_flight: int, hosted_in_flight: int,
                 left_s: float, margin: float, local_pace: float | None,
                 hosted_latency_s: float, hosted_slots: int, tick_s: float,
                 reserve_s: float = 0.0) -> HostedPlan:
-    """The "latest safe start" rule. The target is the deadline less `margin` of the time
-    left, and never closer to it than `reserve_s` (the scheduler keeps about one hosted
-    line's latency: a local pace that drops at the very end can still be made up).
-    Local capacity is expected to finish `local_pace` x target lines (those in flight
-    among them); the rest (`need`) is hosted's. Hosted lines go out only once waiting one
-    more tick would leave hosted, at `hosted_slots` concurrent calls of
-    `hosted_latency_s` each, unable to finish `need` by the target; then just enough to
-    keep `need` within what hosted can still do. Re-evaluated every tick, so a local pace
-    that picks up sends less hosted, one that falls sends more.
+    """How many lines to send hosted this tick: the larger of two shares, re-evaluated
+    every tick, so a local pace that picks up sends less hosted, one that falls sends more.
+
+    - The even share: the lines local capacity will not finish by the deadline itself
+      (less `reserve_s`, about one hosted line's latency: a local pace that drops at the
+      very end can still be made up), spread evenly over the time left, which keeps
+      remainder x latency / time-left lines in flight hosted. It starts as soon as a
+      remainder appears: a remainder found early is paid at the same price as one found
+      late, but leaves time to act when the local pace falls (as it does when hosted
+      calls share the machine's cores), and hosted never takes it all at once at the end.
+    - The latest safe start, the safety net: the target is the deadline less `margin` of
+      the time left (never closer to it than `reserve_s`). Local capacity is expected to
+      finish `local_pace` x target lines (those in flight among them); the rest (`need`)
+      is hosted's. Once waiting one more tick would leave hosted, at `hosted_slots`
+      concurrent calls of `hosted_latency_s` each, unable to finish `need` by the
+      target, enough goes now to keep it within what hosted can still do.
 
     `local_pace` None: not measured yet, nothing is sent (the scheduler gives the engines
     a moment first). `pending`: lines not started; lines in flight count as work of their
@@ -70,9 +78,17 @@ def plan_hosted(*, pending: int, local_in_flight: int, hosted_in_flight: int,
     if need > 0:
         later = hosted_capacity(target - tick_s, hosted_latency_s, hosted_slots,
                                 hosted_in_flight)
-        if need > later:
-            free = max(0, hosted_slots - hosted_in_flight)
-            send = min(free, pending, math.ceil(need - later - 1e-9))
+        due = math.ceil(need - later - 1e-9) if need > later else 0
+        # The remainder local will not finish by the deadline itself (less one hosted line's
+        # time): spread evenly over the time left, it keeps rate x latency lines in flight.
+        # Started as soon as it appears, a remainder is learnt while there is time to act
+        # on it, and hosted never takes it all at once at the end (where its calls share
+        # the machine, and the provider's rate limits, with everything else).
+        spread_s = max(tick_s, left_s - reserve_s)
+        remainder = pending - max(0.0, local_pace * spread_s - local_in_flight)
+        even = math.ceil(remainder * hosted_latency_s / spread_s - 1e-9) if remainder > 0 else 0
+        free = max(0, hosted_slots - hosted_in_flight)
+        send = min(free, pending, max(due, even - hosted_in_flight))
     return HostedPlan(send, need, local_can, hosted_can, shortfall)
 
 
