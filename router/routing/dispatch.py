@@ -451,7 +451,7 @@ class Dispatcher:
                     ) -> Response | _Failure:
         url = self._replica(call, b, prep, tried)
         replica = call.replica
-        self._monitor.acquire(b.name, replica)
+        self._monitor.acquire(b.name, replica, batch=call.facts.priority == "batch")
         try:
             resp, prep = await self._send_engine(call, b, prep, content, headers, url)
             if isinstance(resp, _Failure):
@@ -461,7 +461,7 @@ class Dispatcher:
             except TransportError as exc:
                 return self._transport_failure(b, exc, replica)
         finally:
-            self._monitor.release(b.name, replica)
+            self._monitor.release(b.name, replica, batch=call.facts.priority == "batch")
         status = resp.status
         if status in RETRYABLE:
             return self._status_failure(b, status, resp.headers.get("retry-after"), body)
@@ -493,14 +493,14 @@ class Dispatcher:
                            ) -> Response | _Failure:
         url = self._replica(call, b, prep, tried)
         replica = call.replica
-        self._monitor.acquire(b.name, replica)
+        self._monitor.acquire(b.name, replica, batch=call.facts.priority == "batch")
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self._monitor.release(b.name, replica)
+                self._monitor.release(b.name, replica, batch=call.facts.priority == "batch")
 
         resp, prep = await self._send_engine(call, b, prep, content, headers, url)
         if isinstance(resp, _Failure):

@@ -72,6 +72,7 @@ class _Engine:
         "_last_tokens",
         "backend",
         "base_url",
+        "batch_inflight",
         "down_reason",
         "healthy",
         "inflight",
@@ -83,6 +84,7 @@ class _Engine:
         "slow_since",
         "tokens_per_s",
         "up_at",
+        "urgent_saturated",
     )
 
     def __init__(self, backend: Backend, base_url: str | None = None,
@@ -95,9 +97,11 @@ class _Engine:
         self.healthy = False
         self.down_reason = "not checked yet"
         self.inflight = 0
+        self.batch_inflight = 0  # of inflight, the batch class's
         self.metrics: EngineMetrics | None = None
         self.metrics_at = 0.0
         self.saturated = False
+        self.urgent_saturated = False  # the same, batch requests left out (priority engines)
         self.slow_since: float | None = None
         self.tokens_per_s: float | None = None
         self._last_tokens: tuple[float, float] | None = None
@@ -299,21 +303,24 @@ class LoadMonitor:
             self._set_down(e, why)
             self._notify()
 
-    def acquire(self, name: str, replica: str | None = None) -> None:
+    def acquire(self, name: str, replica: str | None = None, *, batch: bool = False) -> None:
         e = (self._engines.get(name) if replica is None
              else self._replicas.get(name, {}).get(replica))
         if e is not None:
             e.inflight += 1
+            e.batch_inflight += batch
         if replica is not None and (rb := self._breakers.find(replica_name(name, replica))):
             rb.allow()  # a half-open replica's one probe is this request
 
-    def release(self, name: str, replica: str | None = None) -> None:
+    def release(self, name: str, replica: str | None = None, *, batch: bool = False) -> None:
         e = (self._engines.get(name) if replica is None
              else self._replicas.get(name, {}).get(replica))
         if replica is not None and (rb := self._breakers.find(replica_name(name, replica))):
             rb.release()  # the verdict is the dispatcher's, if any (a caller may leave)
         if e is not None and e.inflight > 0:
             e.inflight -= 1
+            if batch and e.batch_inflight > 0:
+                e.batch_inflight -= 1
             self._notify()
 
     def pick(self, name: str, key: str | None = None, *, tried: Collection[str] = (),
@@ -358,17 +365,14 @@ class LoadMonitor:
         if not loads:
             return EngineLoad(healthy=False, saturated=False, score=0.0)
         best = min(loads, key=lambda x: (not x.healthy, x.saturated, x.score))
-        return dataclasses.replace(best, inflight=sum(x.inflight for x in loads))
+        return dataclasses.replace(best, inflight=sum(x.inflight for x in loads),
+                                   batch_inflight=sum(x.batch_inflight for x in loads))
 
-    def _load(self, e: _Engine, now: float) -> EngineLoad:
+    def _score(self, e: _Engine, fresh: EngineMetrics | None, inflight: int) -> float:
+        """Every load signal as a share of its limit, the highest (>= 1: full)."""
         sat = e.sat
-        m = e.metrics
-        age = now - e.metrics_at if m is not None else None
-        fresh = m if (m is not None and age is not None and age <= self._stale) else None
-        ratios = [e.inflight / sat.max_inflight]
-        over_waiting = False
+        ratios = [inflight / sat.max_inflight]
         if fresh is not None:
-            over_waiting = fresh.waiting > sat.max_waiting
             ratios.append(fresh.waiting / (sat.max_waiting + 1))
             if fresh.kv_cache is not None:
                 ratios.append(fresh.kv_cache / sat.max_kv_cache)
@@ -377,17 +381,35 @@ class LoadMonitor:
                 # those its API server is still preparing or answering, a large share of a
                 # short request's life on a small model (README: "Measuring busy"):
                 # the router's own requests there that are not queued count as running.
-                running = max(fresh.running, e.inflight - fresh.waiting)
+                running = max(fresh.running, inflight - fresh.waiting)
                 ratios.append(running / sat.max_running)
         if e.slow_since is not None:
             ratios.append(1.0)
-        score = max(ratios)
-        if e.saturated:
-            # Back to accepting only once every signal is under the low watermark.
-            if score < sat.resume_below and not over_waiting:
-                e.saturated = False
-        elif score >= 1.0 or over_waiting:
-            e.saturated = True
+        return max(ratios)
+
+    @staticmethod
+    def _hysteresis(was: bool, score: float, over_waiting: bool, resume_below: float) -> bool:
+        # Full at 1.0; back to accepting only once every signal is under the low watermark.
+        if was:
+            return not (score < resume_below and not over_waiting)
+        return score >= 1.0 or over_waiting
+
+    def _load(self, e: _Engine, now: float) -> EngineLoad:
+        sat = e.sat
+        m = e.metrics
+        age = now - e.metrics_at if m is not None else None
+        fresh = m if (m is not None and age is not None and age <= self._stale) else None
+        over_waiting = fresh is not None and fresh.waiting > sat.max_waiting
+        score = self._score(e, fresh, e.inflight)
+        e.saturated = self._hysteresis(e.saturated, score, over_waiting, sat.resume_below)
+        urgent: float | None = None
+        if e.backend.priority_scheduling:
+            # The engine serves interactive and standard requests ahead of batch work:
+            # their admission leaves the batch's own requests out. (vLLM's waiting and
+            # KV gauges cannot be split by class and still count.)
+            urgent = self._score(e, fresh, e.inflight - e.batch_inflight)
+            e.urgent_saturated = self._hysteresis(e.urgent_saturated, urgent, over_waiting,
+                                                  sat.resume_below)
         start = self._started_at(e.backend.name) if self._started_at and not e.healthy else None
         starting = start is not None and (e.up_at is None or e.up_at < start)
         took = self._ready_after.get(e.backend.name)
@@ -400,6 +422,9 @@ class LoadMonitor:
             saturated=e.healthy and e.saturated,
             score=score,
             inflight=e.inflight,
+            urgent_saturated=None if urgent is None else e.healthy and e.urgent_saturated,
+            urgent_score=urgent,
+            batch_inflight=e.batch_inflight,
             waiting=fresh.waiting if fresh else None,
             running=fresh.running if fresh else None,
             kv_cache=fresh.kv_cache if fresh else None,
@@ -433,6 +458,7 @@ class LoadMonitor:
                 "saturated": load.saturated,
                 "score": round(load.score, 3),
                 "inflight": e.inflight,
+                "batch_inflight": e.batch_inflight,
                 "waiting": load.waiting,
                 "running": load.running,
                 "kv_cache": load.kv_cache,

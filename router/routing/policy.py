@@ -93,6 +93,13 @@ class EngineLoad:
     starting: bool = False
     starting_for_s: float | None = None
     ready_in_s: float | None = None  # from how long its last start took; None if unknown
+    # On an engine that schedules by priority, the load interactive and standard requests
+    # are admitted on: the batch class's own requests left out (the engine serves the
+    # others first), so batch work never makes a more urgent request spill that would
+    # have run locally without it. None: the same as saturated/score.
+    urgent_saturated: bool | None = None
+    urgent_score: float | None = None
+    batch_inflight: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,17 +166,21 @@ def decide(
             state = load.get(b.name)
             if state is None or not state.healthy:
                 skipped.append(Skip(b.name, "local-down", _down_text(state)))
-            elif state.saturated:
+                continue
+            full, score = state.saturated, state.score
+            if facts.priority != "batch" and state.urgent_score is not None:
+                full, score = bool(state.urgent_saturated), state.urgent_score
+            if full:
                 skipped.append(Skip(b.name, "local-saturated", _load_text(state)))
-                saturated.append((state.score, b))
+                saturated.append((score, b))
             elif (facts.priority == "batch" and b.saturation is not None
-                  and state.score >= b.saturation.batch_below):
+                  and score >= b.saturation.batch_below):
                 # Not full, but past the batch line: the rest is interactive headroom.
                 skipped.append(Skip(b.name, "local-saturated", f"{_load_text(state)}, at or "
                                     f"over the batch line {b.saturation.batch_below:g}"))
-                saturated.append((state.score, b))
+                saturated.append((score, b))
             else:
-                ready.append((state.score, b))
+                ready.append((score, b))
 
     ready.sort(key=lambda t: t[0])
     saturated.sort(key=lambda t: t[0])

@@ -50,6 +50,46 @@ async def test_inflight_saturates_with_hysteresis(monitor: LoadMonitor) -> None:
     assert not monitor.view()["demo-local"].saturated
 
 
+async def test_batch_requests_do_not_fill_a_priority_engine_for_urgent_ones(
+        monitor: LoadMonitor) -> None:
+    """demo-local is started by spillover, so it schedules by priority: its batch requests
+    count for batch admission (and the status page), not for interactive or standard."""
+    await monitor.refresh()
+    for _ in range(4):  # max_inflight 4, every one batch
+        monitor.acquire("demo-local", batch=True)
+    load = monitor.view()["demo-local"]
+    assert load.saturated and load.score == 1.0 and load.batch_inflight == 4
+    # Only the KV-cache gauge (0.1 of max_kv_cache 0.9) is left: no request counts.
+    assert load.urgent_saturated is False and load.urgent_score == pytest.approx(0.1 / 0.9)
+    for _ in range(4):  # now interactive fills it for everyone
+        monitor.acquire("demo-local")
+    load = monitor.view()["demo-local"]
+    assert load.urgent_saturated and load.urgent_score == 1.0 and load.inflight == 8
+    assert monitor.status()["demo-local"]["batch_inflight"] == 4
+    for _ in range(4):
+        monitor.release("demo-local", batch=True)
+    load = monitor.view()["demo-local"]
+    assert load.batch_inflight == 0 and load.inflight == 4 and load.urgent_score == 1.0
+    for _ in range(4):
+        monitor.release("demo-local")
+    assert not monitor.view()["demo-local"].urgent_saturated  # hysteresis, as for all
+
+
+async def test_an_fcfs_engine_counts_every_request_for_every_class() -> None:
+    world = World()
+    # An engine run elsewhere (base_url): first-come-first-served unless it says otherwise.
+    fcfs = config(BASE_YAML.replace("        port: 8101\n",
+                                    "        base_url: http://127.0.0.1:8101/v1\n"))
+    assert fcfs.aliases["demo"].local[0].engine_scheduling == "fcfs"
+    mon = LoadMonitor(httpx.AsyncClient(transport=world.transport()), Catalog(fcfs).all(),
+                      stale_s=60)
+    await mon.refresh()
+    for _ in range(4):
+        mon.acquire("demo-local", batch=True)
+    load = mon.view()["demo-local"]
+    assert load.saturated and load.urgent_score is None and load.urgent_saturated is None
+
+
 async def test_waiting_queue_saturates_and_down_is_noticed(monitor: LoadMonitor) -> None:
     world: World = monitor.world  # type: ignore[attr-defined]
     world.waiting = 1

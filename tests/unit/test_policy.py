@@ -277,6 +277,9 @@ def load(score: float, saturated: bool = False) -> EngineLoad:
 
 
 BATCH, STD, INTER = "batch", "standard", "interactive"
+# 12 in flight of max_inflight 10, 9 of them batch: full for batch, 0.3 for the others.
+BATCH_FULL = EngineLoad(healthy=True, saturated=True, score=1.2, inflight=12,
+                        urgent_saturated=False, urgent_score=0.3, batch_inflight=9)
 PRIORITY_CASES = [
     # name, facts, load, expected target order, reason, refusal (status, code, retry-after)
     ("batch on an idle engine runs locally, no hosted fallback at the interactive price",
@@ -307,6 +310,19 @@ PRIORITY_CASES = [
      f("hosted-only", priority=BATCH), {}, [], "none", (400, "priority_unavailable", None)),
     ("batch on-prem only waits like any on-prem request", f("onprem", priority=BATCH),
      {"gpu2": load(0.9)}, [], "none", (503, "batch_deferred", 5)),
+    # A priority-scheduled engine full only because of batch work: the engine serves the
+    # urgent classes first, so their admission leaves the batch's requests out.
+    ("interactive on an engine full of batch work runs locally (priority engine)",
+     f(priority=INTER), {"gpu0": BATCH_FULL}, ["gpu0", "mistral:small"], "local-ok", None),
+    ("standard on an engine full of batch work runs locally (priority engine)",
+     f(priority=STD, mode="cost-first"), {"gpu0": BATCH_FULL}, ["gpu0", "mistral:small"],
+     "local-ok", None),
+    ("batch counts every request, its own included: deferred",
+     f(priority=BATCH), {"gpu0": BATCH_FULL}, [], "none", (503, "batch_deferred", 5)),
+    ("interactive on an engine full of urgent work spills (priority engine)",
+     f(priority=INTER), {"gpu0": EngineLoad(healthy=True, saturated=True, score=1.2,
+                                             urgent_saturated=True, urgent_score=1.0)},
+     ["mistral:small", "gpu0"], "local-saturated", None),
 ]
 
 

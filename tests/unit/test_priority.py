@@ -180,6 +180,38 @@ async def test_batch_keeps_headroom_and_interactive_still_runs_locally() -> None
         assert r.status_code == 200 and r.headers["x-spillover-route"] == "local"
 
 
+async def test_batch_work_in_flight_never_makes_interactive_spill() -> None:
+    """demo-local is started by spillover (priority scheduling), max_inflight 4: with four
+    batch requests in flight an interactive one still runs locally (the engine serves it
+    first), while a fifth batch request is deferred (batch counts every request)."""
+    world = World()
+    async with router(world, cfg()) as (c, rt):
+        seen: list[tuple[str, bool]] = []
+        acquire, release = rt.monitor.acquire, rt.monitor.release
+
+        def counting(name: str, replica: str | None = None, *, batch: bool = False) -> None:
+            seen.append((name, batch))
+            acquire(name, replica, batch=batch)
+
+        rt.monitor.acquire = counting
+        r = await chat(c, headers=[("x-spillover-priority", "batch")])
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "local"
+        r = await chat(c)
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "local"
+        assert seen == [("demo-local", True), ("demo-local", False)]  # the dispatcher says
+        load = rt.monitor.view()["demo-local"]
+        assert (load.inflight, load.batch_inflight) == (0, 0)  # and releases as it took
+        for _ in range(4):  # four batch lines under way
+            acquire("demo-local", batch=True)
+        r = await chat(c)
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "local"
+        assert world.bodies("hosted") == []
+        err = error(await chat(c, headers=[("x-spillover-priority", "batch")]), 503)
+        assert err["code"] == "batch_deferred"
+        for _ in range(4):
+            release("demo-local", batch=True)
+
+
 # --- where the class shows --------------------------------------------------------------
 
 
