@@ -12,19 +12,22 @@ import pytest
 from serving.gpu import GpuProbe, read_host
 
 
-def _has_gpu() -> bool:
-    with GpuProbe() as probe:
-        return probe.available
-
-
-@pytest.mark.skipif(_has_gpu(), reason="this machine has an NVIDIA GPU")
-def test_probe_without_gpu_reports_why_and_reads_nothing() -> None:
+def test_probe_reads_this_machine() -> None:
+    """Without a GPU (CI): says why and reads nothing. With one (a GPU host;
+    scripts/check_gpu_probe.py also checks one under load): every GPU, plausibly."""
     probe = GpuProbe()
     try:
-        assert probe.available is False
-        assert probe.reason
-        assert probe.read() == []
-        assert probe.read([0, 1]) == []
+        if not probe.available:
+            assert probe.reason
+            assert probe.read() == []
+            assert probe.read([0, 1]) == []
+        else:
+            readings = probe.read()
+            assert [r.index for r in readings] == list(range(probe.device_count))
+            for r in readings:
+                assert 0 <= r.utilization_pct <= 100
+                assert 0 < r.memory_used_bytes <= r.memory_total_bytes
+            assert probe.read([probe.device_count + 3]) == []  # left out, not raised
     finally:
         probe.close()
     probe.close()  # closing twice is harmless
