@@ -533,13 +533,24 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
     print(f"unloaded TTFT p50 {unloaded['ttft_p50_s']:.3f} s (SLO {args.slo_s:g} s)",
           flush=True)
     t = time.monotonic()
+    inflight_at_cap: float | None = None
     if args.capacity:
         cap = args.capacity
     else:
         print(f"local capacity at p95 TTFT <= {args.slo_s:g} s (straight to the engine):",
               flush=True)
-        cap = float((await capacity(engine_port, engine_url, args))["capacity_rps"])
+        found = await capacity(engine_port, engine_url, args)
+        cap = float(found["capacity_rps"])
+        inflight_at_cap = found.get("inflight_p95_at_capacity")
+    if args.max_inflight is None:
+        # The router's cap is the engine's: the requests in flight it sustained at its
+        # capacity within the SLO (6 when the capacity was given), halved until the engine
+        # held at that many keeps the SLO (bench_offload's rule, without its bisection).
+        args.max_inflight = max(1, math.ceil(inflight_at_cap)) if inflight_at_cap else 6
     closed = await closed_capacity(engine_port, engine_url, args.max_inflight, args)
+    while not closed["ok"] and args.max_inflight > 1:
+        args.max_inflight //= 2
+        closed = await closed_capacity(engine_port, engine_url, args.max_inflight, args)
     timings["capacity_s"] = time.monotonic() - t
     # The router holds the engine at max_inflight: the local path serves at most the
     # closed-loop throughput, whatever the open-loop capacity says (noisy, and above it
@@ -660,7 +671,9 @@ def main() -> int:
                    "own share inside the SLO, the reference for (a) and (b)")
     p.add_argument("--naive-concurrency", type=int, default=16,
                    help="(a): batch requests under way at once")
-    p.add_argument("--max-inflight", type=int, default=6, help="saturation.max_inflight")
+    p.add_argument("--max-inflight", type=int,
+                   help="saturation.max_inflight (default: the engine's in-flight count at "
+                   "its capacity, halved until it keeps the SLO; 6 with --capacity)")
     p.add_argument("--batch-below", type=float,
                    help="saturation.batch_below (default: the router's)")
     p.add_argument("--local-concurrency", type=int,
