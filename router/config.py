@@ -392,10 +392,12 @@ class Batches(_Strict):
     max_lines: int = Field(default=50_000, ge=1)
     # A line's body above this is refused with its line number (as OpenAI does).
     max_line_bytes: int = Field(default=1024 * 1024, ge=256)
-    # Lines of one batch in flight at once on the local engines (a cap: below it each
-    # engine's adaptive batch concurrency decides, and routing's saturation.batch_below
-    # per request), and on hosted (ordinary calls to a provider without a batch API).
-    local_concurrency: int = Field(default=16, ge=1)
+    # Lines of one batch in flight at once on the local engines: a cap below which each
+    # engine's adaptive batch concurrency decides (and routing's saturation.batch_below per
+    # request). None: each engine's batch line in requests (batch_below x max_inflight),
+    # so batch work can fill an engine of any size up to its line; a fixed 16 left a
+    # 36-request engine's batch line (27) mostly unused while hosted took the rest.
+    local_concurrency: int | None = Field(default=None, ge=1)
     # A safety bound, not the pacing: the plan sends hosted only what the deadline forces,
     # at the latest safe tick, so a higher cap sends no more lines, only lets hosted absorb
     # a local pace that collapsed late. 32: hosted APIs take that many calls at once within

@@ -379,6 +379,8 @@ class BatchScheduler:
         engines = {run.id: {e.name for e in self._local_backends(parts, run)}
                    for run in self._runs.values()}
         names = set().union(*engines.values()) if engines else set()
+        backends = {e.name: e for run in self._runs.values()
+                    for e in self._local_backends(parts, run)}
         loads = parts.monitor.view(names)
         now = self._clock()
         for name in sorted(names):
@@ -396,7 +398,20 @@ class BatchScheduler:
             # In use: at most one line short of the allowance (a tick that a finished line
             # woke sees its slot free before the next line takes it).
             ctl.step(now, queued=queued, in_use=batch + 1 >= ctl.allowed,
-                     ceiling=b.local_concurrency, at_risk=at_risk, slack=slack)
+                     ceiling=self._ceiling(b, backends.get(name)), at_risk=at_risk,
+                     slack=slack)
+
+    @staticmethod
+    def _ceiling(b: Batches, engine: Backend | None) -> float:
+        """The most batch lines the controller may allow on one engine: the configured
+        cap, else the engine's batch line in requests (routing admits a batch request
+        while batch_below x max_inflight are not yet in flight)."""
+        if b.local_concurrency is not None:
+            return float(b.local_concurrency)
+        sat = engine.saturation if engine is not None else None
+        if sat is None:
+            return 1.0
+        return float(max(1, math.ceil(sat.batch_below * sat.max_inflight - 1e-9)))
 
     def _batch_in_flight(self, parts: Parts, engine: str) -> int:
         return sum(len(r.local) for r in self._runs.values()
@@ -404,7 +419,8 @@ class BatchScheduler:
 
     def _local_room(self, parts: Parts, run: _Run) -> int:
         """Local lines this batch may have in flight: the engines' adaptive batch
-        concurrency, less other batches' lines on them, at most local_concurrency."""
+        concurrency, less other batches' lines on them, at most local_concurrency (when
+        set)."""
         b = parts.config.batches
         params = self._params(b)
         engines = {e.name for e in self._local_backends(parts, run)}
@@ -413,7 +429,8 @@ class BatchScheduler:
         run.local_floor = sum(math.floor(c.deadline_floor + 1e-9) for c in ctls)
         others = sum(len(r.local) for r in self._runs.values() if r is not run
                      and engines & {e.name for e in self._local_backends(parts, r)})
-        return max(0, min(b.local_concurrency, allowed - others))
+        room = allowed - others
+        return max(0, room if b.local_concurrency is None else min(b.local_concurrency, room))
 
     async def _learn_alias(self, run: _Run) -> None:
         """The alias of the batch's first line, for headroom and hosted checks before any

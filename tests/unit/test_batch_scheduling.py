@@ -169,3 +169,28 @@ async def test_a_deadline_at_risk_raises_the_batch_concurrency_floor(
         assert max(s["local_in_flight"] for s in states) >= 3, states
         await vault.batches.cancel(b.id)
         await _until(vault, b.id, {"cancelled", "expired"})
+
+
+def test_batch_concurrency_ceiling_is_the_engines_batch_line_unless_capped() -> None:
+    """Unset, batches.local_concurrency lets batch work fill each engine up to its batch
+    line in requests (a fixed 16 left most of a large engine's line unused); set, it caps."""
+    from router.config import Batches
+    from router.routing.batch_scheduler import BatchScheduler
+    from router.routing.catalog import Catalog
+    from tests.unit.helpers import config
+
+    def engine(max_inflight: int, batch_below: float) -> Any:
+        yaml_text = BASE_YAML.replace(
+            "saturation: {max_waiting: 0, max_inflight: 4, resume_below: 0.5}",
+            f"saturation: {{max_waiting: 0, max_inflight: {max_inflight}, "
+            f"batch_below: {batch_below}, resume_below: 0.5}}")
+        (local,) = [b for b in Catalog(config(yaml_text)).backends("demo") or ()
+                    if b.route == "local"]
+        return local
+
+    ceiling = BatchScheduler._ceiling
+    assert Batches().local_concurrency is None
+    assert ceiling(Batches(), engine(36, 0.75)) == 27  # batch admitted while < 27 in flight
+    assert ceiling(Batches(), engine(6, 0.75)) == 5  # 4.5: the 5th goes in at 4
+    assert ceiling(Batches(), engine(4, 0.1)) == 1  # never below one line
+    assert ceiling(Batches(local_concurrency=3), engine(36, 0.75)) == 3
