@@ -551,6 +551,8 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
     while not closed["ok"] and args.max_inflight > 1:
         args.max_inflight //= 2
         closed = await closed_capacity(engine_port, engine_url, args.max_inflight, args)
+    if args.naive_concurrency is None:
+        args.naive_concurrency = max(16, 2 * args.max_inflight)
     timings["capacity_s"] = time.monotonic() - t
     # The router holds the engine at max_inflight: the local path serves at most the
     # closed-loop throughput, whatever the open-loop capacity says (noisy, and above it
@@ -669,8 +671,10 @@ def main() -> int:
     p.add_argument("--baseline", action="store_true",
                    help="first replay the interactive trace alone (no batch): the machine's "
                    "own share inside the SLO, the reference for (a) and (b)")
-    p.add_argument("--naive-concurrency", type=int, default=16,
-                   help="(a): batch requests under way at once")
+    p.add_argument("--naive-concurrency", type=int,
+                   help="(a): batch requests under way at once (default: twice max_inflight, "
+                   "at least 16: a client that wants its batch done pushes past the "
+                   "engine, and latency-first spills what it cannot take at full price)")
     p.add_argument("--max-inflight", type=int,
                    help="saturation.max_inflight (default: the engine's in-flight count at "
                    "its capacity, halved until it keeps the SLO; 6 with --capacity)")

@@ -164,6 +164,11 @@ class Aimd:
     min_samples: int = 10
     decrease: float = 0.5  # the multiplicative cut
     increase_per_s: float = 1.0  # the additive growth, lines a second
+    # Until the first cut the limit doubles every second instead (TCP's slow start): an
+    # engine with room for 30 batch lines is not 30 s in reaching them, during which the
+    # hosted plan would read a ramp's pace as the engine's and send hosted what local
+    # capacity was about to finish.
+    slow_start: bool = True
     floor: float = 1.0
     cooldown_s: float = 1.0  # after a cut, the next is not before this (signals lag)
     hold_s: float = 2.0  # nor any growth: a quiet tick right after a cut is no all-clear
@@ -181,7 +186,8 @@ class Aimd:
 class BatchConcurrency:
     """Batch lines an engine may run at once next to interactive traffic: AIMD on the
     interactive signal. `observe` feeds each local interactive TTFT the router sees; `step`
-    grows the limit by `increase_per_s` while the window's percentile TTFT stays well
+    grows the limit (doubling every second until the first cut, then by `increase_per_s`)
+    while the window's percentile TTFT stays well
     inside the SLO (or there is no interactive traffic) and the limit is in use, halves it
     as soon as the percentile nears the SLO or the engine queues with interactive requests
     in flight (at most once a `cooldown_s`, no growth for `hold_s` after a cut, and only
@@ -225,7 +231,11 @@ class BatchConcurrency:
                 self.cuts += 1
         elif calm and in_use:
             since = max(now - dt, self._cut_at + p.hold_s)
-            self.limit += p.increase_per_s * max(0.0, now - since)
+            grow_s = max(0.0, now - since)
+            if p.slow_start and self.cuts == 0:
+                self.limit *= 2.0 ** grow_s
+            else:
+                self.limit += p.increase_per_s * grow_s
         top = max(p.floor, ceiling)
         if at_risk and in_use:
             # From the limit the step began with: this step's cut is what it stops.

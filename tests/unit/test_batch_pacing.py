@@ -174,10 +174,11 @@ def test_pace_meter_smooths_over_its_window() -> None:
 
 
 def _ctl(**over: float) -> BatchConcurrency:
+    # The tables below are AIMD's additive phase; slow start has its own test.
     params: dict[str, float] = dict(slo_s=1.0, cut_at=0.7, grow_below=0.5, decrease=0.5,
                                     increase_per_s=1.0, floor=1.0, cooldown_s=1.0,
                                     hold_s=2.0, percentile=0.9, window_s=5.0,
-                                    min_samples=10)
+                                    min_samples=10, slow_start=False)
     params.update(over)
     return BatchConcurrency(Aimd(**params))  # type: ignore[arg-type]
 
@@ -279,6 +280,21 @@ def test_a_deadline_at_risk_raises_the_floor() -> None:
                 ctl.observe(now - 0.01, p90)
         got = ctl.step(now, queued=False, in_use=in_use, ceiling=8, at_risk=at_risk)
         assert (got, ctl.deadline_floor) == pytest.approx((limit, floor)), now
+
+
+def test_slow_start_doubles_until_the_first_cut_then_grows_additively() -> None:
+    ctl = _ctl(slow_start=True, hold_s=0.0)
+    limits = []
+    for now in (0.0, 1.0, 2.0, 3.0, 4.0):
+        limits.append(ctl.step(now, queued=False, in_use=True, ceiling=32))
+    assert limits == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0])
+    assert ctl.step(4.5, queued=False, in_use=False, ceiling=32) == pytest.approx(16.0)
+    assert ctl.step(6.0, queued=False, in_use=True, ceiling=32) == pytest.approx(32.0)  # capped
+    assert ctl.step(7.0, queued=True, in_use=True, ceiling=32) == pytest.approx(16.0)  # a cut
+    # After the first cut: one line a second, as AIMD.
+    assert ctl.step(8.0, queued=False, in_use=True, ceiling=32) == pytest.approx(17.0)
+    assert ctl.step(10.0, queued=False, in_use=True, ceiling=32) == pytest.approx(19.0)
+    assert Aimd(slo_s=1.0).slow_start  # the scheduler's default
 
 
 def test_batch_concurrency_allows_whole_lines() -> None:
