@@ -516,7 +516,7 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
         engine_url = args.engine_url.rstrip("/")
     else:
         print("starting the demo engine (about a minute)...", flush=True)
-        engine_url = await engine.start(args.engine_timeout)
+        engine_url = await engine.start(args.engine_timeout, cpus=args.engine_cpus)
     timings = {"engine_start_s": time.monotonic() - t_start}
     await engine_idle(engine_url, 60)
     engine_port = int(engine_url.rsplit(":", 1)[1].split("/")[0])
@@ -623,7 +623,8 @@ async def run(args: argparse.Namespace, kids: Children, engine: Engine,
     plot(args.plot, results, trace, args)
     print(f"plot written to {args.plot}", file=sys.stderr)
     return {
-        "bench": "batch", "quick": bool(args.quick), "slo_ttft_s": args.slo_s,
+        "bench": "batch", "quick": bool(args.quick), "split_cpus": bool(args.split_cpus),
+        "slo_ttft_s": args.slo_s,
         "max_tokens": args.max_tokens,
         "capacity_rps": cap, "closed_loop": closed, "unloaded_ttft": unloaded,
         "router": router_config("x", "engine", "hosted", args, tmp)["aliases"][ALIAS],
@@ -697,7 +698,18 @@ def main() -> int:
     p.add_argument("--publish", action="store_true",
                    help="write docs/batch.json and docs/batch.png, the files the README quotes")
     p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--split-cpus", action="store_true",
+                   help="pin the engine to the last CPU and everything else (routers, the "
+                   "fake hosted API, the load) to the others, as on a GPU host where "
+                   "relaying hosted calls does not take the model's cores")
     args = p.parse_args()
+    args.engine_cpus = None
+    if args.split_cpus:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            p.error("--split-cpus needs at least 2 CPUs")
+        args.engine_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # inherited by the routers and the fakes
     scratch = Path(tempfile.gettempdir())
     if args.plot is None:
         args.plot = ROOT / "docs" / "batch.png" if args.publish else scratch / "batch.png"
