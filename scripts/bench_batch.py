@@ -81,6 +81,7 @@ from bench_offload import (
     run_on_engine,
     sample_engine,
     sample_router,
+    split_cpus,
 )
 from benchlib.httpload import Pool, now
 from benchlib.procs import ROOT, VENV_BIN, Children, free_port, wait_http
@@ -703,13 +704,7 @@ def main() -> int:
                    "fake hosted API, the load) to the others, as on a GPU host where "
                    "relaying hosted calls does not take the model's cores")
     args = p.parse_args()
-    args.engine_cpus = None
-    if args.split_cpus:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            p.error("--split-cpus needs at least 2 CPUs")
-        args.engine_cpus = {cpus[-1]}
-        os.sched_setaffinity(0, set(cpus[:-1]))  # inherited by the routers and the fakes
+    args.engine_cpus = split_cpus(p) if args.split_cpus else None
     scratch = Path(tempfile.gettempdir())
     if args.plot is None:
         args.plot = ROOT / "docs" / "batch.png" if args.publish else scratch / "batch.png"

@@ -899,15 +899,19 @@ def main() -> int:
                     else scratch / "spillover-bench-offload.json")
     if args.quick:
         args.step_s, args.trace_s = 10.0, 60.0
-    args.engine_cpus = None
-    if args.split_cpus:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            p.error("--split-cpus needs at least 2 CPUs")
-        args.engine_cpus = {cpus[-1]}
-        os.sched_setaffinity(0, set(cpus[:-1]))  # inherited by the router and the fakes
+    args.engine_cpus = split_cpus(p) if args.split_cpus else None
     return run_on_engine("spillover-offload-", args.keep_logs, args.out,
                          lambda kids, engine, tmp: run(args, kids, engine, tmp))
+
+
+def split_cpus(p: argparse.ArgumentParser) -> set[int]:
+    """--split-cpus: the last CPU for the engine (returned), the others for this process
+    and everything it starts (routers, fakes, the load)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        p.error("--split-cpus needs at least 2 CPUs")
+    os.sched_setaffinity(0, set(cpus[:-1]))  # inherited by the routers and the fakes
+    return {cpus[-1]}
 
 
 def run_on_engine(prefix: str, keep_logs: bool, out_path: Path,
