@@ -17,7 +17,15 @@ import pytest
 
 from router.config import ConfigError
 from router.runtime import Runtime
-from tests.unit.helpers import BASE_YAML, World, chunk, config, gateway_app, lifespan_client
+from tests.unit.helpers import (
+    BASE_YAML,
+    World,
+    call_then_leave,
+    chunk,
+    config,
+    gateway_app,
+    lifespan_client,
+)
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "stream": True}
 EVENTS = 50
@@ -112,29 +120,11 @@ async def test_a_start_that_cannot_be_sent_still_ends_its_stream(route: str) -> 
     app = gateway_app(world)
     runtime: Runtime = app.state.runtime
     body = json.dumps(CHAT).encode()
-    sent: list[dict[str, Any]] = []
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # the caller says nothing more
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        raise OSError("the caller closed the connection")
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"),
-                         (b"x-spillover-route", route.encode())],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
     async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app(scope, receive, send), 5)
+        # Gone before the start could be sent: the first send raises.
+        sent = await call_then_leave(app, "/v1/chat/completions", body, after=1,
+                                     headers=((b"x-spillover-route", route.encode()),),
+                                     app_may_raise=False)
         assert [m["type"] for m in sent] == ["http.response.start"]
         assert sent[0]["status"] == 200
         assert world.bodies(route), "the upstream stream was opened"
