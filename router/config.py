@@ -55,7 +55,8 @@ class Saturation(_Strict):
     # batch concurrency (batches.interactive_ttft_slo_ms), so it is their hard ceiling,
     # not their operating point: at 0.5, interactive requests in flight alone kept the
     # batch out of most of the capacity they left (README, Batch API bench).
-    batch_below: float = Field(default=0.75, gt=0, le=1)
+    # Unset: Backend.batch_line's default for the engine's scheduling policy.
+    batch_below: float | None = Field(default=None, gt=0, le=1)
 
 
 class Timeouts(_Strict):

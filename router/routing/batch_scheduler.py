@@ -408,10 +408,10 @@ class BatchScheduler:
         while batch_below x max_inflight are not yet in flight)."""
         if b.local_concurrency is not None:
             return float(b.local_concurrency)
-        sat = engine.saturation if engine is not None else None
-        if sat is None:
+        if engine is None or engine.saturation is None:
             return 1.0
-        return float(max(1, math.ceil(sat.batch_below * sat.max_inflight - 1e-9)))
+        line = engine.batch_line * engine.saturation.max_inflight
+        return float(max(1, math.ceil(line - 1e-9)))
 
     def _batch_in_flight(self, parts: Parts, engine: str) -> int:
         return sum(len(r.local) for r in self._runs.values()
@@ -731,8 +731,7 @@ class BatchScheduler:
             for b in parts.catalog.backends(alias) or ():
                 if b.route == "local":
                     names.append(b.name)
-                    sat = b.saturation
-                    lines[b.name] = getattr(sat, "batch_below", 1.0) if sat else 1.0
+                    lines[b.name] = b.batch_line
         for name, load in parts.monitor.view(names).items():
             if load.healthy and not load.saturated and load.score < lines[name]:
                 return True

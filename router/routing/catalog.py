@@ -41,6 +41,21 @@ class Backend:
     # vLLM priority (an engine without it must not be sent one).
     priority_scheduling: bool = False
 
+    @property
+    def batch_line(self) -> float:
+        """The load ratio below which a batch request is admitted here (1.0: no line, a
+        backend without saturation limits). `saturation.batch_below` when set; else 0.9 on
+        an engine that schedules by priority, where the more urgent classes are admitted
+        without counting batch requests and served first, so the headroom only bounds the
+        compute batch work takes (which the adaptive batch concurrency watches), and 0.75
+        on a first-come-first-served one, where batch requests queue ahead of interactive
+        ones (README, Batch API benchmark)."""
+        if self.saturation is None:
+            return 1.0
+        if self.saturation.batch_below is not None:
+            return self.saturation.batch_below
+        return 0.9 if self.priority_scheduling else 0.75
+
 
 class Catalog:
     def __init__(self, config: Config) -> None:

@@ -173,11 +173,10 @@ def decide(
             if full:
                 skipped.append(Skip(b.name, "local-saturated", _load_text(state)))
                 saturated.append((score, b))
-            elif (facts.priority == "batch" and b.saturation is not None
-                  and score >= b.saturation.batch_below):
+            elif facts.priority == "batch" and score >= b.batch_line:
                 # Not full, but past the batch line: the rest is interactive headroom.
                 skipped.append(Skip(b.name, "local-saturated", f"{_load_text(state)}, at or "
-                                    f"over the batch line {b.saturation.batch_below:g}"))
+                                    f"over the batch line {b.batch_line:g}"))
                 saturated.append((score, b))
             else:
                 ready.append((score, b))

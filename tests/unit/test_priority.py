@@ -19,6 +19,7 @@ from router.accounting.ledger import Ledger
 from router.app import Settings, create_app
 from router.config import Config, ConfigError, parse_config
 from router.routing.auth import key_digest
+from router.routing.catalog import Catalog
 from serving.engine import deployment_spec, engine_command
 from tests.unit.helpers import BASE_YAML, World
 
@@ -160,10 +161,17 @@ async def test_no_priority_for_an_engine_without_priority_scheduling() -> None:
 # --- admission by class -----------------------------------------------------------------
 
 
-async def test_batch_keeps_headroom_and_interactive_still_runs_locally() -> None:
-    # kv 0.75 of max 0.9: a load of 0.83, over the batch line (0.75), under saturation.
-    world = World(kv=0.75)
-    async with router(world, cfg()) as (c, rt):
+@pytest.mark.parametrize(("kv", "local"), [
+    # demo-local is started by spillover (priority scheduling): its default line is 0.9.
+    (0.85, {}),  # 0.85 of max 0.9: a load of 0.94, over the line, under saturation
+    # An engine at base_url schedules first-come-first-served: its default line is 0.75.
+    (0.72, {"base_url": "http://127.0.0.1:8101/v1"}),  # a load of 0.8
+    (0.72, {"saturation": {"max_inflight": 4, "max_waiting": 0, "batch_below": 0.75}}),
+])
+async def test_batch_keeps_headroom_and_interactive_still_runs_locally(
+        kv: float, local: dict[str, Any]) -> None:
+    world = World(kv=kv)
+    async with router(world, cfg(**local)) as (c, rt):
         r = await chat(c, headers=[("x-spillover-priority", "batch")])
         err = error(r, 503)
         assert err["code"] == "batch_deferred"
@@ -178,6 +186,37 @@ async def test_batch_keeps_headroom_and_interactive_still_runs_locally() -> None
         await rt.monitor.refresh()  # the next scrape, without waiting for it
         r = await chat(c, headers=[("x-spillover-priority", "batch")])
         assert r.status_code == 200 and r.headers["x-spillover-route"] == "local"
+
+
+@pytest.mark.parametrize(("local", "line"), [
+    ({}, 0.9),  # started by spillover: priority scheduling
+    ({"scheduling_policy": "fcfs"}, 0.75),
+    ({"base_url": "http://127.0.0.1:8101/v1"}, 0.75),  # fcfs unless said otherwise
+    ({"base_url": "http://127.0.0.1:8101/v1", "scheduling_policy": "priority"}, 0.9),
+    ({"saturation": {"max_inflight": 4, "batch_below": 0.5}}, 0.5),  # set: it stands
+    ({"scheduling_policy": "fcfs", "saturation": {"max_inflight": 4, "batch_below": 0.95}},
+     0.95),
+])
+def test_the_default_batch_line_follows_the_engines_scheduling(local: dict[str, Any],
+                                                               line: float) -> None:
+    """On a priority engine the urgent classes are admitted without counting batch
+    requests and served first, so its default line keeps less headroom (0.9) than a
+    first-come-first-served engine's (0.75), where batch requests queue ahead of them."""
+    (engine,) = [b for b in Catalog(cfg(**local)).backends("demo") or ()
+                 if b.route == "local"]
+    assert engine.batch_line == line
+
+
+async def test_a_priority_engine_takes_batch_work_up_to_its_default_line() -> None:
+    """A load of 0.8 (kv 0.72 of 0.9): under a priority engine's default line (0.9), batch
+    work runs locally; the same load on a first-come-first-served engine (0.75) defers it."""
+    world = World(kv=0.72)
+    async with router(world, cfg()) as (c, _):
+        r = await chat(c, headers=[("x-spillover-priority", "batch")])
+        assert r.status_code == 200 and r.headers["x-spillover-route"] == "local", r.text
+    async with router(World(kv=0.72), cfg(scheduling_policy="fcfs")) as (c, _):
+        r = await chat(c, headers=[("x-spillover-priority", "batch")])
+        assert error(r, 503)["code"] == "batch_deferred"
 
 
 async def test_batch_work_in_flight_never_makes_interactive_spill() -> None:
