@@ -578,6 +578,12 @@ class Dispatcher:
             end.status = 504
             yield sse_event(GatewayTimeout("the request passed its deadline mid-stream"))
         except TransportError as exc:
+            if exc.timeout and call.remaining() <= 0:
+                # The read timeout was bounded by the deadline and fired with it (which of
+                # the two a stalled stream hits first is a matter of milliseconds).
+                end.status = 504
+                yield sse_event(GatewayTimeout("the request passed its deadline mid-stream"))
+                return
             end.status = 502
             log.warning("request %s: stream from %s broke: %s", call.request_id,
                         call.attempts[-1] if call.attempts else b.name, exc.kind)

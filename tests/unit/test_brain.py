@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from tests.unit.helpers import (
     assert_openai_error,
     auth,
     brain_config,
+    chunk,
     completion,
     router,
     router_app,
@@ -293,3 +295,28 @@ async def test_open_mode_warns_loudly(world: World, caplog: pytest.LogCaptureFix
         r = await c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 200
     assert "OPEN" in caplog.text
+
+
+async def test_a_stream_stalled_into_its_deadline_ends_as_the_deadline(world: World) -> None:
+    """A hosted stream that stalls after its first chunk. The read timeout is bounded by
+    the request's deadline, so the two fire together, and which one the router sees first
+    is a matter of milliseconds (a busy process: here the read outlasts the deadline with
+    the loop blocked, then fails): either way the caller is told the deadline passed (504
+    in the stream), not that the upstream broke off (the e2e test's flake)."""
+    world.local_up = False
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"data: " + json.dumps(chunk("mistral-small-latest", "Hel")).encode() + b"\n\n"
+        time.sleep(1.2)  # noqa: ASYNC251 (deliberate: past the deadline, the loop blocked)
+        raise httpx.ReadTimeout("stalled")
+
+    world.hosted = lambda req: httpx.Response(  # type: ignore[assignment]
+        200, headers={"content-type": "text/event-stream"}, content=stalled())
+    data = brain_config()
+    data["server"]["request_timeout_s"] = 1
+    async with router(world, data) as c:
+        r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers=auth("alice"))
+        assert r.status_code == 200  # the stream had begun
+        assert "Hel" in r.text and "passed its deadline mid-stream" in r.text, r.text
+        assert "broke off" not in r.text
