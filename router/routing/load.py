@@ -368,15 +368,12 @@ class LoadMonitor:
         return dataclasses.replace(best, inflight=sum(x.inflight for x in loads),
                                    batch_inflight=sum(x.batch_inflight for x in loads))
 
-    def _score(self, e: _Engine, fresh: EngineMetrics | None, inflight: int,
-               waiting: float | None = None) -> float:
-        """Every load signal as a share of its limit, the highest (>= 1: full). `waiting`:
-        the requests queued at the engine that count (vLLM's gauge when None)."""
+    def _score(self, e: _Engine, fresh: EngineMetrics | None, inflight: int) -> float:
+        """Every load signal as a share of its limit, the highest (>= 1: full)."""
         sat = e.sat
         ratios = [inflight / sat.max_inflight]
         if fresh is not None:
-            ratios.append((fresh.waiting if waiting is None else waiting)
-                          / (sat.max_waiting + 1))
+            ratios.append(fresh.waiting / (sat.max_waiting + 1))
             if fresh.kv_cache is not None:
                 ratios.append(fresh.kv_cache / sat.max_kv_cache)
             if sat.max_running is not None:
@@ -408,16 +405,10 @@ class LoadMonitor:
         urgent: float | None = None
         if e.backend.priority_scheduling:
             # The engine serves interactive and standard requests ahead of batch work:
-            # their admission leaves the batch's own requests out, in flight and queued
-            # (its queue is ordered by priority, so the batch requests waiting there, at
-            # most the batch requests in flight, do not delay them; the gauge cannot be
-            # split by class, so the waiting ones are taken to be batch requests first).
-            # vLLM's KV gauge cannot be split at all and still counts.
-            waiting = (None if fresh is None
-                       else max(0.0, fresh.waiting - e.batch_inflight))
-            urgent = self._score(e, fresh, e.inflight - e.batch_inflight, waiting)
-            urgent_over = waiting is not None and waiting > sat.max_waiting
-            e.urgent_saturated = self._hysteresis(e.urgent_saturated, urgent, urgent_over,
+            # their admission leaves the batch's own requests out. (vLLM's waiting and
+            # KV gauges cannot be split by class and still count.)
+            urgent = self._score(e, fresh, e.inflight - e.batch_inflight)
+            e.urgent_saturated = self._hysteresis(e.urgent_saturated, urgent, over_waiting,
                                                   sat.resume_below)
         start = self._started_at(e.backend.name) if self._started_at and not e.healthy else None
         starting = start is not None and (e.up_at is None or e.up_at < start)

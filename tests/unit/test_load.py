@@ -75,28 +75,6 @@ async def test_batch_requests_do_not_fill_a_priority_engine_for_urgent_ones(
     assert not monitor.view()["demo-local"].urgent_saturated  # hysteresis, as for all
 
 
-async def test_batch_requests_queued_at_a_priority_engine_do_not_hold_urgent_ones_back(
-        monitor: LoadMonitor) -> None:
-    """vLLM's waiting gauge cannot say whose requests wait; a priority engine queues them by
-    priority, so up to the router's batch requests in flight, the waiting ones are taken to
-    be batch requests: they saturate the engine for batch work (max_waiting 0) but not for
-    interactive requests, which the engine schedules ahead of them. Past that count some
-    waiting request is urgent, and urgent admission stops too. (Before, one batch request
-    waiting at a scrape sent the interactive ones arriving next to hosted.)"""
-    world: World = monitor.world  # type: ignore[attr-defined]
-    for _ in range(2):
-        monitor.acquire("demo-local", batch=True)
-    world.waiting = 2
-    await monitor.refresh()
-    load = monitor.view()["demo-local"]
-    assert load.saturated and load.waiting == 2  # for batch work: queueing
-    assert load.urgent_saturated is False and load.urgent_score == pytest.approx(0.1 / 0.9)
-    world.waiting = 3  # more waiting than batch requests in flight: one is urgent
-    await monitor.refresh()
-    load = monitor.view()["demo-local"]
-    assert load.urgent_saturated and load.urgent_score == 1.0
-
-
 async def test_an_fcfs_engine_counts_every_request_for_every_class() -> None:
     world = World()
     # An engine run elsewhere (base_url): first-come-first-served unless it says otherwise.
@@ -110,13 +88,6 @@ async def test_an_fcfs_engine_counts_every_request_for_every_class() -> None:
         mon.acquire("demo-local", batch=True)
     load = mon.view()["demo-local"]
     assert load.saturated and load.urgent_score is None and load.urgent_saturated is None
-    for _ in range(4):
-        mon.release("demo-local", batch=True)
-    mon.acquire("demo-local", batch=True)
-    world.waiting = 1  # a batch request queued ahead of whatever comes next: full for all
-    await mon.refresh()
-    load = mon.view()["demo-local"]
-    assert load.saturated and load.urgent_score is None
 
 
 async def test_waiting_queue_saturates_and_down_is_noticed(monitor: LoadMonitor) -> None:
